@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The README's test command: set up .venv, lint, type-check, run the suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_venv.sh
+export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}
+.venv/bin/python -m ruff check src tests benchmarks
+.venv/bin/python -m mypy
+.venv/bin/python -m pytest -q -n 2 "$@"

@@ -1,0 +1,375 @@
+"""The clipping engine: exact per-example clipping for an unmodified ``nn.Module``.
+
+After ``loss.backward()`` every trainable parameter's ``.grad`` holds the
+clipped sum ``Σ_i c_i g_i`` of its per-example gradients, ``c_i`` computed
+from each example's gradient norm over *all* trainable parameters. Noise,
+the division by the expected batch size and the optimiser step belong to
+:mod:`swiftdp.optim`.
+
+Modes (speed choices; the clipped sum is the same in all of them):
+
+* ``"bk"`` (default, book-keeping): one backward pass. Rules capture
+  activations and output gradients; per layer and per batch a cost model picks
+  ghost norm or instantiation; at the end of the backward the norms give
+  ``c`` and each layer forms its clipped sum with one more weight-gradient
+  matmul. The non-private weight gradient is never computed.
+* ``"ghost"``: two backward passes, the first for norms only, the second with
+  output gradients scaled by ``c``: least memory.
+* ``"per_sample"``: book-keeping with every per-example gradient instantiated.
+* ``"nanobatch"``: each example's gradient by its own forward and backward
+  (batch size 1 with accumulation); slow, simple, the test oracle.
+
+References:
+    Bu et al. Differentially private optimization on large model at small
+    cost. ICML 2023. Li et al. Large language models can be strong
+    differentially private learners. ICLR 2022. Bu, Mao, Xu. NeurIPS 2022.
+    Graphcore. NanoBatch privacy. 2021.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+from swiftdp.clipping import generic, nanobatch
+from swiftdp.clipping.boundary import wrap_outputs
+from swiftdp.clipping.clip_fns import ClippingStyle, clip_factors
+from swiftdp.clipping.contributions import Contribution, param_sq_norms, param_weighted_sum
+from swiftdp.clipping.cost import CostObjective
+from swiftdp.clipping.tracer import Capture, ModuleCall, Tracer
+from swiftdp.layers import load_builtin_rules
+from swiftdp.validation import (
+    check_clipping,
+    check_cost_objective,
+    check_loss_reduction,
+    check_max_grad_norm,
+    check_mode,
+    check_no_batch_mixing,
+)
+
+Mode = Literal["bk", "ghost", "per_sample", "nanobatch"]
+MODES: tuple[str, ...] = ("bk", "ghost", "per_sample", "nanobatch")
+LossReduction = Literal["mean", "sum"]
+
+
+class GradClipper:
+    """Attach exact per-example clipping to a model, without replacing any module.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        >>> clipper = GradClipper(model, max_grad_norm=1.0)
+        >>> loss = model(torch.randn(8, 4)).pow(2).mean()
+        >>> loss.backward()  # p.grad = Σ_i c_i g_i for every trainable p
+        >>> bool((clipper.last_norms >= 0).all())
+        True
+
+    Args:
+        model: the model, unchanged; hooks are attached to it and removed by
+            :meth:`remove`.
+        max_grad_norm: the clipping threshold ``C``.
+        clipping: ``"flat"`` or ``"automatic"`` (see :func:`clip_factors`).
+        mode: ``"bk"``, ``"ghost"``, ``"per_sample"`` or ``"nanobatch"``.
+        loss_reduction: how the loss combines examples: ``"mean"`` (the
+            per-example gradient is ``B`` times the captured one) or ``"sum"``.
+            Per-token losses averaged over ``B·T`` tokens give per-example
+            means over tokens.
+        batch_first: whether sequence activations are ``(B, T, ...)``;
+            ``False`` for ``(T, B, ...)`` models.
+        cost_objective: ``"time"`` or ``"memory"``, what the per-layer cost
+            model minimises.
+
+    Raises:
+        UnsupportedModuleError: the model has a layer that mixes examples
+            (BatchNorm); ``swiftdp.fix(model)`` swaps it for GroupNorm.
+        InvalidArgumentError: an argument is out of range.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        max_grad_norm: float,
+        *,
+        clipping: ClippingStyle = "flat",
+        mode: Mode = "bk",
+        loss_reduction: LossReduction = "mean",
+        batch_first: bool = True,
+        cost_objective: CostObjective = "time",
+    ) -> None:
+        check_max_grad_norm(max_grad_norm)
+        check_clipping(clipping)
+        check_mode(mode, MODES)
+        check_loss_reduction(loss_reduction)
+        check_cost_objective(cost_objective)
+        check_no_batch_mixing(model)
+        load_builtin_rules()
+
+        self.model = model
+        self.max_grad_norm = float(max_grad_norm)
+        self.clipping: ClippingStyle = clipping
+        self.mode: Mode = mode
+        self.loss_reduction: LossReduction = loss_reduction
+        self.batch_first = batch_first
+        self.cost_objective: CostObjective = cost_objective
+        self.last_norms: Tensor | None = None
+        self.last_clip_factors: Tensor | None = None
+
+        self._tracer = Tracer(self)
+        self._trainable: dict[int, Tensor] = {}
+        self._names: dict[int, str] | None = None
+        self._batch_size = 0
+        self._root_active: list[bool] = []
+        self._root_args: tuple[tuple[Any, ...], dict[str, Any]] = ((), {})
+        self._suspended = False
+        self._contribs: list[Contribution] = []
+        self._generic_params: dict[int, set[int]] = {}
+        self._captures_pending: list[Capture] = []
+        self._queued = False
+        self._generation = 0
+        self._pass2 = False
+        self._handles: list[Any] = []
+        self._attach()
+
+    # ----------------------------------------------------------------- hooks
+    def _attach(self) -> None:
+        root = self.model
+        self._handles.append(root.register_forward_pre_hook(self._root_pre, with_kwargs=True))
+        self._handles.append(
+            root.register_forward_hook(self._root_post, with_kwargs=True, always_call=True)
+        )
+        for path, m in root.named_modules():
+            if m is root or not any(True for _ in m.parameters(recurse=False)):
+                continue
+            self._handles.append(m.register_forward_pre_hook(self._make_pre(path), with_kwargs=True))
+            self._handles.append(
+                m.register_forward_hook(self._module_post, with_kwargs=True, always_call=True)
+            )
+
+    def remove(self) -> None:
+        """Detach the engine from the model (hooks removed, model untouched)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @property
+    def _tracing(self) -> bool:
+        return bool(self._root_active) and self._root_active[0] and self.mode != "nanobatch"
+
+    def _root_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._root_active:  # a recursive call of the root module
+            self._root_active.append(False)
+            if self._tracing and not self._suspended:
+                self._push(module, "<model>", args, kwargs)
+                self._root_active[-1] = True
+            return
+        active = not self._suspended and torch.is_grad_enabled()
+        self._root_active.append(active)
+        if not active:
+            return
+        self._trainable = {id(p): p for p in module.parameters() if p.requires_grad}
+        self._names = None
+        self._batch_size = _batch_size(args, kwargs, 0 if self.batch_first else 1)
+        self._root_args = (args, kwargs)
+        if self.mode == "nanobatch":
+            return
+        self._tracer.__enter__()
+        self._push(module, "<model>", args, kwargs)
+
+    def _root_post(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> Any:
+        if not self._root_active:
+            return None
+        active = self._root_active.pop()
+        if not active:
+            return None
+        if self._root_active:  # inner recursive call
+            return self._module_post(module, args, kwargs, output)
+        if self.mode == "nanobatch":
+            a, kw = self._root_args
+            self._root_args = ((), {})
+            return wrap_outputs(self, output, nanobatch.make_backward(self, module, a, kw))
+        try:
+            new_out = self._module_post(module, args, kwargs, output)
+        finally:
+            self._tracer.stack.clear()
+            self._tracer.__exit__(None, None, None)
+        out = output if new_out is None else new_out
+        if self.mode == "ghost":
+            return wrap_outputs(self, out, self._ghost_backward)
+        return new_out
+
+    def _make_pre(self, path: str) -> Callable[..., None]:
+        def pre(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if self._tracing and not self._suspended and torch.is_grad_enabled():
+                self._push(module, path, args, kwargs)
+
+        return pre
+
+    def _push(self, module: nn.Module, path: str, args: Any, kwargs: Any) -> None:
+        tr = self._tracer
+        tr.stack.append(ModuleCall(module, path, next(tr._ids), args, kwargs))
+
+    def _module_post(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> Any:
+        tr = self._tracer
+        if not tr.stack or tr.stack[-1].module is not module:
+            return None
+        call = tr.stack.pop()
+        if not call.generic:
+            return None
+        return generic.capture_module_output(self, call, output)
+
+    # --------------------------------------------------------------- backward
+    def _receive(self, cap: Capture, index: int, grad: Tensor) -> None:
+        """Output-gradient hook: store the gradient; build contributions once complete."""
+        if cap.generation != self._generation:
+            cap.generation = self._generation
+            cap.grads = [None] * len(cap.grads)
+            cap.seen = 0
+            if self._cancelled(cap):
+                cap.seen = -1
+                return
+            self._captures_pending.append(cap)
+        if cap.seen < 0:
+            return
+        cap.grads[index] = grad
+        cap.seen += 1
+        if not self._queued and self.mode in ("bk", "per_sample"):
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._finalize)
+        if cap.seen == len(cap.grads):  # complete: build now, free what is not needed
+            self._captures_pending.remove(cap)
+            self._contribs.extend(self._build(cap))
+
+    def _build(self, cap: Capture) -> list[Contribution]:
+        out = cap.build(cap.grads)
+        cap.grads = [None] * len(cap.grads)
+        if not self._pass2:
+            for c in out:
+                c.sq_norms()
+        return out
+
+    def _cancelled(self, cap: Capture) -> bool:
+        for cid in cap.call_ids:
+            ids = self._generic_params.get(cid)
+            if ids and cap.param_ids & ids:
+                return True
+        return False
+
+    def _collect(self) -> list[Contribution]:
+        for cap in self._captures_pending:
+            self._contribs.extend(self._build(cap))
+        self._captures_pending = []
+        out, self._contribs = self._contribs, []
+        return out
+
+    def _norms(self, by_param: dict[int, list[Contribution]]) -> Tensor | None:
+        sq: Tensor | None = None
+        for uses in by_param.values():
+            s = param_sq_norms(uses)
+            sq = s if sq is None else sq + s.to(sq.dtype)
+        return sq
+
+    def _scale(self, batch: int) -> float:
+        return float(batch) if self.loss_reduction == "mean" else 1.0
+
+    def _clip(self, sq: Tensor) -> tuple[Tensor, float]:
+        scale = self._scale(sq.shape[0])
+        norms = sq.clamp(min=0).sqrt() * scale
+        c = clip_factors(norms, self.max_grad_norm, self.clipping)
+        self.last_norms, self.last_clip_factors = norms.detach(), c.detach()
+        return c, scale
+
+    def _finalize(self) -> None:
+        """End of the backward pass: norms → clip factors → clipped sums into ``.grad``."""
+        self._queued = False
+        self._generation += 1
+        by_param = _group(self._collect())
+        self._generic_params.clear()
+        sq = self._norms(by_param)
+        if sq is None:
+            return
+        c, scale = self._clip(sq)
+        weights = c * scale
+        for uses in by_param.values():
+            p = uses[0].param
+            _accumulate(p, param_weighted_sum(p, uses, weights))
+        self._zero_missing()
+
+    def _zero_missing(self) -> None:
+        for p in self._trainable.values():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+    def _ghost_backward(self, outs: list[Tensor], grads: list[Tensor]) -> None:
+        """Ghost clipping: one backward for norms, one with output grads scaled by ``c``."""
+        self._generation += 1
+        torch.autograd.backward(outs, grads, retain_graph=True)
+        sq = self._norms(_group(self._collect()))
+        if sq is None:
+            self._generic_params.clear()
+            return
+        c, scale = self._clip(sq)
+        w = (c * scale).detach()
+        bd = 0 if self.batch_first else 1
+        scaled = [g * _bcast(w, g, bd) for g in grads]
+        self._generation += 1
+        self._pass2 = True
+        try:
+            torch.autograd.backward(outs, scaled)
+            by_param = _group(self._collect())
+        finally:
+            self._pass2 = False
+            self._generic_params.clear()
+        ones = torch.ones_like(c)
+        for uses in by_param.values():
+            p = uses[0].param
+            _accumulate(p, param_weighted_sum(p, uses, ones))
+        self._zero_missing()
+
+    def _param_names(self) -> dict[int, str]:
+        if self._names is None:
+            self._names = {id(p): n for n, p in self.model.named_parameters()}
+        return self._names
+
+    def __enter__(self) -> GradClipper:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def _group(contribs: list[Contribution]) -> dict[int, list[Contribution]]:
+    by: dict[int, list[Contribution]] = {}
+    for c in contribs:
+        by.setdefault(id(c.param), []).append(c)
+    return by
+
+
+def _bcast(w: Tensor, g: Tensor, bd: int) -> Tensor:
+    d = bd if g.dim() > max(bd, 1) else 0
+    shape = [1] * g.dim()
+    shape[d] = -1
+    return w.to(g.dtype).reshape(shape)
+
+
+def _accumulate(p: Tensor, s: Tensor) -> None:
+    s = s.detach().to(p.dtype)
+    if p.grad is None:
+        p.grad = s
+    else:
+        p.grad.add_(s)
+
+
+def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any], bd: int) -> int:
+    for t in pytree.tree_leaves((args, kwargs)):
+        if isinstance(t, Tensor) and t.dim() > 0:
+            if t.dim() > bd and t.dim() >= 2:
+                return int(t.shape[bd])
+            return int(t.shape[0])
+    return 0

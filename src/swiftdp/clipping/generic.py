@@ -1,0 +1,113 @@
+"""The generic rule: per-example gradients of one module by ``torch.func``.
+
+Used for any parameter that no layer rule covers and that is not a simple
+broadcast over the batch (a custom layer doing arbitrary math with its
+weights, weight standardisation, ...). The innermost running module that
+contains the parameter is recomputed, example by example under ``vmap``, as
+a function of that parameter, and the captured output gradient is pulled
+back with ``vjp``. Exact, and slower than a dedicated rule.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+from torch.func import functional_call, vjp, vmap
+from torch.utils import _pytree as pytree
+
+from swiftdp.clipping.contributions import Contribution, PerSampleGrads
+from swiftdp.clipping.tracer import Capture, ModuleCall, _Source
+
+if TYPE_CHECKING:
+    from swiftdp.clipping.engine import GradClipper
+
+
+def capture_module_output(engine: GradClipper, call: ModuleCall, output: Any) -> Any:
+    """Hook the outputs of a module call marked generic; returns the (possibly new) output."""
+    tr = engine._tracer
+    engine._generic_params[call.call_id] = set(call.generic)
+    leaves, spec = pytree.tree_flatten(output)
+    idx = [i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.is_floating_point()]
+    if not idx:
+        return None
+    changed = False
+    for i in idx:
+        if not leaves[i].requires_grad:
+            t = leaves[i]
+            leaves[i] = _Source.apply(tr.anchor, t.clone)
+            changed = True
+    names = {id(p): n for n, p in call.module.named_parameters()}
+    params = {names[pid]: p for pid, p in call.generic.items()}
+    cap = Capture(tr, len(idx), _builder(engine, call, params, idx), list(params.values()),
+                  tuple(c.call_id for c in tr.stack))
+    for j, i in enumerate(idx):
+        leaves[i].register_hook(cap.hook(j))
+    return pytree.tree_unflatten(leaves, spec) if changed else None
+
+
+def _builder(
+    engine: GradClipper, call: ModuleCall, params: dict[str, Tensor], out_idx: list[int]
+) -> Any:
+    module, args, kwargs = call.module, call.args, call.kwargs
+    bd0 = 0 if engine.batch_first else 1
+    batch = engine._batch_size
+
+    def build(grads: list[Tensor | None]) -> list[Contribution]:
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        dims: list[int | None] = []
+        for t in leaves:
+            d = None
+            if isinstance(t, Tensor) and t.dim() > 0:
+                bd = bd0 if t.dim() > max(bd0, 1) else 0
+                if t.shape[bd] == batch:
+                    d = bd
+            dims.append(d)
+        batched = [t if d is not None else None for t, d in zip(leaves, dims, strict=True)]
+        gs = [torch.zeros(()) if g is None else g for g in grads]
+        gdims = [None if g is None else _bdim(g, bd0) for g in grads]
+        detached = {k: v.detach() for k, v in params.items()}
+
+        def one(bl: list[Any], gl: list[Tensor]) -> tuple[Tensor, ...]:
+            full = [
+                (b.unsqueeze(d) if d is not None else t)
+                for t, b, d in zip(leaves, bl, dims, strict=True)
+            ]
+            a, kw = pytree.tree_unflatten(full, spec)
+
+            def f(pd: dict[str, Tensor]) -> tuple[Tensor, ...]:
+                out = functional_call(module, pd, tuple(a), kw)
+                ol = pytree.tree_leaves(out)
+                return tuple(ol[i] for i in out_idx)
+
+            outs, pull = vjp(f, detached)
+            cot = tuple(
+                torch.zeros_like(o) if gd is None else g.unsqueeze(gd)
+                for o, g, gd in zip(outs, gl, gdims, strict=True)
+            )
+            res = pull(cot)[0]
+            return tuple(res[k] for k in params)
+
+        engine._suspended = True
+        try:
+            try:
+                per = vmap(one, in_dims=(dims, gdims), randomness="same")(batched, gs)
+            except Exception:  # ops without batching rules: loop over examples
+                rows = []
+                for i in range(batch):
+                    bl = [b.select(d, i) if d is not None else None
+                          for b, d in zip(batched, dims, strict=True)]
+                    gl = [g if gd is None else g.select(gd, i) for g, gd in zip(gs, gdims, strict=True)]
+                    rows.append(one(bl, gl))
+                per = tuple(torch.stack(col) for col in zip(*rows, strict=True)) if rows else tuple(
+                    p.new_zeros((0, *p.shape)) for p in params.values())
+        finally:
+            engine._suspended = False
+        return [PerSampleGrads(p, g) for p, g in zip(params.values(), per, strict=True)]
+
+    return build
+
+
+def _bdim(g: Tensor, bd0: int) -> int:
+    return bd0 if g.dim() > max(bd0, 1) else 0

@@ -1,0 +1,78 @@
+"""The nanobatch mode: every example's gradient by its own forward and backward.
+
+Batch size one with gradient accumulation (Graphcore's NanoBatch): slow,
+simple, and exact by construction — the reference the other modes are
+tested against. The batched forward only produces the outputs; in the
+backward each example is recomputed alone, its gradient clipped and added.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+from swiftdp.clipping.clip_fns import clip_factors
+
+if TYPE_CHECKING:
+    from swiftdp.clipping.boundary import OutputsBackward
+    from swiftdp.clipping.engine import GradClipper
+
+
+def slice_example(tree: Any, i: int, batch: int, bd: int) -> Any:
+    """Example ``i`` of every tensor in ``tree`` that carries the batch (kept as size 1)."""
+
+    def f(t: Any) -> Any:
+        if isinstance(t, Tensor) and t.dim() > 0:
+            d = bd if t.dim() > max(bd, 1) else 0
+            if t.shape[d] == batch:
+                return t.narrow(d, i, 1)
+        return t
+
+    return pytree.tree_map(f, tree)
+
+
+def make_backward(
+    engine: GradClipper, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> OutputsBackward:
+    """Build the boundary callback that recomputes and clips example by example."""
+    bd = 0 if engine.batch_first else 1
+
+    def backward(outs: list[Tensor], grads: list[Tensor]) -> None:
+        del outs
+        params = list(engine._trainable.values())
+        batch = engine._batch_size
+        scale = engine._scale(batch)
+        sums = [torch.zeros_like(p) for p in params]
+        norms = []
+        factors = []
+        engine._suspended = True
+        try:
+            for i in range(batch):
+                a_i = slice_example(args, i, batch, bd)
+                k_i = slice_example(kwargs, i, batch, bd)
+                g_i = [slice_example(g, i, batch, bd) * scale for g in grads]
+                out_i = module(*a_i, **k_i)
+                leaves = [t for t in pytree.tree_leaves(out_i) if isinstance(t, Tensor) and t.requires_grad]
+                pg = torch.autograd.grad(leaves, params, g_i, allow_unused=True)
+                flat = [torch.zeros_like(p) if g is None else g for p, g in zip(params, pg, strict=True)]
+                n = torch.sqrt(sum(((g.double() ** 2).sum() for g in flat), torch.zeros((), dtype=torch.float64)))
+                c = clip_factors(n.reshape(1), engine.max_grad_norm, engine.clipping)[0]
+                norms.append(n)
+                factors.append(c)
+                for s, g in zip(sums, flat, strict=True):
+                    s.add_(g * c.to(g.dtype))
+        finally:
+            engine._suspended = False
+        if norms:
+            engine.last_norms = torch.stack(norms).to(params[0].dtype if params else torch.float32)
+            engine.last_clip_factors = torch.stack(factors).to(engine.last_norms.dtype)
+        for p, s in zip(params, sums, strict=True):
+            if p.grad is None:
+                p.grad = s
+            else:
+                p.grad.add_(s)
+
+    return backward

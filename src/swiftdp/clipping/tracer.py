@@ -1,0 +1,369 @@
+"""Capture of every use of every trainable parameter during the forward pass.
+
+The :class:`Tracer` is a ``TorchFunctionMode`` active during the model's
+forward. Each torch function that receives a trainable parameter is routed:
+
+1. to its layer rule (``swiftdp.layers``), which computes the output with the
+   parameter detached and captures the inputs and output gradient;
+2. else, when the parameter is broadcast over the batch by an elementwise op
+   (a learned scale, a position embedding), to the *expand* rule: the
+   parameter is replaced by a leaf expanded along the batch dimension, whose
+   gradient is exactly the per-example gradient;
+3. else to the *generic* rule: the innermost running module that contains the
+   parameter is recomputed per example with ``torch.func`` (slower, exact).
+
+No parameter use can escape: every op that touches a trainable parameter
+passes through here, and the parameter is detached wherever it is used, so
+``param.grad`` is written by the engine alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd import Function
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+
+from swiftdp.clipping.contributions import Contribution, PerSampleGrads
+from swiftdp.clipping.cost import prefer_ghost
+from swiftdp.errors import UnsupportedModuleError
+from swiftdp.layers.registry import RULES
+
+if TYPE_CHECKING:
+    from swiftdp.clipping.engine import GradClipper
+
+Builder = Callable[[list[Tensor | None]], list[Contribution]]
+
+# Functions that read metadata or cut the graph; a parameter passing through
+# them carries no gradient.
+_PASSTHROUGH_GETTERS = {"data", "grad", "_grad", "shape", "dtype", "device", "requires_grad"}
+_PASSTHROUGH_FUNCS = {Tensor.detach, torch.detach, Tensor.size, Tensor.dim, Tensor.numel}
+
+# Elementwise functions whose parameter arguments may be expanded along the
+# batch dimension without changing the result.
+_BROADCAST_FUNCS: set[Any] = {
+    torch.add, torch.sub, torch.mul, torch.div, torch.addcmul, torch.where,
+    Tensor.add, Tensor.sub, Tensor.mul, Tensor.div,
+    Tensor.__add__, Tensor.__radd__, Tensor.__sub__, Tensor.__rsub__,
+    Tensor.__mul__, Tensor.__rmul__, Tensor.__truediv__, Tensor.__rtruediv__,
+    Tensor.expand, Tensor.expand_as,
+}
+
+
+class _Source(Function):
+    """Runs ``compute`` so that its output requires grad though no input does.
+
+    Used for the first layers of a network (data inputs, detached
+    parameters): the output gets a backward node whose only job is to let the
+    output-gradient hook fire. Nothing flows further.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, anchor: Tensor, compute: Callable[[], Any]) -> Any:  # type: ignore[override]
+        del ctx, anchor
+        return compute()
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> Any:  # type: ignore[override]
+        del ctx, grads
+        return None, None
+
+
+@dataclass
+class ModuleCall:
+    """A module forward in progress (kept for error messages and the generic rule)."""
+
+    module: nn.Module
+    path: str
+    call_id: int
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    generic: dict[int, Tensor] = field(default_factory=dict)
+
+
+class Capture:
+    """A use of parameters whose output gradients are awaited."""
+
+    def __init__(
+        self,
+        tracer: Tracer,
+        n_outputs: int,
+        build: Builder,
+        params: Sequence[Tensor],
+        call_ids: tuple[int, ...],
+    ) -> None:
+        self.engine = tracer.engine
+        self.grads: list[Tensor | None] = [None] * n_outputs
+        self.build = build
+        self.param_ids = {id(p) for p in params}
+        self.call_ids = call_ids
+        self.seen = 0
+        self.generation = -1
+
+    def hook(self, index: int) -> Callable[[Tensor], None]:
+        def fn(grad: Tensor) -> None:
+            self.engine._receive(self, index, grad)
+
+        return fn
+
+
+class Tracer(TorchFunctionMode):
+    """The torch-function mode that routes parameter uses to layer rules."""
+
+    def __init__(self, engine: GradClipper) -> None:
+        super().__init__()
+        self.engine = engine
+        self.anchor = torch.zeros((), requires_grad=True)
+        self.stack: list[ModuleCall] = []
+        self._ids = itertools.count()
+
+    # ------------------------------------------------------------------ dispatch
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if self.engine._suspended or not torch.is_grad_enabled():
+            return func(*args, **kwargs)
+        found = self.find_params(args, kwargs)
+        if not found:
+            return func(*args, **kwargs)
+        return self.call_with_params(func, args, kwargs, found)
+
+    def call(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``func`` as if called under the tracer (for composite rules)."""
+        found = self.find_params(args, kwargs)
+        if not found or not torch.is_grad_enabled():
+            return func(*args, **kwargs)
+        return self.call_with_params(func, args, kwargs, found)
+
+    def call_with_params(
+        self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+        found: list[Tensor],
+    ) -> Any:
+        generic_here = [p for p in found if self.generic_call_for(p) is not None]
+        if generic_here:
+            return func(*self.detach_args(args, generic_here), **self.detach_kwargs(kwargs, generic_here))
+        rule = RULES.get(func)
+        if rule is not None:
+            return rule(self, func, args, kwargs)
+        return self.unknown(func, args, kwargs, found)
+
+    def find_params(self, args: Sequence[Any], kwargs: dict[str, Any]) -> list[Tensor]:
+        """Trainable parameters among the (one level nested) arguments."""
+        trainable = self.engine._trainable
+        out: list[Tensor] = []
+        for a in itertools.chain(args, kwargs.values()):
+            if isinstance(a, Tensor):
+                if id(a) in trainable and not any(a is o for o in out):
+                    out.append(a)
+            elif isinstance(a, (list, tuple)):
+                for b in a:
+                    if isinstance(b, Tensor) and id(b) in trainable and not any(b is o for o in out):
+                        out.append(b)
+        return out
+
+    def is_trainable(self, t: Any) -> bool:
+        """Whether ``t`` is a trainable parameter tracked by the engine."""
+        return isinstance(t, Tensor) and id(t) in self.engine._trainable
+
+    # ------------------------------------------------------------ rule helpers
+    @property
+    def batch_dim(self) -> int:
+        """Batch dimension of sequence-shaped activations (0 or 1)."""
+        return 0 if self.engine.batch_first else 1
+
+    @property
+    def batch_size(self) -> int:
+        """Batch size of the forward in progress."""
+        return self.engine._batch_size
+
+    def prefer_ghost(self, seq_len: int, in_features: int, out_features: int) -> bool:
+        """The engine's cost-model decision for a factored layer of these shapes."""
+        mode = self.engine.mode
+        if self.engine._pass2:
+            return True
+        if mode == "per_sample":
+            return False
+        return prefer_ghost(
+            seq_len, in_features, out_features, self.engine.cost_objective,
+            reuse_for_sum=mode != "ghost",
+        )
+
+    def module_path(self) -> str:
+        """Path of the innermost running module (for error messages)."""
+        return self.stack[-1].path if self.stack else "<model>"
+
+    def param_name(self, p: Tensor) -> str:
+        """Qualified name of a trainable parameter."""
+        return self.engine._param_names().get(id(p), "<unnamed parameter>")
+
+    def track(
+        self,
+        compute: Callable[[], Any],
+        inputs: Sequence[Any],
+        params: Sequence[Tensor | None],
+        build: Builder,
+    ) -> Any:
+        """Compute an op's output and capture its output gradients for ``build``.
+
+        Args:
+            compute: computes the output (tensor or tuple of tensors) with the
+                parameters detached.
+            inputs: the op's non-parameter tensor inputs; when none requires
+                grad the output is made to require grad through a source node.
+            params: the trainable parameters this use contributes to.
+            build: turns the list of output gradients (``None`` for an output
+                that received none) into contributions.
+
+        Returns:
+            What ``compute`` returned.
+        """
+        needs = any(isinstance(t, Tensor) and t.requires_grad for t in _flat(inputs))
+        out = compute() if needs else _Source.apply(self.anchor, compute)
+        outs = [out] if isinstance(out, Tensor) else [t for t in out if isinstance(t, Tensor)]
+        real_params = [p for p in params if p is not None]
+        cap = Capture(self, len(outs), build, real_params, tuple(c.call_id for c in self.stack))
+        for i, t in enumerate(outs):
+            if t.requires_grad:
+                t.register_hook(cap.hook(i))
+        return out
+
+    def check_batch(self, t: Tensor, dim: int, what: str) -> None:
+        """Refuse an activation whose batch dimension does not match the batch."""
+        if t.dim() <= dim or t.shape[dim] != self.batch_size:
+            raise UnsupportedModuleError(
+                f"In module `{self.module_path()}`, {what} has shape {tuple(t.shape)}, whose "
+                f"dimension {dim} should be the batch of size {self.batch_size}. swiftdp needs "
+                "every layer to see the batch along one dimension; pass batch_first="
+                f"{not self.engine.batch_first} if the model is not batch_first="
+                f"{self.engine.batch_first}, or keep the batch dimension through the model."
+            )
+
+    # ----------------------------------------------------------- fallbacks
+    def detach_args(self, args: tuple[Any, ...], params: list[Tensor]) -> tuple[Any, ...]:
+        ids = {id(p) for p in params}
+
+        def d(x: Any) -> Any:
+            if isinstance(x, Tensor) and id(x) in ids:
+                return x.detach()
+            if isinstance(x, (list, tuple)) and any(isinstance(y, Tensor) and id(y) in ids for y in x):
+                return type(x)(y.detach() if isinstance(y, Tensor) and id(y) in ids else y for y in x)
+            return x
+
+        return tuple(d(a) for a in args)
+
+    def detach_kwargs(self, kwargs: dict[str, Any], params: list[Tensor]) -> dict[str, Any]:
+        ids = {id(p) for p in params}
+        return {k: (v.detach() if isinstance(v, Tensor) and id(v) in ids else v) for k, v in kwargs.items()}
+
+    def generic_call_for(self, p: Tensor) -> ModuleCall | None:
+        for c in reversed(self.stack):
+            if id(p) in c.generic:
+                return c
+        return None
+
+    def unknown(
+        self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+        found: list[Tensor],
+    ) -> Any:
+        name = getattr(func, "__name__", "")
+        owner = getattr(func, "__self__", None)
+        if func in _PASSTHROUGH_FUNCS or (
+            name == "__get__" and getattr(owner, "__name__", "") in _PASSTHROUGH_GETTERS
+        ):
+            return func(*args, **kwargs)
+        with torch.no_grad():
+            ref = func(*args, **kwargs)
+        if not any(isinstance(t, Tensor) for t in pytree.tree_leaves(ref)):
+            return ref
+        if func in _BROADCAST_FUNCS and isinstance(ref, Tensor):
+            out = self._expand_rule(func, args, kwargs, found, ref)
+            if out is not None:
+                return out
+        return self._mark_generic(func, args, kwargs, found)
+
+    def _expand_rule(
+        self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+        found: list[Tensor], ref: Tensor,
+    ) -> Tensor | None:
+        bd = self.batch_dim if ref.dim() >= 3 else 0
+        B = self.batch_size
+        if ref.dim() <= bd or ref.shape[bd] != B:
+            return None
+        leaves: dict[int, tuple[Tensor, Tensor, torch.Size]] = {}
+        for p in found:
+            if p.dim() > ref.dim():
+                return None
+            padded = p.detach().reshape((1,) * (ref.dim() - p.dim()) + tuple(p.shape))
+            if padded.shape[bd] != 1:
+                return None
+            shape = list(padded.shape)
+            shape[bd] = B
+            leaf = padded.expand(shape).requires_grad_()
+            leaves[id(p)] = (p, leaf, padded.shape)
+
+        def sub(x: Any) -> Any:
+            return leaves[id(x)][1] if isinstance(x, Tensor) and id(x) in leaves else x
+
+        out = func(*(sub(a) for a in args), **{k: sub(v) for k, v in kwargs.items()})
+        if not isinstance(out, Tensor) or out.shape != ref.shape:
+            return None
+        for p, leaf, padded_shape in leaves.values():
+            cap = Capture(self, 1, _expand_builder(p, padded_shape, bd),
+                          [p], tuple(c.call_id for c in self.stack))
+            leaf.register_hook(cap.hook(0))
+        return out
+
+    def _mark_generic(
+        self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+        found: list[Tensor],
+    ) -> Any:
+        for p in found:
+            owner = None
+            for c in reversed(self.stack):
+                if any(q is p for q in c.module.parameters()):
+                    owner = c
+                    break
+            if owner is None:
+                raise UnsupportedModuleError(
+                    f"Parameter `{self.param_name(p)}` is used by "
+                    f"`{getattr(func, '__name__', func)}` outside any module that owns it, so "
+                    "swiftdp cannot clip it exactly. Use the parameter inside the module that "
+                    "registers it, or freeze it with requires_grad_(False)."
+                )
+            owner.generic[id(p)] = p
+        return func(*self.detach_args(args, found), **self.detach_kwargs(kwargs, found))
+
+
+def _expand_builder(p: Tensor, padded_shape: torch.Size, bd: int) -> Builder:
+    def build(grads: list[Tensor | None]) -> list[Contribution]:
+        g = grads[0]
+        if g is None:
+            return []
+        sum_dims = [i for i, s in enumerate(padded_shape) if s == 1 and i != bd and g.shape[i] != 1]
+        if sum_dims:
+            g = g.sum(sum_dims, keepdim=True)
+        g = g.movedim(bd, 0)
+        return [PerSampleGrads(p, g.reshape(g.shape[0], *p.shape))]
+
+    return build
+
+
+def _flat(xs: Sequence[Any]) -> list[Any]:
+    out: list[Any] = []
+    for x in xs:
+        if isinstance(x, (list, tuple)):
+            out.extend(_flat(x))
+        else:
+            out.append(x)
+    return out

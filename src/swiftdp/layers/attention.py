@@ -1,0 +1,1 @@
+"""Layer rules: attention (to be filled)."""

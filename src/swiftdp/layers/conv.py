@@ -1,0 +1,1 @@
+"""Layer rules: conv (to be filled)."""

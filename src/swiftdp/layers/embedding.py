@@ -1,0 +1,1 @@
+"""Layer rules: embedding (to be filled)."""

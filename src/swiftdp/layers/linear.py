@@ -1,0 +1,95 @@
+"""Linear layers (``F.linear`` on any leading dimensions).
+
+``G_i = g_iᵀ a_i`` with ``a_i`` the ``(T, d)`` inputs and ``g_i`` the
+``(T, p)`` output gradients of example ``i``; bias gradient ``Σ_t g_t``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from swiftdp.clipping.contributions import Contribution, LinearFactors, PerSampleGrads
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from swiftdp.clipping.tracer import Tracer
+from swiftdp.layers.registry import bind, register
+
+
+def as_sequence(t: Tensor, batch_dim: int) -> Tensor:
+    """``(B, T, f)`` view of an activation with the batch at ``batch_dim``."""
+    if t.dim() == 2:
+        return t.unsqueeze(1)
+    if batch_dim != 0:
+        t = t.movedim(batch_dim, 0)
+    return t.reshape(t.shape[0], t.shape[1:-1].numel(), t.shape[-1])
+
+
+def linear_use(
+    tr: Tracer,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    compute: Callable[[], Tensor] | None = None,
+) -> Tensor:
+    """Run ``F.linear(x, weight, bias)`` and capture it for clipping.
+
+    Args:
+        tr: the active tracer.
+        x: input ``(..., d)``.
+        weight: ``(p, d)``; captured when it is a trainable parameter.
+        bias: ``(p,)`` or ``None``; captured when trainable.
+        compute: optional replacement of the forward computation.
+
+    Returns:
+        The output, identical to ``F.linear``'s.
+    """
+    w_t = tr.is_trainable(weight)
+    b_t = bias is not None and tr.is_trainable(bias)
+    if x.dim() < 2:
+        raise_unbatched(tr, x)
+    bd = tr.batch_dim if x.dim() >= 3 else 0
+    tr.check_batch(x, bd, "the input of a linear layer")
+    wd = weight.detach() if w_t else weight
+    bdt = bias.detach() if (bias is not None and b_t) else bias
+
+    def run() -> Tensor:
+        return F.linear(x, wd, bdt) if compute is None else compute()
+
+    def build(grads: list[Tensor | None]) -> list[Contribution]:
+        g = grads[0]
+        if g is None:
+            return []
+        g3 = as_sequence(g, bd)
+        out: list[Contribution] = []
+        if w_t:
+            a3 = as_sequence(x.detach(), bd)
+            t, d, p = a3.shape[1], a3.shape[2], g3.shape[2]
+            out.append(LinearFactors(weight, a3, g3, ghost=tr.prefer_ghost(t, d, p)))
+        if b_t:
+            assert bias is not None
+            out.append(PerSampleGrads(bias, g3.sum(1)))
+        return out
+
+    return tr.track(run, [x], [weight if w_t else None, bias if b_t else None], build)
+
+
+def raise_unbatched(tr: Tracer, x: Tensor) -> None:
+    """Refuse an input without a batch dimension."""
+    from swiftdp.errors import UnsupportedModuleError
+
+    raise UnsupportedModuleError(
+        f"In module `{tr.module_path()}`, a layer got an input of shape {tuple(x.shape)} "
+        "without a batch dimension. Per-example clipping needs batched inputs."
+    )
+
+
+@register(F.linear)
+def linear_rule(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Rule for ``torch.nn.functional.linear``."""
+    a = bind(("input", "weight", "bias"), args, kwargs, {"bias": None})
+    return linear_use(tr, a["input"], a["weight"], a["bias"])

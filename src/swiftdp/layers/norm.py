@@ -1,0 +1,1 @@
+"""Layer rules: norm (to be filled)."""

@@ -1,0 +1,1 @@
+"""Layer rules: recurrent (to be filled)."""

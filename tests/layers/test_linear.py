@@ -1,0 +1,92 @@
+"""Linear rule and the parameter-use fallbacks against the one-at-a-time oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from support.harness import MODES, REDUCTIONS, check_against_oracle
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@given(
+    batch=st.integers(0, 5),
+    seq=st.sampled_from([None, 1, 3]),
+    d=st.integers(1, 6),
+    p=st.integers(1, 6),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_linear_matches_one_example_at_a_time_reference(mode, reduction, batch, seq, d, p, bias, seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(d, 5, bias=bias), nn.Tanh(), nn.Linear(5, p)).double()
+    shape = (batch, d) if seq is None else (batch, seq, d)
+    x = torch.randn(*shape, dtype=torch.float64)
+    y = torch.randn(*shape[:-1], p, dtype=torch.float64)
+    check_against_oracle(model, x, y, mode=mode, reduction=reduction)
+
+
+class LearnedScaleAndPosition(nn.Module):
+    """A bare position-embedding parameter and a learned scale, broadcast over the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 6)
+        self.pos = nn.Parameter(torch.randn(3, 6))
+        self.scale = nn.Parameter(torch.randn(6))
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x) + self.pos) * self.scale
+        h = h + F.relu(self.inp(x))  # the same module called twice
+        return self.out(h).mean(1)
+
+
+class CustomWeightLayer(nn.Module):
+    """Arbitrary math with its own parameter: handled by the generic torch.func rule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 5))
+
+    def forward(self, x):
+        w = self.w / self.w.norm(dim=1, keepdim=True)  # weight normalisation
+        return torch.sin(x @ w)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_broadcast_parameters_and_reused_module_are_exact(mode, reduction):
+    torch.manual_seed(0)
+    model = LearnedScaleAndPosition().double()
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    y = torch.randn(5, 2, dtype=torch.float64)
+    check_against_oracle(model, x, y, mode=mode, reduction=reduction)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("clipping", ["flat", "automatic"])
+def test_custom_parameter_layer_uses_generic_rule(mode, clipping):
+    torch.manual_seed(1)
+    model = nn.Sequential(CustomWeightLayer(), nn.Linear(5, 3)).double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.randn(6, 3, dtype=torch.float64)
+    check_against_oracle(model, x, y, mode=mode, clipping=clipping)
+
+
+def test_sequence_first_layout_with_batch_first_false():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 3)).double()
+    x = torch.randn(7, 5, 4, dtype=torch.float64)  # (T, B, d)
+    y = torch.randn(7, 5, 3, dtype=torch.float64)
+
+    def per_example(out, t):
+        return ((out - t) ** 2).sum((0, 2))
+
+    for mode in MODES:
+        check_against_oracle(model, x, y, mode=mode, batch_first=False, per_example=per_example)
