@@ -81,7 +81,8 @@ def _builder(
                 ol = pytree.tree_leaves(out)
                 return tuple(ol[i] for i in out_idx)
 
-            outs, pull = vjp(f, detached)
+            res_vjp: Any = vjp(f, detached)
+            outs, pull = res_vjp[0], res_vjp[1]
             cot = tuple(
                 torch.zeros_like(o) if gd is None else g.unsqueeze(gd)
                 for o, g, gd in zip(outs, gl, gdims, strict=True)
@@ -96,7 +97,7 @@ def _builder(
             except Exception:  # ops without batching rules: loop over examples
                 rows = []
                 for i in range(batch):
-                    bl = [b.select(d, i) if d is not None else None
+                    bl = [b.select(d, i) if (d is not None and b is not None) else None
                           for b, d in zip(batched, dims, strict=True)]
                     gl = [g if gd is None else g.select(gd, i) for g, gd in zip(gs, gdims, strict=True)]
                     rows.append(one(bl, gl))

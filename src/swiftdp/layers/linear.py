@@ -7,13 +7,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.nn.functional as F
 from torch import Tensor
 
 from swiftdp.clipping.contributions import Contribution, LinearFactors, PerSampleGrads
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from swiftdp.clipping.tracer import Tracer
