@@ -211,6 +211,8 @@ def param_sq_norms(uses: list[Contribution]) -> Tensor:
 
 def param_weighted_sum(param: Tensor, uses: list[Contribution], weights: Tensor) -> Tensor:
     """``Σ_i w_i G_i`` for one parameter, summed over its uses."""
+    if len(uses) == 1 and uses[0].region is None:
+        return uses[0].weighted_sum(weights).reshape(param.shape).to(param.dtype)
     out = torch.zeros_like(param)
     for c in uses:
         s = c.weighted_sum(weights).to(out.dtype)
