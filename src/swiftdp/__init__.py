@@ -1,5 +1,6 @@
 """swiftdp: fast, exact differentially private training for PyTorch."""
 
+from swiftdp.api import PrivacySettings, PrivateTraining, SpeedSettings, make_private
 from swiftdp.clipping import GradClipper, clip_factors, fix, sensitivity
 from swiftdp.errors import (
     CheckpointError,
@@ -16,9 +17,13 @@ __all__ = [
     "GradClipper",
     "InvalidArgumentError",
     "PrivacyBudgetExceededError",
+    "PrivacySettings",
+    "PrivateTraining",
+    "SpeedSettings",
     "SwiftDPError",
     "UnsupportedModuleError",
     "clip_factors",
     "fix",
+    "make_private",
     "sensitivity",
 ]

@@ -1,0 +1,337 @@
+"""``make_private``: the few lines that make an ordinary PyTorch loop DP-SGD.
+
+Example:
+    >>> dp = make_private(model, optimizer, train_loader, target_epsilon=3.0,
+    ...                   delta=1e-5, epochs=10, max_grad_norm=1.0)  # doctest: +SKIP
+    >>> for x, y in dp.data_loader:                                 # doctest: +SKIP
+    ...     dp.optimizer.zero_grad()
+    ...     F.cross_entropy(dp.model(x), y).backward()
+    ...     dp.optimizer.step()
+    >>> dp.epsilon()                                                # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from swiftdp.accounting import PrivacyAccountant, get_noise_multiplier
+from swiftdp.api import checkpoint as ckpt
+from swiftdp.api.config import PrivacySettings, SpeedSettings
+from swiftdp.clipping.engine import MODES, GradClipper
+from swiftdp.errors import InvalidArgumentError
+from swiftdp.optim.noise import make_noise_generator
+from swiftdp.optim.optimizer import DPOptimizer, StepState
+from swiftdp.sampling import LogicalBatch, poisson_data_loader
+from swiftdp.validation import (
+    check_clipping,
+    check_delta,
+    check_loss_reduction,
+    check_max_grad_norm,
+    check_mode,
+    check_noise_multiplier,
+)
+
+
+class DPDataLoader:
+    """Iterates logical batches (or their physical chunks) and tells the optimizer which.
+
+    Attributes:
+        loader: the underlying (Poisson-sampled) ``DataLoader``.
+        max_physical_batch_size: chunk size limit, or ``None``.
+    """
+
+    def __init__(self, loader: DataLoader[Any], step_state: StepState,
+                 max_physical_batch_size: int | None) -> None:
+        self.loader = loader
+        self.step_state = step_state
+        self.max_physical_batch_size = max_physical_batch_size
+        self.steps_in_epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    @property
+    def dataset(self) -> Any:
+        """The dataset being sampled."""
+        return self.loader.dataset
+
+    def __iter__(self) -> Iterator[Any]:
+        self.steps_in_epoch = 0
+        for batch in self.loader:
+            self.steps_in_epoch += 1
+            if self.max_physical_batch_size is None:
+                self.step_state.is_last_chunk = True
+                yield batch
+                continue
+            for chunk, is_last in LogicalBatch(batch, self.max_physical_batch_size):
+                self.step_state.is_last_chunk = is_last
+                yield chunk
+        self.step_state.is_last_chunk = True
+
+
+class PrivateTraining:
+    """What :func:`make_private` returns: the model, optimizer and loader to train with.
+
+    Attributes:
+        model: the user's model, unchanged, with the clipping engine attached.
+        optimizer: a :class:`DPOptimizer` around the user's optimizer.
+        data_loader: the Poisson-sampled loader (yields physical chunks when
+            ``max_physical_batch_size`` is set).
+        clipper: the clipping engine.
+        accountant: the privacy accountant (history of σ, q, steps).
+        privacy: the :class:`PrivacySettings` in force.
+        speed: the :class:`SpeedSettings` in force.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: DPOptimizer, data_loader: DPDataLoader,
+                 clipper: GradClipper, accountant: PrivacyAccountant,
+                 privacy: PrivacySettings, speed: SpeedSettings, num_samples: int) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.data_loader = data_loader
+        self.clipper = clipper
+        self.accountant = accountant
+        self.privacy = privacy
+        self.speed = speed
+        self.num_samples = num_samples
+
+    def epsilon(self, delta: float | None = None) -> float:
+        """ε spent so far at ``delta`` (default: the run's δ)."""
+        d = self.privacy.delta if delta is None else delta
+        check_delta(d)
+        return self.accountant.epsilon(d)
+
+    @property
+    def steps(self) -> int:
+        """Logical steps taken (and accounted) so far."""
+        return self.accountant.total_steps
+
+    def save_checkpoint(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+        """Write model, optimizer, accountant, sampler and noise states atomically.
+
+        Call it between logical steps (after ``optimizer.step()``). The file
+        is written to a temporary name and renamed, so a crash never leaves a
+        half-written checkpoint.
+        """
+        ckpt.save(self, Path(path), extra or {})
+
+    def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
+        """Restore a checkpoint written by :meth:`save_checkpoint`; returns its ``extra``.
+
+        Raises:
+            CheckpointError: the file is corrupt or belongs to a different run
+                (other privacy settings, dataset size or model).
+        """
+        return ckpt.load(self, Path(path))
+
+    def detach(self) -> None:
+        """Remove the clipping engine's hooks from the model."""
+        self.clipper.remove()
+
+
+def make_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_loader: DataLoader[Any],
+    *,
+    max_grad_norm: float,
+    target_epsilon: float | None = None,
+    noise_multiplier: float | None = None,
+    delta: float = 1e-5,
+    epochs: float | None = None,
+    steps: int | None = None,
+    clipping: str = "flat",
+    mode: str = "bk",
+    loss_reduction: str = "mean",
+    poisson_sampling: bool = True,
+    max_physical_batch_size: int | None = None,
+    accountant: str = "pld",
+    secure: bool = False,
+    seed: int | None = None,
+    batch_first: bool = True,
+) -> PrivateTraining:
+    """Make a model, optimizer and loader train with differential privacy.
+
+    Args:
+        model: the model, in training mode; not modified (hooks only).
+        optimizer: any ``torch.optim`` optimizer over the model's parameters.
+        train_loader: a ``DataLoader`` with ``batch_size`` = the expected batch size.
+        max_grad_norm: the clipping threshold C.
+        target_epsilon: the budget; σ is calibrated to it over ``epochs`` /
+            ``steps`` when ``noise_multiplier`` is not given, and steps that
+            would exceed it are refused.
+        noise_multiplier: σ, instead of calibrating to a target.
+        delta: δ.
+        epochs: planned epochs (for calibration).
+        steps: planned logical steps (instead of epochs).
+        clipping: ``"flat"`` or ``"automatic"``.
+        mode: clipping engine mode (a speed choice).
+        loss_reduction: ``"mean"`` or ``"sum"``, how the loss combines examples.
+        poisson_sampling: Poisson-sample logical batches (the accounting
+            assumes it); ``False`` keeps the loader's own batches.
+        max_physical_batch_size: split logical batches into chunks of at
+            most this many examples; noise is still added once per logical step.
+        accountant: ``"pld"`` (default), ``"rdp"`` or ``"prv"``.
+        secure: seed the noise generator from OS entropy.
+        seed: seed for sampling and noise (ignored for noise when ``secure``).
+        batch_first: whether sequence activations are ``(B, T, ...)``.
+
+    Returns:
+        A :class:`PrivateTraining` with ``.model``, ``.optimizer``,
+        ``.data_loader`` and ``.epsilon()``.
+
+    Raises:
+        InvalidArgumentError: an argument is out of range or missing (the
+            message names it and the fix).
+        UnsupportedModuleError: the model has a module that cannot be
+            clipped exactly (BatchNorm: use ``swiftdp.fix(model)``).
+    """
+    check_max_grad_norm(max_grad_norm)
+    check_delta(delta)
+    check_clipping(clipping)
+    check_mode(mode, MODES)
+    check_loss_reduction(loss_reduction)
+    if not isinstance(model, nn.Module):
+        raise InvalidArgumentError(f"Expected `model` to be an nn.Module, got {type(model).__name__}.")
+    if not model.training:
+        raise InvalidArgumentError(
+            "`model` is in eval mode (model.training is False). Call model.train() before "
+            "make_private: DP training runs the model in training mode."
+        )
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise InvalidArgumentError(
+            f"Expected `optimizer` to be a torch.optim.Optimizer, got {type(optimizer).__name__}."
+        )
+    if max_physical_batch_size is not None and (
+        not isinstance(max_physical_batch_size, int) or max_physical_batch_size < 1
+    ):
+        raise InvalidArgumentError(
+            f"Expected max_physical_batch_size >= 1 or None, got {max_physical_batch_size!r}."
+        )
+    if noise_multiplier is None and target_epsilon is None:
+        raise InvalidArgumentError(
+            "Pass either target_epsilon= (σ is calibrated to it) or noise_multiplier=."
+        )
+    if noise_multiplier is not None:
+        check_noise_multiplier(noise_multiplier)
+    if target_epsilon is not None and (
+        not isinstance(target_epsilon, (int, float)) or not target_epsilon > 0
+    ):
+        raise InvalidArgumentError(
+            f"Expected target_epsilon > 0, got {target_epsilon!r}. Typical budgets are 1 to 10."
+        )
+
+    loader, sample_rate, expected = _sampling(train_loader, poisson_sampling, seed)
+    num_samples = len(loader.dataset)  # type: ignore[arg-type]
+    if delta >= 1.0 / num_samples:
+        warnings.warn(
+            f"delta={delta} is not below 1/N = 1/{num_samples}: a mechanism that publishes "
+            "one random example outright satisfies this δ. Use delta < 1/N (e.g. 1/(10·N)).",
+            UserWarning, stacklevel=2,
+        )
+    steps_per_epoch = len(loader)
+    total_steps = _planned_steps(epochs, steps, steps_per_epoch)
+    if noise_multiplier is None:
+        assert target_epsilon is not None
+        if total_steps is None:
+            raise InvalidArgumentError(
+                "target_epsilon needs the length of training to calibrate σ: pass epochs= "
+                "or steps=."
+            )
+        noise_multiplier = get_noise_multiplier(
+            target_epsilon=float(target_epsilon), delta=delta, sample_rate=sample_rate,
+            steps=total_steps, mechanism=accountant,
+        )
+    privacy = PrivacySettings(
+        noise_multiplier=float(noise_multiplier), max_grad_norm=float(max_grad_norm),
+        delta=float(delta), sample_rate=float(sample_rate), expected_batch_size=float(expected),
+        clipping=clipping,  # type: ignore[arg-type]
+        poisson_sampling=poisson_sampling, accountant=accountant,
+        target_epsilon=None if target_epsilon is None else float(target_epsilon),
+    )
+    speed = SpeedSettings(mode=mode, max_physical_batch_size=max_physical_batch_size)
+    clipper = GradClipper(
+        model, max_grad_norm, clipping=privacy.clipping,
+        mode=mode,  # type: ignore[arg-type]
+        loss_reduction=loss_reduction,  # type: ignore[arg-type]
+        batch_first=batch_first,
+    )
+    params = _trainable_params(model, optimizer)
+    acct = PrivacyAccountant(accountant)
+    gen, _ = make_noise_generator(None if seed is None else seed + 1, secure=secure)
+    state = StepState()
+    dp_opt = DPOptimizer(optimizer, params, privacy, acct, gen, state)
+    dp_loader = DPDataLoader(loader, state, max_physical_batch_size)
+    return PrivateTraining(model, dp_opt, dp_loader, clipper, acct, privacy, speed, num_samples)
+
+
+def _sampling(train_loader: DataLoader[Any], poisson: bool, seed: int | None,
+              ) -> tuple[DataLoader[Any], float, float]:
+    if poisson:
+        pl = poisson_data_loader(train_loader, seed=seed, name="train_loader")
+        return pl, float(pl.sample_rate), float(pl.expected_batch_size)
+    if not isinstance(train_loader, DataLoader):
+        raise InvalidArgumentError(
+            f"Expected `train_loader` to be a DataLoader, got {type(train_loader).__name__}."
+        )
+    try:
+        n = len(train_loader.dataset)  # type: ignore[arg-type]
+    except TypeError:
+        raise InvalidArgumentError(
+            "`train_loader.dataset` has no __len__, so the sample rate cannot be computed. "
+            "Use a map-style dataset."
+        ) from None
+    bs = train_loader.batch_size
+    if bs is None:
+        raise InvalidArgumentError(
+            "`train_loader.batch_size` is None; build the loader with batch_size=<batch size>."
+        )
+    warnings.warn(
+        "poisson_sampling=False: batches are fixed-size shuffles, which the accountant "
+        "(built for Poisson sampling) does not describe exactly. Use it for debugging only.",
+        UserWarning, stacklevel=3,
+    )
+    return train_loader, bs / n, float(bs)
+
+
+def _planned_steps(epochs: float | None, steps: int | None, steps_per_epoch: int) -> int | None:
+    if epochs is not None and steps is not None:
+        raise InvalidArgumentError(
+            f"Got both epochs={epochs!r} and steps={steps!r}; pass only one."
+        )
+    if steps is not None:
+        if not isinstance(steps, int) or steps < 1:
+            raise InvalidArgumentError(f"Expected steps >= 1, got {steps!r}.")
+        return steps
+    if epochs is not None:
+        if not isinstance(epochs, (int, float)) or not epochs > 0 or math.isinf(epochs):
+            raise InvalidArgumentError(f"Expected epochs > 0, got {epochs!r}.")
+        from fractions import Fraction
+
+        return math.ceil(Fraction(str(epochs)) * steps_per_epoch)
+    return None
+
+
+def _trainable_params(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    params: list[Tensor] = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise InvalidArgumentError(
+            "`model` has no trainable parameter (all requires_grad=False); nothing to train."
+        )
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in in_opt]
+    if missing:
+        warnings.warn(
+            f"Trainable parameters {missing[:5]} are not in `optimizer`; they are clipped "
+            "(they count toward each example's norm) but never updated.",
+            UserWarning, stacklevel=3,
+        )
+    return params
