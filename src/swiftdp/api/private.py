@@ -269,6 +269,8 @@ def make_private(
     gen, _ = make_noise_generator(None if seed is None else seed + 1, secure=secure)
     state = StepState()
     dp_opt = DPOptimizer(optimizer, params, privacy, acct, gen, state)
+    if privacy.target_epsilon is not None and total_steps is not None:
+        dp_opt.verify_budget_for(total_steps)
     dp_loader = DPDataLoader(loader, state, max_physical_batch_size)
     return PrivateTraining(model, dp_opt, dp_loader, clipper, acct, privacy, speed, num_samples)
 

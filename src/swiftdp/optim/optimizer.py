@@ -73,6 +73,10 @@ class DPOptimizer(torch.optim.Optimizer):
         self.step_state = step_state or StepState()
         self.noise_multiplier = settings.noise_multiplier
         self.steps_taken = 0
+        # Largest step count verified to stay within the budget for a history
+        # made only of (noise_multiplier, sample_rate) steps: ε grows with the
+        # number of steps, so any count up to it is within budget too.
+        self._verified_steps = 0
 
     # Delegation so that the wrapper can be used where an optimizer is expected.
     @property  # type: ignore[override]
@@ -126,7 +130,15 @@ class DPOptimizer(torch.optim.Optimizer):
         target = self.settings.target_epsilon
         if target is None:
             return
+        upcoming = self.accountant.total_steps + 1
+        homogeneous = self._homogeneous()
+        if homogeneous and upcoming <= self._verified_steps:
+            return
         eps = self.epsilon_after_next_step()
+        if eps <= target:
+            if homogeneous:
+                self._verified_steps = upcoming
+            return
         if eps > target:
             raise PrivacyBudgetExceededError(
                 f"The next step would spend epsilon={eps:.4f} > target_epsilon={target} "
@@ -134,6 +146,26 @@ class DPOptimizer(torch.optim.Optimizer):
                 "No parameter was changed. Stop training here, or start a new run with a "
                 "larger target_epsilon, a larger noise_multiplier or fewer steps."
             )
+
+    def _homogeneous(self) -> bool:
+        q = self.settings.sample_rate
+        return all(
+            seg.noise_multiplier == self.noise_multiplier and seg.sample_rate == q
+            for seg in self.accountant.history
+        )
+
+    def verify_budget_for(self, steps: int) -> float:
+        """Check once that ``steps`` steps at the current σ stay within the target.
+
+        Later budget checks up to that count are then free. Returns the ε of
+        that many steps.
+        """
+        s = self.settings
+        fresh = type(self.accountant)(self.accountant.mechanism)
+        eps = fresh.epsilon_after(self.noise_multiplier, s.sample_rate, steps, s.delta)
+        if s.target_epsilon is not None and eps <= s.target_epsilon and not self.accountant.history:
+            self._verified_steps = steps
+        return eps
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Finish a logical step: budget check, noise, scale, optimiser step, accounting.
