@@ -58,15 +58,10 @@ def _builder(
         leaves, spec = pytree.tree_flatten((args, kwargs))
         dims: list[int | None] = []
         for t in leaves:
-            d = None
-            if isinstance(t, Tensor) and t.dim() > 0:
-                bd = bd0 if t.dim() > max(bd0, 1) else 0
-                if t.shape[bd] == batch:
-                    d = bd
-            dims.append(d)
+            dims.append(_bdim(t, bd0, batch) if isinstance(t, Tensor) else None)
         batched = [t if d is not None else None for t, d in zip(leaves, dims, strict=True)]
         gs = [torch.zeros(()) if g is None else g for g in grads]
-        gdims = [None if g is None else _bdim(g, bd0) for g in grads]
+        gdims = [None if g is None else _bdim(g, bd0, batch) for g in grads]
         detached = {k: v.detach() for k, v in params.items()}
 
         def one(bl: list[Any], gl: list[Tensor]) -> tuple[Tensor, ...]:
@@ -110,5 +105,15 @@ def _builder(
     return build
 
 
-def _bdim(g: Tensor, bd0: int) -> int:
-    return bd0 if g.dim() > max(bd0, 1) else 0
+def _bdim(t: Tensor, bd0: int, batch: int) -> int | None:
+    """The batch dimension of ``t``: the layout's one if it has the batch size, else the
+    first dimension of that size (e.g. an RNN's ``(layers, B, H)`` state), else ``None``."""
+    if t.dim() == 0:
+        return None
+    d = bd0 if t.dim() > max(bd0, 1) else 0
+    if t.shape[d] == batch:
+        return d
+    for i, s in enumerate(t.shape):
+        if s == batch:
+            return i
+    return None
