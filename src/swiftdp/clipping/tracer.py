@@ -131,7 +131,8 @@ class Tracer(TorchFunctionMode):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        kwargs = kwargs or {}
+        if kwargs is None:
+            kwargs = {}
         if self.engine._suspended or not torch.is_grad_enabled():
             return func(*args, **kwargs)
         found = self.find_params(args, kwargs)
@@ -161,16 +162,29 @@ class Tracer(TorchFunctionMode):
     def find_params(self, args: Sequence[Any], kwargs: dict[str, Any]) -> list[Tensor]:
         """Trainable parameters among the (one level nested) arguments."""
         trainable = self.engine._trainable
-        out: list[Tensor] = []
-        for a in itertools.chain(args, kwargs.values()):
-            if isinstance(a, Tensor):
-                if id(a) in trainable and not any(a is o for o in out):
-                    out.append(a)
-            elif isinstance(a, (list, tuple)):
+        out: list[Tensor] | None = None
+        for a in args:
+            if type(a) is nn.Parameter or (isinstance(a, Tensor) and id(a) in trainable):
+                if id(a) in trainable:
+                    if out is None:
+                        out = [a]
+                    elif not any(a is o for o in out):
+                        out.append(a)
+            elif type(a) is list or type(a) is tuple:
                 for b in a:
-                    if isinstance(b, Tensor) and id(b) in trainable and not any(b is o for o in out):
-                        out.append(b)
-        return out
+                    if isinstance(b, Tensor) and id(b) in trainable:
+                        if out is None:
+                            out = [b]
+                        elif not any(b is o for o in out):
+                            out.append(b)
+        if kwargs:
+            for a in kwargs.values():
+                if isinstance(a, Tensor) and id(a) in trainable:
+                    if out is None:
+                        out = [a]
+                    elif not any(a is o for o in out):
+                        out.append(a)
+        return out if out is not None else []
 
     def is_trainable(self, t: Any) -> bool:
         """Whether ``t`` is a trainable parameter tracked by the engine."""

@@ -1,1 +1,278 @@
-"""Layer rules: attention (to be filled)."""
+"""Multi-head attention: ``F.multi_head_attention_forward``, the core of ``nn.MultiheadAttention``.
+
+``nn.MultiheadAttention`` (and so ``nn.TransformerEncoderLayer``,
+``nn.TransformerDecoderLayer`` and ``nn.Transformer``) trains unchanged: its
+forward calls ``F.multi_head_attention_forward`` with every projection weight
+as an argument, and this rule re-implements the training path of that
+function so that each parameter use is an ordinary, captured linear use:
+
+* the input projections ``q = x_q W_qᵀ + b_q`` (and ``k``, ``v``) are linear
+  uses of ``in_proj_weight`` / ``in_proj_bias``; self-attention projects the
+  packed weight at once, cross-attention projects row blocks of it, each
+  captured with its ``region`` (disjoint regions add no cross term), and
+  separate ``q/k/v_proj_weight`` (``kdim``, ``vdim`` ≠ ``embed_dim``) are
+  used whole;
+* the output projection is a linear use of ``out_proj.weight`` / ``.bias``;
+* ``bias_k`` / ``bias_v`` are broadcast over the batch: they enter as one
+  copy per example, whose gradient is that example's gradient;
+* the attention core (masks, softmax, dropout, ``add_zero_attn``) holds no
+  parameter, so autograd carries the exact output gradients back to the
+  projections.
+
+The inputs arrive as ``(T, B, E)`` (the module has already transposed
+``batch_first`` inputs); the batch is always dimension 1 of ``query``.
+
+References:
+    Vaswani et al. Attention is all you need. NeurIPS 2017.
+    Li et al. Large language models can be strong differentially private
+    learners. ICLR 2022 (ghost clipping of attention projections).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from swiftdp.clipping.contributions import Contribution, LinearFactors, PerSampleGrads
+from swiftdp.layers.linear import as_sequence, linear_use, raise_unbatched
+from swiftdp.layers.registry import bind, register
+
+if TYPE_CHECKING:
+    from swiftdp.clipping.tracer import Tracer
+
+_NAMES = (
+    "query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight",
+    "in_proj_bias", "bias_k", "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight",
+    "out_proj_bias", "training", "key_padding_mask", "need_weights", "attn_mask",
+    "use_separate_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight",
+    "static_k", "static_v", "average_attn_weights", "is_causal",
+)
+_DEFAULTS: dict[str, Any] = {
+    "training": True, "key_padding_mask": None, "need_weights": True, "attn_mask": None,
+    "use_separate_proj_weight": False, "q_proj_weight": None, "k_proj_weight": None,
+    "v_proj_weight": None, "static_k": None, "static_v": None,
+    "average_attn_weights": True, "is_causal": False,
+}
+
+
+def project(
+    tr: Tracer,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    w_rows: slice | None = None,
+    b_rows: slice | None = None,
+) -> Tensor:
+    """``F.linear(x, weight[w_rows], bias[b_rows])`` captured as a linear use.
+
+    Args:
+        tr: the active tracer.
+        x: input with its batch at ``tr.batch_dim`` (``(..., d)``).
+        weight: the full weight parameter (or a frozen tensor).
+        bias: the full bias parameter, or ``None``.
+        w_rows: the rows of ``weight`` used (``None``: all); the use is
+            captured with ``region=(w_rows,)`` on the parameter.
+        b_rows: the entries of ``bias`` used (``None``: all).
+
+    Returns:
+        The projection, with the layout of ``x``.
+    """
+    if w_rows is None and b_rows is None:
+        return linear_use(tr, x, weight, bias)
+    w_t = tr.is_trainable(weight)
+    b_t = bias is not None and tr.is_trainable(bias)
+    bd = tr.batch_dim
+    tr.check_batch(x, bd, "the input of an attention projection")
+    w = weight.detach() if w_t else weight
+    w = w if w_rows is None else w[w_rows]
+    b = None
+    if bias is not None:
+        b = bias.detach() if b_t else bias
+        b = b if b_rows is None else b[b_rows]
+
+    def run() -> Tensor:
+        return F.linear(x, w, b)
+
+    def build(grads: list[Tensor | None]) -> list[Contribution]:
+        g = grads[0]
+        if g is None:
+            return []
+        g3 = as_sequence(g, bd)
+        out: list[Contribution] = []
+        if w_t:
+            a3 = as_sequence(x.detach(), bd)
+            t, d, p = a3.shape[1], a3.shape[2], g3.shape[2]
+            out.append(LinearFactors(weight, a3, g3, ghost=tr.prefer_ghost(t, d, p),
+                                     region=None if w_rows is None else (w_rows,)))
+        if b_t:
+            assert bias is not None
+            out.append(PerSampleGrads(bias, g3.sum(1), region=None if b_rows is None else (b_rows,)))
+        return out
+
+    return tr.track(run, [x], [weight if w_t else None, bias if b_t else None], build)
+
+
+def per_example_copy(tr: Tracer, p: Tensor, batch: int) -> Tensor:
+    """``p`` of shape ``(1, 1, E)`` repeated as ``(B, 1, E)``; its gradient is per example.
+
+    Args:
+        tr: the active tracer.
+        p: ``bias_k`` or ``bias_v``.
+        batch: the batch size ``B``.
+
+    Returns:
+        One copy of ``p`` per example, ``(B, 1, E)``.
+    """
+    flat = p.reshape(1, 1, p.shape[-1])
+    if not tr.is_trainable(p):
+        return flat.expand(batch, 1, -1)
+    pd = flat.detach()
+
+    def build(grads: list[Tensor | None]) -> list[Contribution]:
+        g = grads[0]
+        return [] if g is None else [PerSampleGrads(p, g.reshape(g.shape[0], *p.shape))]
+
+    return tr.track(lambda: pd.repeat(batch, 1, 1), [], [p], build)
+
+
+def float_mask(mask: Tensor | None, dtype: torch.dtype, name: str) -> Tensor | None:
+    """A boolean mask as an additive float mask (``True`` → ``-inf``), as torch does."""
+    if mask is None or torch.is_floating_point(mask):
+        return mask
+    if mask.dtype != torch.bool:
+        raise AssertionError(f"only bool and floating types of {name} are supported")
+    return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
+
+
+@register(F.multi_head_attention_forward)
+def mha_rule(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Rule for ``torch.nn.functional.multi_head_attention_forward`` (training path).
+
+    Raises:
+        UnsupportedModuleError: the query is unbatched or its batch is not the
+            engine's batch.
+    """
+    a = bind(_NAMES, args, kwargs, _DEFAULTS)
+    query, key, value = a["query"], a["key"], a["value"]
+    if query.dim() != 3:
+        raise_unbatched(tr, query)
+    tr.check_batch(query, 1, "the query of multi-head attention (time-major inside the module)")
+    L, B, E = query.shape
+    H = int(a["num_heads"])
+    hd = E // H
+    if E != a["embed_dim_to_check"]:
+        raise AssertionError(f"was expecting embedding dimension of {a['embed_dim_to_check']}, but got {E}")
+    if hd * H != E:
+        raise AssertionError(f"embed_dim {E} not divisible by num_heads {H}")
+    bd = tr.batch_dim
+
+    def layout(t: Tensor) -> Tensor:  # (S, B, ·) → batch at the engine's batch dim
+        return t.transpose(0, 1) if bd == 0 else t
+
+    def split(t: Tensor) -> Tensor:  # (B, S, E) → (B, H, S, hd)
+        return t.unflatten(-1, (H, hd)).transpose(1, 2)
+
+    def by_head(t: Tensor) -> Tensor:  # engine layout → (B, H, S, hd)
+        return split(t if bd == 0 else t.transpose(0, 1))
+
+    xq = layout(query)
+    xk = xq if key is query else layout(key)
+    xv = xk if value is key else layout(value)
+    w, bias = a["in_proj_weight"], a["in_proj_bias"]
+    thirds = (slice(0, E), slice(E, 2 * E), slice(2 * E, 3 * E))
+    if not a["use_separate_proj_weight"]:
+        if key is not value and key.shape != value.shape:
+            raise AssertionError(f"key shape {key.shape} does not match value shape {value.shape}")
+        if query is key and key is value:
+            q, k, v = project(tr, xq, w, bias).unflatten(-1, (3, E)).unbind(-2)
+        elif key is value:
+            q = project(tr, xq, w, bias, thirds[0], thirds[0])
+            rest = slice(E, 3 * E)
+            k, v = project(tr, xk, w, bias, rest, rest).unflatten(-1, (2, E)).unbind(-2)
+        else:
+            q, k, v = (project(tr, x, w, bias, r, r) for x, r in zip((xq, xk, xv), thirds, strict=True))
+    else:
+        rows: tuple[slice | None, ...] = thirds if bias is not None else (None, None, None)
+        q, k, v = (
+            project(tr, x, a[n], bias, None, r)
+            for x, n, r in zip((xq, xk, xv), ("q_proj_weight", "k_proj_weight", "v_proj_weight"),
+                               rows, strict=True)
+        )
+
+    kpm = float_mask(a["key_padding_mask"], query.dtype, "key_padding_mask")
+    attn_mask, is_causal, need_weights = a["attn_mask"], bool(a["is_causal"]), bool(a["need_weights"])
+    if is_causal and attn_mask is None:
+        raise RuntimeError(
+            "Need attn_mask if specifying the is_causal hint. You may use the Transformer module "
+            "method `generate_square_subsequent_mask` to create this mask."
+        )
+    if is_causal and kpm is None and not need_weights:
+        attn_mask = None
+    else:
+        attn_mask = float_mask(attn_mask, query.dtype, "attn_mask")
+        if kpm is not None:
+            is_causal = False
+    S = key.shape[0]
+    if attn_mask is not None:
+        want = (L, S) if attn_mask.dim() == 2 else (B * H, L, S)
+        if tuple(attn_mask.shape) != want:
+            raise RuntimeError(
+                f"The shape of the {attn_mask.dim()}D attn_mask is {attn_mask.shape}, but should be {want}."
+            )
+        attn_mask = attn_mask.reshape(-1, H, L, S) if attn_mask.dim() == 3 else attn_mask.reshape(1, 1, L, S)
+
+    qh, kh, vh = by_head(q), by_head(k), by_head(v)
+    extra = 0
+    if a["bias_k"] is not None and a["bias_v"] is not None:
+        if a["static_k"] is not None or a["static_v"] is not None:
+            raise AssertionError("bias cannot be added to static key or value.")
+        kh = torch.cat([kh, split(per_example_copy(tr, a["bias_k"], B))], 2)
+        vh = torch.cat([vh, split(per_example_copy(tr, a["bias_v"], B))], 2)
+        extra += 1
+    elif a["bias_k"] is not None or a["bias_v"] is not None:
+        raise AssertionError("bias_k and bias_v must be both set or both None")
+    for name in ("static_k", "static_v"):
+        st = a[name]
+        if st is not None:
+            if st.shape[0] != B * H or st.shape[2] != hd:
+                raise AssertionError(f"expecting {name} of shape ({B * H}, S, {hd}), got {tuple(st.shape)}")
+            if name == "static_k":
+                kh = st.reshape(B, H, -1, hd)
+            else:
+                vh = st.reshape(B, H, -1, hd)
+    if a["add_zero_attn"]:
+        kh = torch.cat([kh, kh.new_zeros(B, H, 1, hd)], 2)
+        vh = torch.cat([vh, vh.new_zeros(B, H, 1, hd)], 2)
+        extra += 1
+    src = kh.shape[2]
+    if attn_mask is not None and extra:
+        attn_mask = F.pad(attn_mask, (0, extra))
+    if kpm is not None:
+        kpm = F.pad(kpm, (0, extra)) if extra else kpm
+        if tuple(kpm.shape) != (B, src):
+            raise AssertionError(f"Expected key_padding_mask of shape {(B, src - extra)}, "
+                                 f"got {tuple(a['key_padding_mask'].shape)}")
+        kpm = kpm.reshape(B, 1, 1, src)
+        attn_mask = kpm if attn_mask is None else attn_mask + kpm
+    dropout_p = float(a["dropout_p"]) if a["training"] else 0.0
+
+    weights: Tensor | None = None
+    if need_weights:
+        scores = torch.matmul(qh * math.sqrt(1.0 / float(hd)), kh.transpose(-2, -1))
+        if attn_mask is not None:
+            scores = scores + attn_mask
+        attn = torch.softmax(scores, dim=-1)
+        if dropout_p > 0.0:
+            attn = F.dropout(attn, p=dropout_p)
+        ctx = torch.matmul(attn, vh)
+        weights = attn.mean(dim=1) if a["average_attn_weights"] else attn
+    else:
+        ctx = F.scaled_dot_product_attention(qh, kh, vh, attn_mask, dropout_p, is_causal)
+    ctx = ctx.transpose(1, 2).reshape(B, L, E)
+    ctx = ctx if bd == 0 else ctx.transpose(0, 1)
+    out = linear_use(tr, ctx, a["out_proj_weight"], a["out_proj_bias"])
+    return (out.transpose(0, 1) if bd == 0 else out), weights
