@@ -157,7 +157,7 @@ def mha_rule(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any
             engine's batch.
     """
     a = bind(_NAMES, args, kwargs, _DEFAULTS)
-    query, key, value = a["query"], a["key"], a["value"]
+    query = a["query"]
     if query.dim() != 3:
         raise_unbatched(tr, query)
     tr.check_batch(query, 1, "the query of multi-head attention (time-major inside the module)")
@@ -170,68 +170,82 @@ def mha_rule(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any
         raise AssertionError(f"embed_dim {E} not divisible by num_heads {H}")
     bd = tr.batch_dim
 
+    def by_head(t: Tensor) -> Tensor:  # engine layout (…, E) → (B, H, S, hd)
+        return _split(t if bd == 0 else t.transpose(0, 1), H)
+
+    q, k, v = (by_head(t) for t in _in_projections(tr, a, E))
+    k, v, extra = _extend_keys(tr, a, k, v)
+    mask, is_causal = _mask(a, L, a["key"].shape[0], k.shape[2], extra, B, H, query.dtype)
+    dropout_p = float(a["dropout_p"]) if a["training"] else 0.0
+    weights: Tensor | None = None
+    if a["need_weights"]:
+        scores = torch.matmul(q * math.sqrt(1.0 / float(hd)), k.transpose(-2, -1))
+        if mask is not None:
+            scores = scores + mask
+        attn = torch.softmax(scores, dim=-1)
+        if dropout_p > 0.0:
+            attn = F.dropout(attn, p=dropout_p)
+        ctx = torch.matmul(attn, v)
+        weights = attn.mean(dim=1) if a["average_attn_weights"] else attn
+    else:
+        ctx = F.scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal)
+    ctx = ctx.transpose(1, 2).reshape(B, L, E)
+    out = linear_use(tr, ctx if bd == 0 else ctx.transpose(0, 1), a["out_proj_weight"], a["out_proj_bias"])
+    # Stock memory layout ((L, B, E) contiguous), so that what follows (dropout masks
+    # included) behaves exactly as after the stock function.
+    return (out.transpose(0, 1).contiguous() if bd == 0 else out), weights
+
+
+def _split(t: Tensor, heads: int) -> Tensor:
+    """``(B, S, E)`` → ``(B, H, S, E / H)``."""
+    return t.unflatten(-1, (heads, t.shape[-1] // heads)).transpose(1, 2)
+
+
+def _in_projections(tr: Tracer, a: dict[str, Any], E: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``q, k, v`` projected as in ``_in_projection(_packed)``, batch at the engine's batch dim."""
+    query, key, value = a["query"], a["key"], a["value"]
+    bd = tr.batch_dim
+
     def layout(t: Tensor) -> Tensor:  # (S, B, ·) → batch at the engine's batch dim
         return t.transpose(0, 1) if bd == 0 else t
-
-    def split(t: Tensor) -> Tensor:  # (B, S, E) → (B, H, S, hd)
-        return t.unflatten(-1, (H, hd)).transpose(1, 2)
-
-    def by_head(t: Tensor) -> Tensor:  # engine layout → (B, H, S, hd)
-        return split(t if bd == 0 else t.transpose(0, 1))
 
     xq = layout(query)
     xk = xq if key is query else layout(key)
     xv = xk if value is key else layout(value)
     w, bias = a["in_proj_weight"], a["in_proj_bias"]
     thirds = (slice(0, E), slice(E, 2 * E), slice(2 * E, 3 * E))
-    if not a["use_separate_proj_weight"]:
-        if key is not value and key.shape != value.shape:
-            raise AssertionError(f"key shape {key.shape} does not match value shape {value.shape}")
-        if query is key and key is value:
-            q, k, v = project(tr, xq, w, bias).unflatten(-1, (3, E)).unbind(-2)
-        elif key is value:
-            q = project(tr, xq, w, bias, thirds[0], thirds[0])
-            rest = slice(E, 3 * E)
-            k, v = project(tr, xk, w, bias, rest, rest).unflatten(-1, (2, E)).unbind(-2)
-        else:
-            q, k, v = (project(tr, x, w, bias, r, r) for x, r in zip((xq, xk, xv), thirds, strict=True))
-    else:
+    if a["use_separate_proj_weight"]:
         rows: tuple[slice | None, ...] = thirds if bias is not None else (None, None, None)
-        q, k, v = (
-            project(tr, x, a[n], bias, None, r)
-            for x, n, r in zip((xq, xk, xv), ("q_proj_weight", "k_proj_weight", "v_proj_weight"),
-                               rows, strict=True)
-        )
-
-    kpm = float_mask(a["key_padding_mask"], query.dtype, "key_padding_mask")
-    attn_mask, is_causal, need_weights = a["attn_mask"], bool(a["is_causal"]), bool(a["need_weights"])
-    if is_causal and attn_mask is None:
-        raise RuntimeError(
-            "Need attn_mask if specifying the is_causal hint. You may use the Transformer module "
-            "method `generate_square_subsequent_mask` to create this mask."
-        )
-    if is_causal and kpm is None and not need_weights:
-        attn_mask = None
+        names = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+        q, k, v = (project(tr, x, a[n], bias, None, r)
+                   for x, n, r in zip((xq, xk, xv), names, rows, strict=True))
+        return q, k, v
+    if key is not value and key.shape != value.shape:
+        raise AssertionError(f"key shape {key.shape} does not match value shape {value.shape}")
+    if query is key and key is value:  # self-attention: the packed weight at once
+        q, k, v = project(tr, xq, w, bias).unflatten(-1, (3, E)).unbind(-2)
+    elif key is value:  # encoder-decoder attention: rows [0, E) and [E, 3E)
+        q = project(tr, xq, w, bias, thirds[0], thirds[0])
+        rest = slice(E, 3 * E)
+        k, v = project(tr, xk, w, bias, rest, rest).unflatten(-1, (2, E)).unbind(-2)
     else:
-        attn_mask = float_mask(attn_mask, query.dtype, "attn_mask")
-        if kpm is not None:
-            is_causal = False
-    S = key.shape[0]
-    if attn_mask is not None:
-        want = (L, S) if attn_mask.dim() == 2 else (B * H, L, S)
-        if tuple(attn_mask.shape) != want:
-            raise RuntimeError(
-                f"The shape of the {attn_mask.dim()}D attn_mask is {attn_mask.shape}, but should be {want}."
-            )
-        attn_mask = attn_mask.reshape(-1, H, L, S) if attn_mask.dim() == 3 else attn_mask.reshape(1, 1, L, S)
+        q, k, v = (project(tr, x, w, bias, r, r) for x, r in zip((xq, xk, xv), thirds, strict=True))
+    return q, k, v
 
-    qh, kh, vh = by_head(q), by_head(k), by_head(v)
+
+def _extend_keys(tr: Tracer, a: dict[str, Any], k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, int]:
+    """``bias_k``/``bias_v``, ``static_k``/``static_v`` and ``add_zero_attn`` on ``(B, H, S, hd)`` keys and values.
+
+    Returns:
+        The keys, the values and the number of key positions appended.
+    """
+    B, H, _, hd = k.shape
     extra = 0
     if a["bias_k"] is not None and a["bias_v"] is not None:
         if a["static_k"] is not None or a["static_v"] is not None:
             raise AssertionError("bias cannot be added to static key or value.")
-        kh = torch.cat([kh, split(per_example_copy(tr, a["bias_k"], B))], 2)
-        vh = torch.cat([vh, split(per_example_copy(tr, a["bias_v"], B))], 2)
+        k = torch.cat([k, _split(per_example_copy(tr, a["bias_k"], B), H)], 2)
+        v = torch.cat([v, _split(per_example_copy(tr, a["bias_v"], B), H)], 2)
         extra += 1
     elif a["bias_k"] is not None or a["bias_v"] is not None:
         raise AssertionError("bias_k and bias_v must be both set or both None")
@@ -241,38 +255,41 @@ def mha_rule(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any
             if st.shape[0] != B * H or st.shape[2] != hd:
                 raise AssertionError(f"expecting {name} of shape ({B * H}, S, {hd}), got {tuple(st.shape)}")
             if name == "static_k":
-                kh = st.reshape(B, H, -1, hd)
+                k = st.reshape(B, H, -1, hd)
             else:
-                vh = st.reshape(B, H, -1, hd)
+                v = st.reshape(B, H, -1, hd)
     if a["add_zero_attn"]:
-        kh = torch.cat([kh, kh.new_zeros(B, H, 1, hd)], 2)
-        vh = torch.cat([vh, vh.new_zeros(B, H, 1, hd)], 2)
+        k = torch.cat([k, k.new_zeros(B, H, 1, hd)], 2)
+        v = torch.cat([v, v.new_zeros(B, H, 1, hd)], 2)
         extra += 1
-    src = kh.shape[2]
-    if attn_mask is not None and extra:
-        attn_mask = F.pad(attn_mask, (0, extra))
+    return k, v, extra
+
+
+def _mask(
+    a: dict[str, Any], L: int, S: int, src: int, extra: int, B: int, H: int, dtype: torch.dtype
+) -> tuple[Tensor | None, bool]:
+    """The additive mask broadcastable to ``(B, H, L, src)`` and the ``is_causal`` flag for SDPA."""
+    kpm = float_mask(a["key_padding_mask"], dtype, "key_padding_mask")
+    mask, is_causal = a["attn_mask"], bool(a["is_causal"])
+    if is_causal and mask is None:
+        raise RuntimeError(
+            "Need attn_mask if specifying the is_causal hint. You may use the Transformer module "
+            "method `generate_square_subsequent_mask` to create this mask."
+        )
+    if is_causal and kpm is None and not a["need_weights"]:
+        return None, True
+    mask = float_mask(mask, dtype, "attn_mask")
+    if mask is not None:
+        want = (L, S) if mask.dim() == 2 else (B * H, L, S)
+        if tuple(mask.shape) != want:
+            raise RuntimeError(f"The shape of the {mask.dim()}D attn_mask is {mask.shape}, but should be {want}.")
+        mask = mask.reshape(B, H, L, S) if mask.dim() == 3 else mask.reshape(1, 1, L, S)
+        mask = F.pad(mask, (0, extra)) if extra else mask
     if kpm is not None:
         kpm = F.pad(kpm, (0, extra)) if extra else kpm
         if tuple(kpm.shape) != (B, src):
             raise AssertionError(f"Expected key_padding_mask of shape {(B, src - extra)}, "
                                  f"got {tuple(a['key_padding_mask'].shape)}")
         kpm = kpm.reshape(B, 1, 1, src)
-        attn_mask = kpm if attn_mask is None else attn_mask + kpm
-    dropout_p = float(a["dropout_p"]) if a["training"] else 0.0
-
-    weights: Tensor | None = None
-    if need_weights:
-        scores = torch.matmul(qh * math.sqrt(1.0 / float(hd)), kh.transpose(-2, -1))
-        if attn_mask is not None:
-            scores = scores + attn_mask
-        attn = torch.softmax(scores, dim=-1)
-        if dropout_p > 0.0:
-            attn = F.dropout(attn, p=dropout_p)
-        ctx = torch.matmul(attn, vh)
-        weights = attn.mean(dim=1) if a["average_attn_weights"] else attn
-    else:
-        ctx = F.scaled_dot_product_attention(qh, kh, vh, attn_mask, dropout_p, is_causal)
-    ctx = ctx.transpose(1, 2).reshape(B, L, E)
-    ctx = ctx if bd == 0 else ctx.transpose(0, 1)
-    out = linear_use(tr, ctx, a["out_proj_weight"], a["out_proj_bias"])
-    return (out.transpose(0, 1) if bd == 0 else out), weights
+        mask, is_causal = (kpm if mask is None else mask + kpm), False
+    return mask, is_causal

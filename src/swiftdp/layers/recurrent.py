@@ -1,13 +1,14 @@
 """Recurrent layers: ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` (``torch.lstm`` / ``gru`` / ``rnn_*``).
 
 The modules train unchanged. Their forward calls one fused op with every
-weight in a list; the rule runs that op with the weights detached (output
-and input gradient as usual) and, in the backward, recovers each step's
-gate pre-activation gradients by recomputing the stack unrolled in Python on
-detached inputs and pulling the received output gradients (``output``,
-``h_n``, ``c_n``) back to the gates with ``torch.autograd.grad``. Then, per
-layer and direction, with ``δᵢ_t`` the gradient of ``x_t W_ihᵀ + b_ih`` and
-``δʰ_t`` that of ``h_{t-1} W_hhᵀ + b_hh``:
+weight in a list. The rule runs that op layer by layer with the weights
+detached, each layer inside an autograd function whose backward is a lean
+backpropagation through time: the gate activations are recomputed at once
+from the layer's inputs and outputs (``h_{t-1}`` is the output at the
+previous step), only the recurrence ``∂L/∂h_{t-1} = δʰ_t W_hh + …`` runs as
+a Python loop over time, and the same pass yields the input gradients and,
+per layer and direction, with ``δᵢ_t`` the gradient of ``x_t W_ihᵀ + b_ih``
+and ``δʰ_t`` that of ``h_{t-1} W_hhᵀ + b_hh``:
 
 * ``W_ih``: ``G_i = Σ_t δᵢ_tᵀ x_t`` — a linear use over time (ghost or
   instantiated by the cost model);
@@ -16,12 +17,13 @@ layer and direction, with ``δᵢ_t`` the gradient of ``x_t W_ihᵀ + b_ih`` and
 * ``W_hr`` (LSTM ``proj_size``): ``G_i = Σ_t (∂L/∂h_t)ᵀ (o_t ⊙ tanh c_t)``.
 
 For LSTM and the plain RNN ``δʰ = δᵢ``; for the GRU the candidate gate is
-``n = tanh(x W_inᵀ + b_in + r ⊙ (h W_hnᵀ + b_hn))``, so ``δʰ_n = r ⊙ δᵢ_n``.
+``n = tanh(x W_inᵀ + b_in + r ⊙ (h W_hnᵀ + b_hn))``, so ``δʰ_n = r ⊙ δᵢ_n``
+(``b_hn``'s gradient differs from ``b_in``'s).
 
-Packed sequences are supported (steps past an example's length leave its
-state unchanged and get zero gradient), and so is dropout between layers in
-training: the stack then runs layer by layer with dropout masks the rule
-draws itself and reuses in the recomputation.
+Packed sequences are supported: steps past an example's length leave its
+state unchanged and get zero gradient, and the per-example gradients are put
+back in the caller's batch order. Dropout between layers (training) uses
+masks drawn as the stock CPU kernel draws them. The batch is never looped over.
 
 References:
     Hochreiter, Schmidhuber. Long short-term memory. 1997. Cho et al.
@@ -31,12 +33,14 @@ References:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd import Function
 from torch.nn.utils.rnn import PackedSequence
 
 from swiftdp.clipping.contributions import Contribution, LinearFactors, PerSampleGrads
@@ -51,12 +55,15 @@ _PADDED = ("input", "hx", "params", "has_biases", "num_layers", "dropout", "trai
            "bidirectional", "batch_first")
 _PACKED = ("input", "batch_sizes", "hx", "params", "has_biases", "num_layers", "dropout",
            "train", "bidirectional")
+_NAMES = ("w_ih", "w_hh", "b_ih", "b_hh", "w_hr")
+Factors = dict[str, tuple[Tensor | None, Tensor]]  # name → (activation or None, gradient), time-major
 
 
 @dataclass
 class _Call:
     """A parsed call of a fused recurrent op."""
 
+    func: Any
     kind: str
     x: Tensor  # padded (B, T, in) / (T, B, in), or packed data (N, in)
     batch_sizes: Tensor | None
@@ -69,18 +76,14 @@ class _Call:
     dirs: int
     batch_first: bool
 
-    @property
-    def stride(self) -> int:
-        return len(self.params) // (self.layers * self.dirs)
-
-    def weights(self, layer: int, d: int) -> dict[str, Tensor | None]:
+    def weights(self, layer: int, d: int, params: list[Tensor] | None = None) -> dict[str, Tensor | None]:
         """``w_ih, w_hh, b_ih, b_hh, w_hr`` of one layer and direction (absent: ``None``)."""
-        k = (layer * self.dirs + d) * self.stride
-        p = self.params[k:k + self.stride]
-        b = self.has_biases
-        return {"w_ih": p[0], "w_hh": p[1], "b_ih": p[2] if b else None,
-                "b_hh": p[3] if b else None,
-                "w_hr": p[4 if b else 2] if len(p) > (4 if b else 2) else None}
+        ps = self.params if params is None else params
+        stride = len(ps) // (self.layers * self.dirs)
+        p: list[Tensor | None] = list(ps[(layer * self.dirs + d) * stride:(layer * self.dirs + d + 1) * stride])
+        if not self.has_biases:
+            p = [p[0], p[1], None, None, *p[2:]]
+        return dict(zip(_NAMES, [*p, None][:5], strict=True))
 
 
 def _parse(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
@@ -88,39 +91,12 @@ def _parse(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
     a = bind(_PACKED if packed else _PADDED, args, kwargs, {"batch_first": False})
     hx = a["hx"]
     return _Call(
-        kind=_KINDS[func], x=a["input"], batch_sizes=a["batch_sizes"] if packed else None,
+        func=func, kind=_KINDS[func], x=a["input"], batch_sizes=a["batch_sizes"] if packed else None,
         hx=tuple(hx) if isinstance(hx, (tuple, list)) else (hx,), params=list(a["params"]),
         has_biases=bool(a["has_biases"]), layers=int(a["num_layers"]),
         dropout=float(a["dropout"]), train=bool(a["train"]),
         dirs=2 if a["bidirectional"] else 1, batch_first=bool(a["batch_first"]) and not packed,
     )
-
-
-def _run(func: Any, c: _Call, x: Tensor, hx: tuple[Tensor, ...], params: list[Tensor], layers: int,
-         dropout: float) -> tuple[Tensor, ...]:
-    h: Any = hx if c.kind == "lstm" else hx[0]
-    if c.batch_sizes is not None:
-        return func(x, c.batch_sizes, h, params, c.has_biases, layers, dropout, c.train, c.dirs == 2)
-    return func(x, h, params, c.has_biases, layers, dropout, c.train, c.dirs == 2, c.batch_first)
-
-
-def _forward(func: Any, c: _Call, params: list[Tensor]) -> tuple[tuple[Tensor, ...], list[Tensor]]:
-    """The fused op on detached weights; layer by layer with own masks under dropout."""
-    if not (c.dropout > 0 and c.train and c.layers > 1):
-        return _run(func, c, c.x, c.hx, params, c.layers, c.dropout), []
-    n, D = c.stride * c.dirs, c.dirs
-    x, states, masks = c.x, [], []
-    for layer in range(c.layers):
-        res = _run(func, c, x, tuple(h[layer * D:(layer + 1) * D] for h in c.hx),
-                   params[layer * n:(layer + 1) * n], 1, 0.0)
-        states.append(res[1:])
-        x = res[0]
-        if layer < c.layers - 1:  # as ATen's CPU dropout: bernoulli(1 - p) / (1 - p)
-            mask = torch.zeros_like(x) if c.dropout >= 1 else (
-                torch.empty_like(x).bernoulli_(1 - c.dropout).div_(1 - c.dropout))
-            masks.append(mask)
-            x = x * mask
-    return (x, *(torch.cat(s, 0) for s in zip(*states, strict=True))), masks
 
 
 def _unsorted_indices(tr: Tracer) -> Tensor | None:
@@ -131,6 +107,22 @@ def _unsorted_indices(tr: Tracer) -> Tensor | None:
         if isinstance(inp, PackedSequence):
             return inp.unsorted_indices
     return None
+
+
+def _time_major(c: _Call, t: Tensor, valid: Tensor | None) -> Tensor:
+    """A padded or packed ``(…, f)`` sequence tensor as time-major padded ``(T, B, f)``."""
+    if valid is not None:
+        out = t.new_zeros(*valid.shape, t.shape[-1])
+        out[valid] = t
+        return out
+    return t.transpose(0, 1) if c.batch_first else t
+
+
+def _native(c: _Call, t: Tensor, valid: Tensor | None) -> Tensor:
+    """Inverse of :func:`_time_major`: back to the op's own layout."""
+    if valid is not None:
+        return t[valid]
+    return t.transpose(0, 1) if c.batch_first else t
 
 
 @register(torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu)
@@ -152,166 +144,206 @@ def rnn_rule(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any
             "(batch_first as set on the module; GradClipper's batch_first must match the "
             "layout of the model's inputs), with one sequence per example."
         )
-    trainable = [p for p in c.params if tr.is_trainable(p)]
-    det = [p.detach() if tr.is_trainable(p) else p for p in c.params]
-    masks: list[Tensor] = []
+    valid = None  # (T, B): whether step t exists for (sorted) sequence b
+    if c.batch_sizes is not None:
+        bs = c.batch_sizes.to(c.x.device)
+        valid = torch.arange(B, device=bs.device).unsqueeze(0) < bs.unsqueeze(1)
     unsorted = _unsorted_indices(tr) if c.batch_sizes is not None else None
+    det = [p.detach() if tr.is_trainable(p) else p for p in c.params]
+    drop = c.dropout if c.train and c.layers > 1 else 0.0
+    x, D = c.x, c.dirs
+    states: list[tuple[Tensor, ...]] = []
+    for layer in range(c.layers):
+        spec = _Spec(c, layer, det, valid)
+        mine = [p for d in range(D) for p in c.weights(layer, d).values()
+                if p is not None and tr.is_trainable(p)]
+        # A scalar probe whose gradient arrives right after the layer's backward.
+        zero = partial(torch.zeros, (), dtype=x.dtype, device=x.device)
+        probe = tr.track(zero, [], mine, _builder(tr, spec, unsorted))
+        hx = [h[layer * D:(layer + 1) * D] for h in c.hx]
+        res = _Layer.apply(spec, probe, x, *hx)
+        states.append(res[1:])
+        x = res[0]
+        if drop > 0 and layer < c.layers - 1:
+            x = x * _dropout_mask(x, drop)
+    return (x, *(torch.cat(s, 0) for s in zip(*states, strict=True)))
 
-    def compute() -> tuple[Tensor, ...]:
-        out, m = _forward(func, c, det)
-        masks.extend(m)
-        return out
 
-    def build(grads: list[Tensor | None]) -> list[Contribution]:
-        if all(g is None for g in grads):
-            return []
-        with torch.enable_grad():
-            return _contributions(tr, c, det, masks, grads, unsorted)
-
-    return tr.track(compute, [c.x, *c.hx], trainable, build)
-
-
-def _time_major(c: _Call, t: Tensor, valid: Tensor | None) -> Tensor:
-    """A padded or packed ``(…, f)`` sequence tensor as time-major padded ``(T, B, f)``."""
-    if valid is not None:
-        out = t.new_zeros(*valid.shape, t.shape[-1])
-        out[valid] = t
-        return out
-    return t.transpose(0, 1) if c.batch_first else t
+def _dropout_mask(x: Tensor, p: float) -> Tensor:
+    """``bernoulli(1 - p) / (1 - p)`` on the layer output's own layout, as ATen's CPU kernel."""
+    if p >= 1:
+        return torch.zeros_like(x)
+    return torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
 
 
 @dataclass
-class _Trace:
-    """What the unrolled recomputation of one layer and direction keeps."""
+class _Spec:
+    """One layer (all directions) of a recurrent call; ``stash`` holds its last backward's factors."""
 
-    x: Tensor  # layer input (T, B, in), detached
-    xw: Tensor  # x W_ihᵀ + b_ih (T, B, G): the input-gate pre-activations
-    prev: list[Tensor]  # h_{t-1} by time index
-    resets: list[Tensor]  # GRU reset gates by time index
-    hr: list[Tensor]  # LSTM o ⊙ tanh(c) by time index (projection input)
-    hp: list[Tensor]  # LSTM projected h_t by time index (projection output)
+    call: _Call
+    layer: int
+    det: list[Tensor]
+    valid: Tensor | None
+    stash: list[Factors] | None = field(default=None)
 
 
-def _layer(c: _Call, w: dict[str, Tensor | None], x: Tensor, xw: Tensor, h: Tensor,
-           cell: Tensor | None, d: int, valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None, _Trace]:
-    """One direction of one layer, unrolled over time; returns (outputs, h_T, c_T, trace)."""
-    T = x.shape[0]
-    w_hh, b_hh, w_hr = w["w_hh"], w["b_hh"], w["w_hr"]
-    assert w_hh is not None
-    tr_ = _Trace(x, xw, [h] * T, [], [], [])
-    outs: list[Tensor] = [h] * T
-    resets: list[Tensor] = [h] * T
-    hr_l: list[Tensor] = [h] * T
-    hp_l: list[Tensor] = [h] * T
-    for t in range(T) if d == 0 else range(T - 1, -1, -1):
-        tr_.prev[t] = h
-        gh = F.linear(h, w_hh, b_hh)
-        c_new: Tensor | None = None
-        if c.kind == "lstm":
-            assert cell is not None
-            i, f, g, o = (xw[t] + gh).chunk(4, 1)
-            c_new = torch.sigmoid(f) * cell + torch.sigmoid(i) * torch.tanh(g)
-            hr = torch.sigmoid(o) * torch.tanh(c_new)
-            hr_l[t] = hr
-            h_new = hr if w_hr is None else F.linear(hr, w_hr)
-            hp_l[t] = h_new
-        elif c.kind == "gru":
-            H = h.shape[1]
-            xr, xz, xn = xw[t].split(H, 1)
-            hr_, hz, hn = gh.split(H, 1)
-            r = torch.sigmoid(xr + hr_)
-            resets[t] = r.detach()
-            n = torch.tanh(xn + r * hn)
-            h_new = n + torch.sigmoid(xz + hz) * (h - n)
+def _builder(tr: Tracer, spec: _Spec, unsorted: Tensor | None) -> Any:
+    def build(grads: list[Tensor | None]) -> list[Contribution]:
+        stash, spec.stash = spec.stash, None
+        if grads[0] is None or stash is None:
+            return []
+        out: list[Contribution] = []
+        for d, factors in enumerate(stash):
+            w = spec.call.weights(spec.layer, d)
+            for name, (a, g) in factors.items():
+                p = w[name]
+                if p is None or not tr.is_trainable(p):
+                    continue
+                g = _batch_major(g, unsorted)
+                if a is None:
+                    out.append(PerSampleGrads(p, g.sum(1)))
+                else:
+                    a = _batch_major(a, unsorted)
+                    out.append(LinearFactors(p, a, g, ghost=tr.prefer_ghost(a.shape[1], a.shape[2], g.shape[2])))
+        return out
+
+    return build
+
+
+def _batch_major(t: Tensor, unsorted: Tensor | None) -> Tensor:
+    """``(T, B, f)`` → ``(B, T, f)`` in the caller's batch order."""
+    t = t.transpose(0, 1)
+    return t if unsorted is None else t.index_select(0, unsorted.to(t.device))
+
+
+class _Layer(Function):
+    """One layer of the fused op (weights detached); backward: BPTT that also fills ``spec.stash``."""
+
+    @staticmethod
+    def forward(ctx: Any, spec: _Spec, probe: Tensor, x: Tensor, *hx: Tensor) -> Any:  # type: ignore[override]
+        c, D = spec.call, spec.call.dirs
+        params = [p for d in range(D) for p in c.weights(spec.layer, d, spec.det).values() if p is not None]
+        h: Any = tuple(hx) if c.kind == "lstm" else hx[0]
+        if c.batch_sizes is not None:
+            out = c.func(x, c.batch_sizes, h, params, c.has_biases, 1, 0.0, c.train, D == 2)
         else:
-            pre = xw[t] + gh
-            h_new = torch.tanh(pre) if c.kind == "tanh" else torch.relu(pre)
-        if valid is None:
-            h, cell, outs[t] = h_new, c_new, h_new
-        else:
-            m = valid[t].unsqueeze(1)
-            h = torch.where(m, h_new, h)
-            if c_new is not None and cell is not None:
-                cell = torch.where(m, c_new, cell)
-            outs[t] = torch.where(m, h_new, torch.zeros_like(h_new))
-    tr_.resets, tr_.hr, tr_.hp = resets, hr_l, hp_l
-    return torch.stack(outs), h, cell, tr_
+            out = c.func(x, h, params, c.has_biases, 1, 0.0, c.train, D == 2, c.batch_first)
+        ctx.spec = spec
+        ctx.save_for_backward(x, out[0], *hx)
+        return tuple(out)
 
-
-def _contributions(
-    tr: Tracer, c: _Call, det: list[Tensor], masks: list[Tensor], grads: list[Tensor | None],
-    unsorted: Tensor | None,
-) -> list[Contribution]:
-    """Recompute the stack unrolled and turn the gate gradients into contributions."""
-    valid = None
-    if c.batch_sizes is not None:
-        bs = c.batch_sizes.to(c.x.device)
-        valid = torch.arange(int(bs[0]) if bs.numel() else 0, device=bs.device).unsqueeze(0) < bs.unsqueeze(1)
-    dc = _Call(**{**c.__dict__, "params": det})
-    D = c.dirs
-    hx = [h.detach() for h in c.hx]
-    x = _time_major(c, c.x.detach(), valid)
-    traces: list[tuple[dict[str, Tensor | None], dict[str, Tensor | None], _Trace]] = []
-    h_n: list[Tensor] = []
-    c_n: list[Tensor] = []
-    for layer in range(c.layers):
-        outs = []
+    @staticmethod
+    def backward(ctx: Any, dout: Tensor, dh_n: Tensor, dc_n: Tensor | None = None) -> Any:  # type: ignore[override]
+        spec: _Spec = ctx.spec
+        c, valid, D = spec.call, spec.valid, spec.call.dirs
+        x, out, *hx = ctx.saved_tensors
+        X, Y, dY = (_time_major(c, t, valid) for t in (x, out, dout))
+        hp = Y.shape[-1] // D
+        dx = torch.zeros_like(X) if ctx.needs_input_grad[2] else None
+        stash, dh0, dc0 = [], [], []
         for d in range(D):
-            w = dc.weights(layer, d)
-            assert w["w_ih"] is not None
-            xw = F.linear(x, w["w_ih"], w["b_ih"])
-            if layer == 0:
-                xw = xw.detach().requires_grad_()
-            k = layer * D + d
-            out, h_last, c_last, trace = _layer(
-                c, w, x, xw, hx[0][k], hx[1][k] if c.kind == "lstm" else None, d, valid)
-            outs.append(out)
-            h_n.append(h_last)
-            if c_last is not None:
-                c_n.append(c_last)
-            traces.append((w, c.weights(layer, d), trace))
-        x = torch.cat(outs, -1) if D > 1 else outs[0]
-        if layer < len(masks):
-            x = x * _time_major(c, masks[layer], valid)
-    finals = [x, torch.stack(h_n), torch.stack(c_n) if c_n else None]
-    outputs, cots = [], []
-    for i, (o, g) in enumerate(zip(finals, grads, strict=False)):
-        if g is not None and o is not None:
-            outputs.append(o)
-            cots.append(_time_major(c, g, valid) if i == 0 else g)
-    proj = c.kind == "lstm" and traces[0][0]["w_hr"] is not None
-    inputs = [t.xw for _, _, t in traces]
-    if proj:
-        inputs += [hp for _, _, t in traces for hp in t.hp]
-    res = torch.autograd.grad(outputs, inputs, cots, allow_unused=True)
-    res = [torch.zeros_like(i) if r is None else r for i, r in zip(inputs, res, strict=True)]
-    T = x.shape[0]
-    contribs: list[Contribution] = []
-    for j, (wd, wp, t) in enumerate(traces):
-        dgi = res[j].detach()
-        dgh = dgi
-        if c.kind == "gru":
-            H = dgi.shape[-1] // 3
-            dgh = torch.cat([dgi[..., :2 * H], torch.stack(t.resets) * dgi[..., 2 * H:]], -1)
-        factors = {
-            "w_ih": (t.x, dgi), "w_hh": (torch.stack(t.prev).detach(), dgh),
-            "b_ih": (None, dgi), "b_hh": (None, dgh),
-        }
-        if proj:
-            dh = torch.stack(res[len(traces) + j * T:len(traces) + (j + 1) * T])
-            factors["w_hr"] = (torch.stack(t.hr).detach(), dh)
-        for name, (a, g) in factors.items():
-            p = wp[name]
-            if p is None or not tr.is_trainable(p):
-                continue
-            g = g.transpose(0, 1)
-            if unsorted is not None:
-                g = g.index_select(0, unsorted.to(g.device))
-            if a is None:
-                contribs.append(PerSampleGrads(p, g.sum(1)))
-                continue
-            a = a.transpose(0, 1)
-            if unsorted is not None:
-                a = a.index_select(0, unsorted.to(a.device))
-            contribs.append(LinearFactors(p, a, g, ghost=tr.prefer_ghost(T, a.shape[2], g.shape[2])))
-    return contribs
+            w = c.weights(spec.layer, d, spec.det)
+            sl = slice(d * hp, (d + 1) * hp)
+            res = _bptt(c.kind, w, X, Y[..., sl], dY[..., sl], hx[0][d], dh_n[d],
+                        hx[1][d] if c.kind == "lstm" else None,
+                        dc_n[d] if dc_n is not None else None, d, valid)
+            stash.append(res[0])
+            dh0.append(res[1])
+            if res[2] is not None:
+                dc0.append(res[2])
+            if dx is not None:
+                w_ih = w["w_ih"]
+                assert w_ih is not None
+                dx += res[0]["w_ih"][1] @ w_ih
+        spec.stash = stash
+        grads_hx = [torch.stack(dh0), *([torch.stack(dc0)] if dc0 else [])]
+        return (None, x.new_zeros(()), None if dx is None else _native(c, dx, valid), *grads_hx)
+
+
+def _bptt(
+    kind: str, w: dict[str, Tensor | None], X: Tensor, Y: Tensor, dY: Tensor, h0: Tensor,
+    dh_n: Tensor, c0: Tensor | None, dc_n: Tensor | None, d: int, valid: Tensor | None,
+) -> tuple[Factors, Tensor, Tensor | None]:
+    """Backpropagation through time for one direction of one layer (time-major tensors).
+
+    Returns:
+        The factors of every weight, ``∂L/∂h_0`` and ``∂L/∂c_0`` (LSTM).
+    """
+    w_ih, w_hh, b_ih, b_hh, w_hr = (w[k] for k in _NAMES)
+    assert w_ih is not None and w_hh is not None
+    T = X.shape[0]
+    order = range(T) if d == 0 else range(T - 1, -1, -1)
+    m = None if valid is None else valid.unsqueeze(-1).to(X.dtype)  # (T, B, 1)
+    if d == 0:  # h_{t-1} as step t saw it (h_0 at the first valid step)
+        prev = torch.cat([h0.unsqueeze(0), Y[:-1]])
+    else:
+        prev = torch.cat([Y[1:], h0.unsqueeze(0)])
+        if valid is not None:
+            nxt = torch.cat([valid[1:], valid.new_zeros(1, valid.shape[1])]).unsqueeze(-1)
+            prev = torch.where(nxt, prev, h0)
+    xw = F.linear(X, w_ih, b_ih)
+    gh = F.linear(prev, w_hh, b_hh)
+    dh = dh_n
+    factors: Factors = {}
+    if kind == "lstm":
+        assert c0 is not None
+        i, f, g, o = (xw + gh).chunk(4, -1)
+        i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+        C, Cp, cell = torch.empty_like(i), torch.empty_like(i), c0
+        for t in order:  # the cell state, forward
+            Cp[t] = cell
+            C[t] = torch.addcmul(f[t] * cell, i[t], g[t])
+            cell = C[t] if m is None else torch.where(m[t] > 0, C[t], cell)
+        tc = C.tanh()
+        k_c = o * (1 - tc * tc)
+        k3 = torch.cat([g * i * (1 - i), Cp * f * (1 - f), i * (1 - g * g)], -1)
+        k_o = tc * o * (1 - o)
+        dg = torch.empty_like(xw)
+        dhp = torch.empty_like(Y) if w_hr is not None else None
+        dc = dc_n if dc_n is not None else torch.zeros_like(c0)
+        H = i.shape[-1]
+        for t in reversed(order):
+            mt = None if m is None else m[t]
+            dh_new = dY[t] + (dh if mt is None else mt * dh)
+            if dhp is not None and w_hr is not None:
+                dhp[t] = dh_new
+                dh_new = dh_new @ w_hr
+            dc_new = torch.addcmul(dc if mt is None else mt * dc, dh_new, k_c[t])
+            torch.mul(dc_new.repeat(1, 3), k3[t], out=dg[t, :, :3 * H])
+            torch.mul(dh_new, k_o[t], out=dg[t, :, 3 * H:])
+            dh = dg[t] @ w_hh if mt is None else torch.addcmul(dg[t] @ w_hh, 1 - mt, dh)
+            dc = dc_new * f[t] if mt is None else torch.addcmul(dc_new * f[t], 1 - mt, dc)
+        factors = {"w_ih": (X, dg), "w_hh": (prev, dg), "b_ih": (None, dg), "b_hh": (None, dg)}
+        if dhp is not None:
+            factors["w_hr"] = (o * tc, dhp)
+        return factors, dh, dc
+    if kind == "gru":
+        H = h0.shape[-1]
+        xr, xz, xn = xw.split(H, -1)
+        hr, hz, hn = gh.split(H, -1)
+        r, z = (xr + hr).sigmoid(), (xz + hz).sigmoid()
+        n = (xn + r * hn).tanh()
+        k_n = (1 - z) * (1 - n * n)
+        k_r = k_n * hn * r * (1 - r)
+        k_z = (prev - n) * z * (1 - z)
+        k_h = torch.cat([k_r, k_z, k_n * r], -1)  # δʰ = ∂L/∂h_new ⊙ k_h
+        dhs = torch.empty_like(Y)
+        for t in reversed(order):
+            mt = None if m is None else m[t]
+            dh_new = dY[t] + (dh if mt is None else mt * dh)
+            dhs[t] = dh_new
+            nxt = torch.addcmul((dh_new.repeat(1, 3) * k_h[t]) @ w_hh, dh_new, z[t])
+            dh = nxt if mt is None else torch.addcmul(nxt, 1 - mt, dh)
+        dhs3 = dhs.repeat(1, 1, 3)
+        dgi, dgh = dhs3 * torch.cat([k_r, k_z, k_n], -1), dhs3 * k_h
+        return {"w_ih": (X, dgi), "w_hh": (prev, dgh), "b_ih": (None, dgi), "b_hh": (None, dgh)}, dh, None
+    pre = xw + gh
+    act = pre.tanh() if kind == "tanh" else pre.relu()
+    k = 1 - act * act if kind == "tanh" else (pre > 0).to(pre.dtype)
+    dp = torch.empty_like(Y)
+    for t in reversed(order):
+        mt = None if m is None else m[t]
+        dh_new = dY[t] + (dh if mt is None else mt * dh)
+        torch.mul(dh_new, k[t], out=dp[t])
+        dh = dp[t] @ w_hh if mt is None else torch.addcmul(dp[t] @ w_hh, 1 - mt, dh)
+    return {"w_ih": (X, dp), "w_hh": (prev, dp), "b_ih": (None, dp), "b_hh": (None, dp)}, dh, None
