@@ -84,6 +84,18 @@ class PerSampleGrads(Contribution):
         return None
 
 
+class NormOnly(Contribution):
+    """The per-example squared norms of a use, with everything else freed (ghost pass 1)."""
+
+    def __init__(self, source: Contribution) -> None:
+        self.param = source.param
+        self.region = source.region
+        self._sq = source.sq_norms()
+
+    def sq_norms(self) -> Tensor:
+        return self._sq
+
+
 class LinearFactors(Contribution):
     """``G_i = g_iᵀ a_i`` kept factored: ``a`` is ``(B, T, d)``, ``g`` is ``(B, T, p)``.
 

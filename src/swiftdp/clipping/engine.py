@@ -38,7 +38,12 @@ from torch.utils import _pytree as pytree
 from swiftdp.clipping import generic, nanobatch
 from swiftdp.clipping.boundary import wrap_outputs
 from swiftdp.clipping.clip_fns import ClippingStyle, clip_factors
-from swiftdp.clipping.contributions import Contribution, param_sq_norms, param_weighted_sum
+from swiftdp.clipping.contributions import (
+    Contribution,
+    NormOnly,
+    param_sq_norms,
+    param_weighted_sum,
+)
 from swiftdp.clipping.cost import CostObjective
 from swiftdp.clipping.tracer import Capture, ModuleCall, Tracer
 from swiftdp.layers import load_builtin_rules
@@ -130,6 +135,9 @@ class GradClipper:
         self._queued = False
         self._generation = 0
         self._pass2 = False
+        self._pass2_weights: Tensor | None = None
+        self._pass2_sums: dict[int, tuple[Tensor, Tensor]] = {}
+        self._uses: dict[int, int] = {}
         self._handles: list[Any] = []
         self._attach()
 
@@ -170,6 +178,7 @@ class GradClipper:
         if not active:
             return
         self._trainable = {id(p): p for p in module.parameters() if p.requires_grad}
+        self._uses = {}
         self._names = None
         self._batch_size = _batch_size(args, kwargs, 0 if self.batch_first else 1)
         self._root_args = (args, kwargs)
@@ -249,9 +258,21 @@ class GradClipper:
     def _build(self, cap: Capture) -> list[Contribution]:
         out = cap.build(cap.grads)
         cap.grads = [None] * len(cap.grads)
-        if not self._pass2:
+        if self._pass2:
+            # Ghost clipping, second pass: reduce each use to its clipped sum at
+            # once (the weighted sum is linear, so uses simply add up).
+            w = self._pass2_weights
+            assert w is not None
             for c in out:
-                c.sq_norms()
+                s = param_weighted_sum(c.param, [c], w)
+                prev = self._pass2_sums.get(id(c.param))
+                self._pass2_sums[id(c.param)] = (c.param, s if prev is None else prev[1] + s)
+            return []
+        for c in out:
+            c.sq_norms()
+        if self.mode == "ghost" and not self._pass2:
+            # First pass: a parameter used once needs only its norms.
+            out = [NormOnly(c) if self._uses.get(id(c.param), 0) <= 1 else c for c in out]
         return out
 
     def _cancelled(self, cap: Capture) -> bool:
@@ -307,7 +328,12 @@ class GradClipper:
                 p.grad = torch.zeros_like(p)
 
     def _ghost_backward(self, outs: list[Tensor], grads: list[Tensor]) -> None:
-        """Ghost clipping: one backward for norms, one with output grads scaled by ``c``."""
+        """Ghost clipping: one backward for the norms, a second for the clipped sums.
+
+        The second pass replays the same output gradients; each layer forms
+        its clipped sum ``Σ_i w_i G_i`` as soon as its gradient arrives and
+        frees everything else, so no layer's factors outlive its backward.
+        """
         self._generation += 1
         torch.autograd.backward(outs, grads, retain_graph=True)
         sq = self._norms(_group(self._collect()))
@@ -315,21 +341,21 @@ class GradClipper:
             self._generic_params.clear()
             return
         c, scale = self._clip(sq)
-        w = (c * scale).detach()
-        bd = 0 if self.batch_first else 1
-        scaled = [g * _bcast(w, g, bd) for g in grads]
         self._generation += 1
         self._pass2 = True
+        self._pass2_weights = (c * scale).detach()
+        self._pass2_sums = {}
         try:
-            torch.autograd.backward(outs, scaled)
-            by_param = _group(self._collect())
+            torch.autograd.backward(outs, grads)
+            self._collect()
+            sums = self._pass2_sums
         finally:
             self._pass2 = False
+            self._pass2_weights = None
+            self._pass2_sums = {}
             self._generic_params.clear()
-        ones = torch.ones_like(c)
-        for uses in by_param.values():
-            p = uses[0].param
-            _accumulate(p, param_weighted_sum(p, uses, ones))
+        for p, total in sums.values():
+            _accumulate(p, total)
         self._zero_missing()
 
     def _param_names(self) -> dict[int, str]:
@@ -349,13 +375,6 @@ def _group(contribs: list[Contribution]) -> dict[int, list[Contribution]]:
     for c in contribs:
         by.setdefault(id(c.param), []).append(c)
     return by
-
-
-def _bcast(w: Tensor, g: Tensor, bd: int) -> Tensor:
-    d = bd if g.dim() > max(bd, 1) else 0
-    shape = [1] * g.dim()
-    shape[d] = -1
-    return w.to(g.dtype).reshape(shape)
 
 
 def _accumulate(p: Tensor, s: Tensor) -> None:

@@ -102,6 +102,9 @@ class Capture:
         self.grads: list[Tensor | None] = [None] * n_outputs
         self.build = build
         self.param_ids = {id(p) for p in params}
+        uses = tracer.engine._uses
+        for pid in self.param_ids:
+            uses[pid] = uses.get(pid, 0) + 1
         self.call_ids = call_ids
         self.seen = 0
         self.generation = -1
