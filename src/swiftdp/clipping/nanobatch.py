@@ -27,7 +27,9 @@ def slice_example(tree: Any, i: int, batch: int, bd: int) -> Any:
     def f(t: Any) -> Any:
         if isinstance(t, Tensor) and t.dim() > 0:
             d = bd if t.dim() > max(bd, 1) else 0
-            if t.shape[d] == batch:
+            if t.shape[d] != batch:  # e.g. a (B, T) mask of a sequence-first model
+                d = next((k for k, s in enumerate(t.shape) if s == batch), -1)
+            if d >= 0:
                 return t.narrow(d, i, 1)
         return t
 
