@@ -1,1 +1,212 @@
-"""Layer rules: norm (to be filled)."""
+"""Normalisation layers with affine parameters: LayerNorm, RMSNorm, GroupNorm, InstanceNorm.
+
+Each example is normalised with its own statistics, so the per-example
+gradients of the affine parameters are cheap to instantiate: with ``x̂`` the
+normalised input (no affine) and ``g`` the output gradient,
+``weight grad_i = Σ x̂ ⊙ g`` and ``bias grad_i = Σ g``, the sums running over
+the positions of example ``i`` that share a parameter entry. ``x̂`` is
+recomputed in the backward from the detached input (one normalisation
+without affine), so the forward output is the native kernel's, bit for bit.
+
+References:
+    Ba, Kiros, Hinton. Layer normalization. 2016. Wu, He. Group
+    normalization. ECCV 2018. Zhang, Sennrich. Root mean square layer
+    normalization. NeurIPS 2019. Ulyanov, Vedaldi, Lempitsky. Instance
+    normalization. 2016.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from swiftdp.clipping.contributions import Contribution, PerSampleGrads
+from swiftdp.errors import UnsupportedModuleError
+from swiftdp.layers.linear import raise_unbatched
+from swiftdp.layers.registry import bind, register
+
+if TYPE_CHECKING:
+    from swiftdp.clipping.tracer import Tracer
+
+
+def affine_use(
+    tr: Tracer,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    compute: Callable[[Tensor | None, Tensor | None], Tensor],
+    normalize: Callable[[Tensor], Tensor],
+    reduce: Callable[[Tensor], Tensor],
+) -> Tensor:
+    """Run a normalisation ``x̂ ⊙ weight + bias`` and capture its affine parameters.
+
+    Args:
+        tr: the active tracer.
+        x: the input.
+        weight: scale, captured when it is a trainable parameter.
+        bias: shift, captured when it is a trainable parameter.
+        compute: ``compute(weight, bias)`` runs the native op (the trainable
+            ones passed detached).
+        normalize: ``normalize(x)`` gives ``x̂``, the normalised input without
+            affine, shaped like ``x``.
+        reduce: maps a tensor shaped like ``x`` to ``(B, *param.shape)`` by
+            summing over the positions that share a parameter entry.
+
+    Returns:
+        The op's output, identical to the native op's.
+    """
+    w_t = weight is not None and tr.is_trainable(weight)
+    b_t = bias is not None and tr.is_trainable(bias)
+    wd = weight.detach() if (weight is not None and w_t) else weight
+    bdt = bias.detach() if (bias is not None and b_t) else bias
+
+    def build(grads: list[Tensor | None]) -> list[Contribution]:
+        g = grads[0]
+        if g is None:
+            return []
+        out: list[Contribution] = []
+        if w_t:
+            assert weight is not None
+            out.append(PerSampleGrads(weight, reduce(normalize(x.detach()) * g)))
+        if b_t:
+            assert bias is not None
+            out.append(PerSampleGrads(bias, reduce(g)))
+        return out
+
+    params = [weight if w_t else None, bias if b_t else None]
+    return tr.track(lambda: compute(wd, bdt), [x], params, build)
+
+
+def _trailing(tr: Tracer, x: Tensor, shape: Sequence[int], what: str) -> Callable[[Tensor], Tensor]:
+    """Reduction for parameters over the trailing ``shape`` dims (LayerNorm, RMSNorm)."""
+    if x.dim() < 1:
+        raise_unbatched(tr, x)
+    k = len(shape)
+    bd = tr.batch_dim if x.dim() >= 3 else 0
+    if x.dim() - k <= bd:
+        raise UnsupportedModuleError(
+            f"In module `{tr.module_path()}`, {what} normalises over the last {k} dimension(s) "
+            f"of an input of shape {tuple(x.shape)}, which include the batch dimension {bd}: "
+            "the statistics mix the examples of the batch. Normalise over feature dimensions "
+            "only (normalized_shape must not cover the batch)."
+        )
+    tr.check_batch(x, bd, f"the input of {what}")
+    lead = tuple(d for d in range(x.dim() - k) if d != bd)
+
+    def reduce(t: Tensor) -> Tensor:
+        if lead:
+            t = t.sum(lead)
+        return t  # the batch dim is the only leading dim left: (B, *shape)
+
+    return reduce
+
+
+def _channels(tr: Tracer, x: Tensor, what: str) -> Callable[[Tensor], Tensor]:
+    """Reduction for per-channel parameters of ``(N, C, *spatial)`` inputs (GroupNorm, InstanceNorm)."""
+    if x.dim() < 2:
+        raise_unbatched(tr, x)
+    tr.check_batch(x, 0, f"the input of {what} (layout (N, C, *))")
+    spatial = tuple(range(2, x.dim()))
+
+    def reduce(t: Tensor) -> Tensor:
+        return t.sum(spatial) if spatial else t
+
+    return reduce
+
+
+@register(F.layer_norm)
+def layer_norm_rule(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Rule for ``torch.nn.functional.layer_norm`` (``bias`` optional)."""
+    a = bind(("input", "normalized_shape", "weight", "bias", "eps"), args, kwargs,
+             {"weight": None, "bias": None, "eps": 1e-5})
+    x, shape, eps = a["input"], tuple(a["normalized_shape"]), a["eps"]
+    reduce = _trailing(tr, x, shape, "a layer norm")
+    return affine_use(
+        tr, x, a["weight"], a["bias"],
+        lambda w, b: F.layer_norm(x, shape, w, b, eps),
+        lambda t: F.layer_norm(t, shape, None, None, eps),
+        reduce,
+    )
+
+
+@register(F.rms_norm)
+def rms_norm_rule(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Rule for ``torch.nn.functional.rms_norm`` (``eps=None``: ``torch.finfo(dtype).eps``)."""
+    a = bind(("input", "normalized_shape", "weight", "eps"), args, kwargs,
+             {"weight": None, "eps": None})
+    x, shape, eps = a["input"], tuple(a["normalized_shape"]), a["eps"]
+    reduce = _trailing(tr, x, shape, "an RMS norm")
+    return affine_use(
+        tr, x, a["weight"], None,
+        lambda w, b: F.rms_norm(x, shape, w, eps),
+        lambda t: F.rms_norm(t, shape, None, eps),
+        reduce,
+    )
+
+
+@register(F.group_norm)
+def group_norm_rule(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Rule for ``torch.nn.functional.group_norm`` (per-channel affine)."""
+    a = bind(("input", "num_groups", "weight", "bias", "eps"), args, kwargs,
+             {"weight": None, "bias": None, "eps": 1e-5})
+    x, groups, eps = a["input"], a["num_groups"], a["eps"]
+    reduce = _channels(tr, x, "a group norm")
+    return affine_use(
+        tr, x, a["weight"], a["bias"],
+        lambda w, b: F.group_norm(x, groups, w, b, eps),
+        lambda t: F.group_norm(t, groups, None, None, eps),
+        reduce,
+    )
+
+
+@register(F.instance_norm)
+def instance_norm_rule(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Rule for ``torch.nn.functional.instance_norm`` (per-channel affine).
+
+    Raises:
+        UnsupportedModuleError: running statistics would be updated from the
+            batch (``track_running_stats=True`` in training mode): they are
+            released with the model but computed from private data without
+            noise.
+    """
+    a = bind(
+        ("input", "running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum",
+         "eps"), args, kwargs,
+        {"running_mean": None, "running_var": None, "weight": None, "bias": None,
+         "use_input_stats": True, "momentum": 0.1, "eps": 1e-5},
+    )
+    x, rm, rv = a["input"], a["running_mean"], a["running_var"]
+    use_stats, momentum, eps = bool(a["use_input_stats"]), a["momentum"], a["eps"]
+    if use_stats and (rm is not None or rv is not None):
+        raise UnsupportedModuleError(
+            f"In module `{tr.module_path()}`, an instance norm updates running statistics "
+            "(track_running_stats=True in training mode): they are averaged over the private "
+            "batch and released with the model without noise, which breaks differential "
+            "privacy. Use track_running_stats=False (training then uses per-example statistics "
+            "anyway)."
+        )
+    reduce = _channels(tr, x, "an instance norm")
+    if use_stats:
+        def normalize(t: Tensor) -> Tensor:
+            return F.instance_norm(t, None, None, None, None, True, 0.0, eps)
+    else:  # fixed running statistics (eval mode): snapshot them for the backward
+        rm_c = rm.detach().clone() if rm is not None else None
+        rv_c = rv.detach().clone() if rv is not None else None
+
+        def normalize(t: Tensor) -> Tensor:
+            return F.instance_norm(t, rm_c, rv_c, None, None, False, 0.0, eps)
+
+    def compute(w: Tensor | None, b: Tensor | None) -> Tensor:
+        if x.shape[0] == 0:  # native kernel fails on no example; an empty Poisson batch is normal
+            return x * 0.0
+        return F.instance_norm(x, rm, rv, w, b, use_stats, momentum, eps)
+
+    return affine_use(
+        tr, x, a["weight"], a["bias"],
+        compute,
+        normalize,
+        reduce,
+    )
