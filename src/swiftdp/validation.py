@@ -78,12 +78,63 @@ def check_cost_objective(value: Any) -> None:
 
 
 def check_no_batch_mixing(model: nn.Module) -> None:
-    """Refuse layers that mix examples of a batch (their per-example gradients are undefined).
+    """Refuse layers that mix the examples of a batch (BatchNorm).
 
     Raises:
         UnsupportedModuleError: naming the first such module's path.
     """
     for path, m in model.named_modules():
+        if isinstance(m, _BATCH_MIXING):
+            raise UnsupportedModuleError(
+                f"Module `{path or '<model>'}` ({type(m).__name__}) mixes the examples of a "
+                "batch, so per-example gradients (and differential privacy) are undefined. "
+                "Replace it with GroupNorm: `model = swiftdp.fix(model)`."
+            )
+
+
+def check_module_options(model: nn.Module) -> None:
+    """Refuse module options that mix examples or leak the batch outside the noisy gradient.
+
+    The layer rules refuse these at the op level; this module-level check
+    covers the nanobatch mode, which runs without the tracer:
+    ``nn.Embedding`` with ``scale_grad_by_freq``
+    (frequencies over the batch), ``max_norm`` (in-place, data-dependent
+    renormalisation of the looked-up rows) or ``sparse``, and instance norms
+    that update running statistics from the private batch.
+
+    Raises:
+        UnsupportedModuleError: naming the first such module's path and the fix.
+    """
+    for path, m in model.named_modules():
+        where = f"Module `{path or '<model>'}` ({type(m).__name__})"
+        if isinstance(m, nn.Embedding):
+            if m.scale_grad_by_freq:
+                raise UnsupportedModuleError(
+                    f"{where} has scale_grad_by_freq=True, which scales gradients by token "
+                    "counts over the whole batch and so mixes the examples. Use "
+                    "scale_grad_by_freq=False."
+                )
+            if m.max_norm is not None:
+                raise UnsupportedModuleError(
+                    f"{where} has max_norm={m.max_norm}: the forward renormalises, in place "
+                    "and data-dependent, the rows the private batch looks up, revealing it without "
+                    "noise. Use max_norm=None (renormalise all rows after each step if needed)."
+                )
+            if m.sparse:
+                raise UnsupportedModuleError(
+                    f"{where} has sparse=True; DP noise makes every gradient dense. Use "
+                    "sparse=False with a dense optimizer."
+                )
+        if (
+            isinstance(m, nn.modules.instancenorm._InstanceNorm)
+            and m.track_running_stats
+            and m.training
+        ):
+            raise UnsupportedModuleError(
+                f"{where} has track_running_stats=True: its running statistics are "
+                "computed from the private batch and released without noise. Use "
+                "track_running_stats=False."
+            )
         if isinstance(m, _BATCH_MIXING):
             raise UnsupportedModuleError(
                 f"Module `{path or '<model>'}` ({type(m).__name__}) mixes the examples of a "

@@ -95,3 +95,19 @@ def test_clipped_sum_norm_is_bounded_by_c_per_example():
     total = torch.sqrt(sum((p.grad**2).sum() for p in model.parameters()))
     assert total <= 0.25 + 1e-5
     assert clipper.last_norms is not None and clipper.last_norms[0] > 0.25
+
+
+@pytest.mark.parametrize(
+    ("module", "pattern"),
+    [
+        (nn.Embedding(5, 3, scale_grad_by_freq=True), "scale_grad_by_freq=False"),
+        (nn.Embedding(5, 3, max_norm=1.0), "max_norm=None"),
+        (nn.Embedding(5, 3, sparse=True), "sparse=False"),
+    ],
+)
+def test_nanobatch_mode_refuses_batch_dependent_module_options(module, pattern):
+    model = nn.Sequential(module)
+    clipper = swiftdp.GradClipper(model, 1.0, mode="nanobatch")
+    with pytest.raises(UnsupportedModuleError, match=pattern):
+        model(torch.tensor([[1, 2]]))
+    clipper.remove()

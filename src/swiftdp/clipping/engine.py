@@ -53,6 +53,7 @@ from swiftdp.validation import (
     check_loss_reduction,
     check_max_grad_norm,
     check_mode,
+    check_module_options,
     check_no_batch_mixing,
 )
 
@@ -183,6 +184,7 @@ class GradClipper:
         self._batch_size = _batch_size(args, kwargs, 0 if self.batch_first else 1)
         self._root_args = (args, kwargs)
         if self.mode == "nanobatch":
+            check_module_options(module)  # no tracer in this mode: check modules here
             return
         self._tracer.__enter__()
         self._push(module, "<model>", args, kwargs)
