@@ -90,3 +90,25 @@ def test_sequence_first_layout_with_batch_first_false():
 
     for mode in MODES:
         check_against_oracle(model, x, y, mode=mode, batch_first=False, per_example=per_example)
+
+
+def test_input_modified_in_place_after_use_is_refused():
+    import swiftdp
+    from swiftdp.errors import UnsupportedModuleError
+
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            h = x * 2
+            out = self.lin(h)
+            h.add_(1.0)  # the linear's saved input is now stale
+            return out
+
+    model = InPlace()
+    clipper = swiftdp.GradClipper(model, 1.0)
+    with pytest.raises(UnsupportedModuleError, match="modified in place"):
+        model(torch.randn(2, 3, requires_grad=True)).sum().backward()
+    clipper.remove()

@@ -67,7 +67,7 @@ class PerSampleGrads(Contribution):
         self.region = region
 
     def sq_norms(self) -> Tensor:
-        return _rows(self.grads).pow(2).sum(1)
+        return _sq_rows(self.grads)
 
     def weighted_sum(self, weights: Tensor) -> Tensor:
         flat = _rows(self.grads)
@@ -122,7 +122,7 @@ class LinearFactors(Contribution):
     def sq_norms(self) -> Tensor:
         if self._sq is None:
             if self.grads is not None:
-                self._sq = _rows(self.grads).pow(2).sum(1)
+                self._sq = _sq_rows(self.grads)
             else:
                 assert self.a is not None and self.g is not None
                 self._sq = _ghost_sq_norms(self.a, self.g)
@@ -238,3 +238,8 @@ def param_weighted_sum(param: Tensor, uses: list[Contribution], weights: Tensor)
 def _rows(t: Tensor) -> Tensor:
     """``(B, n)`` view of a per-example tensor, safe for ``B = 0``."""
     return t.flatten(1) if t.dim() > 1 else t.unsqueeze(1)
+
+
+def _sq_rows(t: Tensor) -> Tensor:
+    """Per-example squared norms of ``(B, ...)`` without a full-size temporary."""
+    return torch.linalg.vector_norm(_rows(t), dim=1).square()

@@ -179,6 +179,11 @@ class GradClipper:
         if not active:
             return
         self._trainable = {id(p): p for p in module.parameters() if p.requires_grad}
+        # Contributions only exist during a backward; leftovers mean the last
+        # backward raised, so start clean.
+        self._queued = False
+        self._captures_pending = []
+        self._contribs = []
         self._uses = {}
         self._names = None
         self._batch_size = _batch_size(args, kwargs, 0 if self.batch_first else 1)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from swiftdp.clipping.contributions import Contribution, LinearFactors, PerSampleGrads
+from swiftdp.errors import UnsupportedModuleError
 
 if TYPE_CHECKING:
     from swiftdp.clipping.tracer import Tracer
@@ -53,6 +54,9 @@ def linear_use(
         raise_unbatched(tr, x)
     bd = tr.batch_dim if x.dim() >= 3 else 0
     tr.check_batch(x, bd, "the input of a linear layer")
+    xd = x.detach()
+    version = xd._version
+    path = tr.module_path()
     wd = weight.detach() if w_t else weight
     bdt = bias.detach() if (bias is not None and b_t) else bias
 
@@ -66,7 +70,13 @@ def linear_use(
         g3 = as_sequence(g, bd)
         out: list[Contribution] = []
         if w_t:
-            a3 = as_sequence(x.detach(), bd)
+            if xd._version != version:
+                raise UnsupportedModuleError(
+                    f"In module `{path}`, the input of a linear layer was modified in place "
+                    "after the layer used it, so its per-example weight gradients cannot be "
+                    "formed. Make the in-place operation out of place (e.g. inplace=False)."
+                )
+            a3 = as_sequence(xd, bd)
             t, d, p = a3.shape[1], a3.shape[2], g3.shape[2]
             out.append(LinearFactors(weight, a3, g3, ghost=tr.prefer_ghost(t, d, p)))
         if b_t:
@@ -79,8 +89,6 @@ def linear_use(
 
 def raise_unbatched(tr: Tracer, x: Tensor) -> None:
     """Refuse an input without a batch dimension."""
-    from swiftdp.errors import UnsupportedModuleError
-
     raise UnsupportedModuleError(
         f"In module `{tr.module_path()}`, a layer got an input of shape {tuple(x.shape)} "
         "without a batch dimension. Per-example clipping needs batched inputs."
