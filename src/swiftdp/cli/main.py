@@ -1,0 +1,111 @@
+"""The ``swiftdp`` command: ``swiftdp train`` (the main job) and ``swiftdp epsilon``.
+
+Bad input (unknown option values, an unreadable data folder, an unreachable ε,
+a resume folder that does not match) prints one line, ``swiftdp: error: ...``,
+on stderr and exits with code 2, without a traceback. Ctrl-C during training
+exits with code 130 and leaves the last complete epoch's checkpoint usable
+with ``--resume``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from typing import NoReturn
+
+from swiftdp.errors import SwiftDPError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    """A command-line syntax error (argparse's), reported in one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``swiftdp`` parser with its subcommands."""
+    from swiftdp.cli import epsilon, train_command
+
+    parser = _Parser(prog="swiftdp", description="Fast, exact differentially private training.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="{train,epsilon}", parser_class=_Parser)
+    train_command.add_parser(sub)
+    epsilon.add_parser(sub)
+    return parser
+
+
+def _version() -> str:
+    import swiftdp
+
+    return f"swiftdp {swiftdp.__version__}"
+
+
+def _one_line(message: object) -> str:
+    return " ".join(str(message).split())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``swiftdp`` command line.
+
+    Args:
+        argv: the arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        The exit code: 0 on success, 2 on bad input, 130 when interrupted.
+    """
+    started = _process_start() if argv is None else time.time()
+    logging.getLogger("absl").setLevel(logging.ERROR)  # dp_accounting's RDP convergence notes
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.showwarning = _show_warning
+            if args.command == "epsilon":
+                from swiftdp.cli import epsilon
+
+                return epsilon.run(args)
+            from swiftdp.cli import train_command
+
+            return train_command.run(args, started)
+    except (UsageError, SwiftDPError) as e:
+        print(f"swiftdp: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:
+        print(f"swiftdp: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("swiftdp: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _process_start() -> float:
+    """When this process started (so the wall time includes Python and torch start-up)."""
+    try:
+        import psutil
+
+        return float(psutil.Process().create_time())
+    except Exception:  # pragma: no cover - psutil missing or unsupported platform
+        return time.time()
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: object = None, line: str | None = None) -> None:
+    print(f"swiftdp: warning: {_one_line(message)}", file=sys.stderr)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

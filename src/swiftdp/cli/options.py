@@ -1,0 +1,275 @@
+"""The options of ``swiftdp train``: one table for the command line and config files.
+
+Every option is declared once in :data:`TRAIN_OPTIONS`. The resolved value of
+an option is, by priority: the command line, then the ``--config`` file
+(YAML or TOML, keys spelt like the options with ``-`` or ``_``), then the
+default. Every value is checked here, in one place, and a bad one raises
+:class:`~swiftdp.errors.InvalidArgumentError` naming the option.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from swiftdp.accounting import MECHANISMS
+from swiftdp.clipping.clip_fns import CLIPPING_STYLES
+from swiftdp.clipping.engine import MODES
+from swiftdp.data import DATASETS
+from swiftdp.errors import InvalidArgumentError
+from swiftdp.models import IMAGE_MODELS, SIZES
+
+OPTIMIZERS = ("sgd", "adam")
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The resolved options of one ``swiftdp train`` run (see :data:`TRAIN_OPTIONS`)."""
+
+    dataset: str = "mnist5k"
+    data_dir: str | None = None
+    model: str = "cnn"
+    model_size: str = "small"
+    epsilon: float = 3.0
+    delta: float = 1e-5
+    epochs: int = 15
+    batch_size: int | None = None
+    max_grad_norm: float = 0.1
+    lr: float = 4.0
+    momentum: float = 0.9
+    optimizer: str = "sgd"
+    clipping: str = "flat"
+    mode: str = "bk"
+    accountant: str = "pld"
+    ema: float = 0.9
+    max_physical_batch_size: int | None = None
+    seed: int | None = None
+    device: str = "cpu"
+    threads: int | None = None
+    non_private: bool = False
+    validation: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form, keys as in config files (underscores)."""
+        return asdict(self)
+
+
+RUN_ONLY = ("device", "threads")
+"""Options that change how a run executes, not what it computes: free to change on resume."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of ``swiftdp train``.
+
+    Attributes:
+        name: field of :class:`TrainConfig` (``--name-with-dashes`` on the command line).
+        kind: ``int``, ``float``, ``str`` or ``bool`` (a flag).
+        help: one line for ``--help``.
+        choices: allowed values, for ``str`` options.
+        check: ``(value) -> problem or None`` for numbers.
+        nullable: whether ``None`` (``null`` in a file) is allowed.
+    """
+
+    name: str
+    kind: type
+    help: str
+    choices: tuple[str, ...] | None = None
+    check: Callable[[Any], str | None] | None = None
+    nullable: bool = False
+
+    @property
+    def flag(self) -> str:
+        """The command-line spelling, ``--batch-size``."""
+        return "--" + self.name.replace("_", "-")
+
+
+def _positive(v: Any) -> str | None:
+    return None if v > 0 and math.isfinite(v) else "a finite number > 0"
+
+
+def _at_least_one(v: Any) -> str | None:
+    return None if v >= 1 else "an integer >= 1"
+
+
+def _non_negative(v: Any) -> str | None:
+    return None if v >= 0 else "an integer >= 0"
+
+
+def _unit_open(v: Any) -> str | None:
+    return None if 0 < v < 1 else "a number in (0, 1)"
+
+
+def _unit_left_closed(v: Any) -> str | None:
+    return None if 0 <= v < 1 else "a number in [0, 1)"
+
+
+TRAIN_OPTIONS: tuple[Option, ...] = (
+    Option("dataset", str, "dataset (mnist/cifar10 read from --data-dir)", DATASETS),
+    Option("data_dir", str, "folder of a torchvision-format dataset, for mnist and cifar10 (never "
+           "downloaded; default: none)",
+           nullable=True),
+    Option("model", str, "model of the zoo (swiftdp.models)", IMAGE_MODELS),
+    Option("model_size", str, "model size", SIZES),
+    Option("epsilon", float, "privacy budget ε (σ is calibrated to reach it)", check=_positive),
+    Option("delta", float, "δ of the (ε, δ) guarantee", check=_unit_open),
+    Option("epochs", int, "passes over the training data", check=_at_least_one),
+    Option("batch_size", int, "expected (Poisson) batch size (default: min(1000, N/4))",
+           check=_at_least_one, nullable=True),
+    Option("max_grad_norm", float, "clipping norm C", check=_positive),
+    Option("lr", float, "learning rate", check=_positive),
+    Option("momentum", float, "SGD momentum", check=_unit_left_closed),
+    Option("optimizer", str, "optimizer", OPTIMIZERS),
+    Option("clipping", str, "clip function", CLIPPING_STYLES),
+    Option("mode", str, "clipping engine mode (speed only)", MODES),
+    Option("accountant", str, "privacy accountant", MECHANISMS),
+    Option("ema", float, "decay of the parameter average that is evaluated (0: none)",
+           check=_unit_left_closed),
+    Option("max_physical_batch_size", int, "split logical batches into chunks (memory only; default: "
+           "no split)",
+           check=_at_least_one, nullable=True),
+    Option("seed", int, "seed of initialisation, sampling and noise (default: a "
+           "secret random seed)",
+           check=_non_negative, nullable=True),
+    Option("device", str, "device", DEVICES),
+    Option("threads", int, "CPU threads (default: all cores)", check=_at_least_one,
+           nullable=True),
+    Option("non_private", bool, "train without DP (the baseline: same recipe, no clipping "
+           "or noise)"),
+    Option("validation", bool, "train on 80%% of the training split and evaluate on the other "
+           "20%% (for choosing settings without touching the test split)"),
+)
+OPTIONS_BY_NAME = {o.name: o for o in TRAIN_OPTIONS}
+DEFAULTS = TrainConfig()
+
+
+def check_value(option: Option, value: Any, source: str) -> Any:
+    """Check (and convert) one value of ``option``; returns it.
+
+    Args:
+        option: the option.
+        value: the value (already typed, from a file or argparse).
+        source: where it came from, for the message (``"--lr"``, ``"config.yaml: lr"``).
+
+    Raises:
+        InvalidArgumentError: the value has the wrong type, is not a choice, or is out of range.
+    """
+    if value is None:
+        if option.nullable:
+            return None
+        raise InvalidArgumentError(f"{source} must have a value, got null.")
+    kind = option.kind
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise InvalidArgumentError(f"{source} expects true or false, got {value!r}.")
+        return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is float and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise InvalidArgumentError(f"{source} expects a number, got {value!r}.") from None
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise InvalidArgumentError(
+            f"{source} expects {'an integer' if kind is int else 'a ' + kind.__name__}, "
+            f"got {value!r}."
+        )
+    if option.choices is not None and value not in option.choices:
+        raise InvalidArgumentError(
+            f"{source}: invalid choice {value!r} (choose from {', '.join(option.choices)})."
+        )
+    if option.check is not None and (problem := option.check(value)) is not None:
+        raise InvalidArgumentError(f"{source} expects {problem}, got {value!r}.")
+    return value
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (``.yaml``/``.yml``/``.json``) or TOML (``.toml``) file of options.
+
+    Keys are option names (``batch-size`` or ``batch_size``); a top-level
+    ``derived`` section (written by ``swiftdp train`` in a run folder's
+    ``config.yaml``) is ignored, so a run's config can start a new run.
+
+    Args:
+        path: the file.
+
+    Returns:
+        ``{option name: checked value}``.
+
+    Raises:
+        InvalidArgumentError: unreadable file, bad syntax, unknown key or bad value.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise InvalidArgumentError(f"--config {str(path)!r}: cannot read ({e.strerror}).") from None
+    try:
+        raw = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InvalidArgumentError(f"--config {str(path)!r} is not valid: {first}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise InvalidArgumentError(f"--config {str(path)!r} must hold a mapping of options.")
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name == "derived":
+            continue
+        if name not in OPTIONS_BY_NAME:
+            raise InvalidArgumentError(
+                f"--config {str(path)!r}: unknown option {key!r} (known: "
+                f"{', '.join(o.name for o in TRAIN_OPTIONS)})."
+            )
+        out[name] = check_value(OPTIONS_BY_NAME[name], value, f"--config {p.name}: {key}")
+    return out
+
+
+def resolve(command_line: Mapping[str, Any], file_values: Mapping[str, Any]) -> TrainConfig:
+    """Merge defaults, file values and command-line values (highest priority last).
+
+    Args:
+        command_line: options given on the command line only.
+        file_values: options from ``--config``.
+
+    Returns:
+        The :class:`TrainConfig`.
+
+    Raises:
+        InvalidArgumentError: a value is out of range.
+    """
+    merged = DEFAULTS.to_dict()
+    merged.update(file_values)
+    for name, value in command_line.items():
+        merged[name] = check_value(OPTIONS_BY_NAME[name], value, OPTIONS_BY_NAME[name].flag)
+    return TrainConfig(**{f.name: merged[f.name] for f in fields(TrainConfig)})
+
+
+def conflicts(saved: TrainConfig, requested: Mapping[str, Any]) -> list[str]:
+    """The requested options that differ from a saved run's (run-only options excepted).
+
+    Args:
+        saved: the run's configuration.
+        requested: options given for the resumed invocation.
+
+    Returns:
+        ``"--lr 2.0 (the run has 4.0)"`` strings; empty when compatible.
+    """
+    out = []
+    saved_d = saved.to_dict()
+    for name, value in requested.items():
+        if name in RUN_ONLY:
+            continue
+        if saved_d[name] != value:
+            out.append(f"{OPTIONS_BY_NAME[name].flag} {value!r} (the run has {saved_d[name]!r})")
+    return out

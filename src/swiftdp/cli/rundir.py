@@ -1,0 +1,144 @@
+"""The run folder of ``swiftdp train``: configuration, metrics, checkpoints, plot.
+
+====================  =========================================================
+file                  content
+====================  =========================================================
+``config.yaml``       the resolved options, plus a ``derived`` section (σ, q,
+                      steps, dataset sizes, versions); ``--config`` reads it back
+``metrics.json``      per epoch: loss, train and test accuracy, ε, steps, time;
+                      rewritten atomically after every epoch
+``checkpoint.pt``     the complete training state after the last complete epoch
+                      (``--resume`` continues from it); written atomically
+``model.pt``          the final model's ``state_dict`` (the evaluated weights)
+``accuracy_vs_epsilon.png``  test accuracy against ε spent
+====================  =========================================================
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from swiftdp.errors import InvalidArgumentError
+
+CONFIG = "config.yaml"
+METRICS = "metrics.json"
+CHECKPOINT = "checkpoint.pt"
+MODEL = "model.pt"
+PLOT = "accuracy_vs_epsilon.png"
+
+
+def check_out(out: str | None) -> None:
+    """Refuse an ``--out`` folder that holds a run already (before any work is done).
+
+    Raises:
+        InvalidArgumentError: ``out`` holds a checkpoint (continue it with ``--resume``).
+    """
+    if out is not None and (Path(out) / CHECKPOINT).exists():
+        raise InvalidArgumentError(
+            f"--out {out!r} already holds a run ({CHECKPOINT}); continue it with "
+            f"--resume {out}, or choose another folder."
+        )
+
+
+def new_run_dir(out: str | None, dataset: str, model: str) -> Path:
+    """Create the run folder: ``out``, or ``runs/<timestamp>-<dataset>-<model>``.
+
+    Raises:
+        InvalidArgumentError: ``out`` holds a checkpoint already (use ``--resume``)
+            or cannot be created.
+    """
+    check_out(out)
+    if out is None:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = Path("runs") / f"{stamp}-{dataset}-{model}"
+        i = 1
+        while path.exists():
+            i += 1
+            path = Path("runs") / f"{stamp}-{dataset}-{model}-{i}"
+    else:
+        path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InvalidArgumentError(f"Cannot create the run folder {str(path)!r}: {e.strerror}.") from None
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file in the same folder, fsync, rename over ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_config(run_dir: Path, options: dict[str, Any], derived: dict[str, Any]) -> None:
+    """Write ``config.yaml``: the options, then the ``derived`` section."""
+    text = yaml.safe_dump(options, sort_keys=False)
+    text += yaml.safe_dump({"derived": derived}, sort_keys=False)
+    atomic_write_text(run_dir / CONFIG, text)
+
+
+def read_config(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read a run's ``config.yaml``; returns ``(options, derived)``.
+
+    Raises:
+        InvalidArgumentError: the folder or its config is missing or unreadable.
+    """
+    path = run_dir / CONFIG
+    if not run_dir.is_dir():
+        raise InvalidArgumentError(f"--resume {str(run_dir)!r} is not a folder.")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        raise InvalidArgumentError(
+            f"--resume {str(run_dir)!r} has no readable {CONFIG}; it is not a swiftdp run folder."
+        ) from None
+    if not isinstance(raw, dict):
+        raise InvalidArgumentError(f"--resume {str(run_dir)!r}: {CONFIG} is not a mapping.")
+    derived = raw.pop("derived", {}) or {}
+    return raw, derived
+
+
+def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
+    """Rewrite ``metrics.json`` atomically."""
+    atomic_write_text(run_dir / METRICS, json.dumps(metrics, indent=2) + "\n")
+
+
+def plot_accuracy(run_dir: Path, epochs: list[dict[str, Any]], eval_name: str,
+                  private: bool) -> Path:
+    """Plot evaluation accuracy against ε spent (against epochs when non-private)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    acc = [100 * e[f"{eval_name}_accuracy"] for e in epochs]
+    if private:
+        ax.plot([e["epsilon"] for e in epochs], acc, marker="o")
+        ax.set_xlabel("ε spent")
+    else:
+        ax.plot([e["epoch"] for e in epochs], acc, marker="o")
+        ax.set_xlabel("epoch (non-private)")
+    ax.set_ylabel(f"{eval_name} accuracy (%)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = run_dir / PLOT
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,257 @@
+"""The training loop of ``swiftdp train``: DP-SGD (or the non-private baseline) with
+per-epoch evaluation, metrics, atomic checkpoints and resumption.
+
+Privacy: the trained parameters only ever see the data through
+:func:`swiftdp.make_private` (Poisson sampling, per-example clipping,
+Gaussian noise, accounting, budget enforcement). The evaluated model is an
+exponential moving average of those parameters, and cached frozen features
+are per-example functions fixed before seeing data: both are
+post-processing and cost no privacy.
+
+Not covered by the guarantee: the training loss and training accuracy shown
+in the progress bar and written to ``metrics.json`` are computed on the
+private training examples as they are used. They are for the person running
+the job; do not publish them with the model. Test accuracy is computed from
+the model and the (public) test split only.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from swiftdp.api.checkpoint import atomic_torch_save
+from swiftdp.api.private import PrivateTraining, make_private
+from swiftdp.cli import rundir
+from swiftdp.cli.options import TrainConfig
+from swiftdp.cli.setup import Prepared
+from swiftdp.errors import CheckpointError
+
+NONPRIVATE_FORMAT = "swiftdp-cli-nonprivate"
+PRIVACY_NOTE = (
+    "The model is (epsilon, delta)-DP for the training split. loss and train_accuracy are "
+    "computed on the training examples without privacy protection: do not publish them."
+)
+
+
+def _after_step(step: int) -> None:
+    """Called after every logical step with the number of steps taken (a test seam)."""
+
+
+class Trainer:
+    """One run: builds the optimizer (and ``make_private``), trains, evaluates, saves.
+
+    Args:
+        cfg: the resolved options.
+        prep: data, model and device from :func:`~swiftdp.cli.setup.prepare`.
+        run_dir: the run folder.
+    """
+
+    def __init__(self, cfg: TrainConfig, prep: Prepared, run_dir: Path) -> None:
+        self.cfg, self.prep, self.run_dir = cfg, prep, run_dir
+        model = prep.trainable
+        # The evaluated copy: an average of the trained parameters (post-processing).
+        self.eval_model = copy.deepcopy(model).eval()
+        for p in self.eval_model.parameters():
+            p.requires_grad_(False)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if cfg.optimizer == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+        else:
+            opt = torch.optim.Adam(params, lr=cfg.lr)
+        ds = prep.train.dataset()
+        self.dp: PrivateTraining | None = None
+        if cfg.non_private:
+            self.generator = torch.Generator().manual_seed(prep.seed)
+            self.loader: Any = DataLoader(ds, batch_size=prep.batch_size, shuffle=True,
+                                          generator=self.generator)
+            self.optimizer: torch.optim.Optimizer = opt
+        else:
+            self.dp = make_private(
+                model, opt, DataLoader(ds, batch_size=prep.batch_size),
+                max_grad_norm=cfg.max_grad_norm, target_epsilon=cfg.epsilon, delta=cfg.delta,
+                epochs=cfg.epochs, clipping=cfg.clipping, mode=cfg.mode, loss_reduction="sum",
+                max_physical_batch_size=cfg.max_physical_batch_size, accountant=cfg.accountant,
+                seed=cfg.seed,
+            )
+            self.loader = self.dp.data_loader
+            self.optimizer = self.dp.optimizer
+        self.model = model
+        self.epoch = 0
+        self.saved_epoch = 0  # the epoch of the checkpoint on disk
+        self.steps = 0
+        self.history: list[dict[str, Any]] = []
+        self.elapsed_before = 0.0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Logical steps in one epoch."""
+        return len(self.loader)
+
+    def epsilon(self) -> float:
+        """ε spent so far (``inf`` for the non-private baseline)."""
+        return float("inf") if self.dp is None else self.dp.epsilon()
+
+    def _update_average(self) -> None:
+        decay = self.cfg.ema
+        with torch.no_grad():
+            for a, p in zip(self.eval_model.parameters(), self.model.parameters(), strict=True):
+                a.mul_(decay).add_(p.detach(), alpha=1.0 - decay)
+
+    def train_epoch(self, progress: bool) -> dict[str, float]:
+        """Run one epoch; returns its mean loss and training accuracy."""
+        dev = self.prep.device
+        loss_sum, correct, seen = 0.0, 0, 0
+        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
+                   unit="step", disable=not progress, leave=True, file=sys.stderr,
+                   dynamic_ncols=True)
+        self.model.train()
+        for x, y in self.loader:
+            x, y = x.to(dev), y.to(dev)
+            self.optimizer.zero_grad()
+            out = self.model(x)
+            if self.dp is None:
+                loss = F.cross_entropy(out, y)
+                batch_loss = loss.item() * len(y)
+            else:
+                loss = F.cross_entropy(out, y, reduction="sum")
+                batch_loss = loss.item()
+            loss.backward()
+            before = self.dp.steps if self.dp is not None else self.steps
+            self.optimizer.step()
+            loss_sum += batch_loss
+            correct += int((out.argmax(1) == y).sum())
+            seen += len(y)
+            if self.dp is not None and self.dp.steps == before:
+                continue  # a physical chunk of a logical batch; the step is not complete
+            self.steps += 1
+            self._update_average()
+            bar.update(1)
+            post = {"loss": f"{loss_sum / max(seen, 1):.3f}", "acc": f"{correct / max(seen, 1):.3f}"}
+            if self.dp is not None:
+                post["ε"] = f"{self.dp.epsilon():.3f}"
+            bar.set_postfix(post)
+            _after_step(self.steps)
+        bar.close()
+        return {"loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Accuracy of the averaged model on the evaluation split."""
+        split, dev = self.prep.evaluation, self.prep.device
+        correct = 0
+        for i in range(0, len(split), 1000):
+            out = self.eval_model(split.x[i: i + 1000].to(dev))
+            correct += int((out.argmax(1).cpu() == split.y[i: i + 1000]).sum())
+        return correct / max(len(split), 1)
+
+    def record(self, stats: dict[str, float], elapsed: float) -> dict[str, Any]:
+        """Append the epoch's metrics to the history; returns them."""
+        row = {"epoch": self.epoch, "loss": stats["loss"],
+               "train_accuracy": stats["train_accuracy"],
+               f"{self.prep.eval_name}_accuracy": self.evaluate(),
+               "epsilon": self.epsilon(), "steps": self.steps, "elapsed_s": elapsed}
+        self.history.append(row)
+        return row
+
+    # -- checkpoints ---------------------------------------------------------------
+
+    def _extra(self, elapsed: float) -> dict[str, Any]:
+        return {"epoch": self.epoch, "steps": self.steps, "history": self.history,
+                "eval_model": self.eval_model.state_dict(), "elapsed_s": elapsed}
+
+    def save(self, elapsed: float) -> None:
+        """Write the checkpoint of the last complete epoch (atomically)."""
+        path = self.run_dir / rundir.CHECKPOINT
+        if self.dp is not None:
+            self.dp.save_checkpoint(path, extra=self._extra(elapsed))
+        else:
+            atomic_torch_save({"format": NONPRIVATE_FORMAT, "model": self.model.state_dict(),
+                               "optimizer": self.optimizer.state_dict(),
+                               "generator": self.generator.get_state(),
+                               "extra": self._extra(elapsed)}, path)
+        self.saved_epoch = self.epoch
+
+    def load(self, path: Path) -> None:
+        """Restore the state saved by :meth:`save`.
+
+        Raises:
+            CheckpointError: missing, corrupt or belonging to another run.
+        """
+        if self.dp is not None:
+            extra = self.dp.load_checkpoint(path)
+        else:
+            if not path.is_file():
+                raise CheckpointError(f"Checkpoint `{path}` does not exist.")
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=False)
+            except Exception as e:
+                raise CheckpointError(f"Checkpoint `{path}` is corrupt ({type(e).__name__}).") from None
+            if not isinstance(obj, dict) or obj.get("format") != NONPRIVATE_FORMAT:
+                raise CheckpointError(
+                    f"Checkpoint `{path}` is not a non-private swiftdp run; resume without "
+                    "--non-private."
+                )
+            try:
+                self.model.load_state_dict(obj["model"])
+            except RuntimeError as e:
+                raise CheckpointError(f"Checkpoint `{path}` does not match the model: {e}") from None
+            self.optimizer.load_state_dict(obj["optimizer"])
+            self.generator.set_state(obj["generator"])
+            extra = obj["extra"]
+        try:
+            self.eval_model.load_state_dict(extra["eval_model"])
+            self.epoch, self.steps = int(extra["epoch"]), int(extra["steps"])
+            self.saved_epoch = self.epoch
+            self.history = list(extra["history"])
+            self.elapsed_before = float(extra["elapsed_s"])
+        except (KeyError, TypeError, RuntimeError) as e:
+            raise CheckpointError(
+                f"Checkpoint `{path}` was not written by `swiftdp train` ({e})."
+            ) from None
+
+    def final_state_dict(self) -> dict[str, Tensor]:
+        """``state_dict`` of the full model with the evaluated (averaged) weights, on the CPU."""
+        weights = {k: v.detach().cpu() for k, v in self.eval_model.state_dict().items()}
+        if self.prep.trainable is self.prep.model:
+            return weights
+        return {f"classifier.{k}": v for k, v in weights.items()}
+
+
+def run_epochs(trainer: Trainer, progress: bool, started: float) -> None:
+    """Train the remaining epochs, saving the checkpoint and metrics after each.
+
+    ``started`` is when this session started (``time.time()``); the recorded
+    ``elapsed_s`` adds the time of earlier sessions of the run.
+
+    ``KeyboardInterrupt`` propagates; the checkpoint on disk is then the
+    last complete epoch's (files are replaced atomically).
+    """
+    while trainer.epoch < trainer.cfg.epochs:
+        stats = trainer.train_epoch(progress)
+        trainer.epoch += 1
+        elapsed = trainer.elapsed_before + time.time() - started
+        trainer.record(stats, elapsed)
+        trainer.save(elapsed)
+        rundir.write_metrics(trainer.run_dir, metrics_document(trainer, None))
+
+
+def metrics_document(trainer: Trainer, final: dict[str, Any] | None) -> dict[str, Any]:
+    """The content of ``metrics.json``."""
+    cfg = trainer.cfg
+    return {
+        "dataset": cfg.dataset, "model": cfg.model, "private": not cfg.non_private,
+        "eval_split": trainer.prep.eval_name, "target_epsilon": None if cfg.non_private
+        else cfg.epsilon, "delta": None if cfg.non_private else cfg.delta,
+        "epochs": trainer.history, "final": final,
+        "note": PRIVACY_NOTE if not cfg.non_private else "non-private baseline: no guarantee",
+    }

@@ -1,0 +1,207 @@
+"""``swiftdp train``: resolve the options, prepare, train, report; resume and Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import swiftdp
+from swiftdp.api.checkpoint import atomic_torch_save
+from swiftdp.cli import rundir
+from swiftdp.cli.options import (
+    OPTIONS_BY_NAME,
+    RUN_ONLY,
+    TRAIN_OPTIONS,
+    TrainConfig,
+    check_value,
+    conflicts,
+    read_config_file,
+    resolve,
+)
+from swiftdp.cli.setup import prepare, set_threads
+from swiftdp.cli.train import Trainer, metrics_document, run_epochs
+from swiftdp.errors import InvalidArgumentError
+
+EXIT_INTERRUPTED = 130
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    """Declare the ``train`` subcommand's options (defaults suppressed: only given ones appear)."""
+    p: argparse.ArgumentParser = sub.add_parser(
+        "train", help="train a model with differential privacy (the main job)",
+        description="Train with DP-SGD. With no option: the default recipe on the 5,000 "
+                    "bundled MNIST digits (4,000 train / 1,000 test) at ε = 3, δ = 1e-5.",
+        argument_default=argparse.SUPPRESS,
+    )
+    for o in TRAIN_OPTIONS:
+        if o.kind is bool:
+            p.add_argument(o.flag, action="store_true", dest=o.name, help=o.help)
+            continue
+        default = getattr(TrainConfig(), o.name)
+        text = o.help if "default:" in o.help else f"{o.help} (default: {default})"
+        p.add_argument(o.flag, dest=o.name, type=o.kind, choices=o.choices,
+                       metavar=None if o.choices else o.name.upper(), help=text)
+    p.add_argument("--config", metavar="FILE", help="YAML or TOML file of these options")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    p.add_argument("--out", metavar="DIR",
+                   help="run folder (default: runs/<time>-<dataset>-<model>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _requested(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    cli = {o.name: getattr(args, o.name) for o in TRAIN_OPTIONS if hasattr(args, o.name)}
+    for name, value in cli.items():
+        check_value(OPTIONS_BY_NAME[name], value, OPTIONS_BY_NAME[name].flag)
+    file_values = read_config_file(args.config) if getattr(args, "config", None) else {}
+    return cli, file_values
+
+
+def _resume_config(run_dir: Path, cli: dict[str, Any], file_values: dict[str, Any]) -> TrainConfig:
+    saved_raw, _ = rundir.read_config(run_dir)
+    try:
+        saved = resolve({}, {k: check_value(OPTIONS_BY_NAME[k], v, f"{rundir.CONFIG}: {k}")
+                             for k, v in saved_raw.items()})
+    except KeyError as e:
+        raise InvalidArgumentError(
+            f"--resume {str(run_dir)!r}: {rundir.CONFIG} has an unknown option {e}; it was not "
+            "written by this swiftdp."
+        ) from None
+    requested = {**file_values, **cli}
+    bad = conflicts(saved, requested)
+    if bad:
+        raise InvalidArgumentError(
+            f"--resume {str(run_dir)!r}: {bad[0]}; a resumed run keeps its settings (only "
+            f"{', '.join('--' + n for n in RUN_ONLY)} may change). Start a new run instead."
+        )
+    if not (run_dir / rundir.CHECKPOINT).is_file():
+        raise InvalidArgumentError(
+            f"--resume {str(run_dir)!r} has no {rundir.CHECKPOINT}: nothing to resume."
+        )
+    return replace(saved, **{k: v for k, v in requested.items() if k in RUN_ONLY})
+
+
+def _derived(trainer: Trainer) -> dict[str, Any]:
+    prep = trainer.prep
+    out: dict[str, Any] = {
+        "train_size": len(prep.train), "eval_size": len(prep.evaluation),
+        "eval_split": prep.eval_name, "batch_size": prep.batch_size,
+        "steps_per_epoch": trainer.steps_per_epoch,
+        "planned_steps": trainer.steps_per_epoch * trainer.cfg.epochs,
+        "trainable_parameters": sum(p.numel() for p in prep.trainable.parameters()
+                                    if p.requires_grad),
+        "swiftdp_version": swiftdp.__version__, "torch_version": str(torch.__version__),
+    }
+    if trainer.dp is not None:
+        out.update({k: v for k, v in trainer.dp.privacy.to_dict().items()
+                    if k in ("noise_multiplier", "sample_rate", "expected_batch_size")})
+    return out
+
+
+def _summary(trainer: Trainer, wall: float) -> dict[str, Any]:
+    cfg, last = trainer.cfg, trainer.history[-1] if trainer.history else {}
+    acc = last.get(f"{trainer.prep.eval_name}_accuracy", math.nan)
+    final: dict[str, Any] = {f"{trainer.prep.eval_name}_accuracy": acc,
+                             "epochs": trainer.epoch, "steps": trainer.steps,
+                             "wall_time_s": wall}
+    rows = [(f"{trainer.prep.eval_name} accuracy", f"{100 * acc:.2f}%")]
+    if trainer.dp is not None:
+        priv = trainer.dp.privacy
+        final.update({"epsilon": trainer.epsilon(), "delta": priv.delta,
+                      "noise_multiplier": priv.noise_multiplier, "sample_rate": priv.sample_rate,
+                      "max_grad_norm": priv.max_grad_norm, "clipping": priv.clipping})
+        rows += [("epsilon", f"{trainer.epsilon():.4f} (target {cfg.epsilon:g}, "
+                             f"{priv.accountant.upper()} accountant)"),
+                 ("delta", f"{priv.delta:g}"),
+                 ("sigma", f"{priv.noise_multiplier:.4f}"),
+                 ("sampling rate", f"{priv.sample_rate:.4g} (expected batch "
+                                   f"{priv.expected_batch_size:g} of {trainer.dp.num_samples})")]
+    else:
+        rows += [("epsilon", "inf (non-private baseline)")]
+    plural = "" if trainer.epoch == 1 else "s"
+    rows += [("steps", f"{trainer.steps} ({trainer.epoch} epoch{plural})")]
+    if trainer.dp is not None:
+        rows += [("clip norm", f"{cfg.max_grad_norm:g} ({cfg.clipping})")]
+    wall_text = f"{wall:.1f} s"
+    if trainer.elapsed_before and trainer.history:
+        wall_text += f" (all sessions {trainer.history[-1]['elapsed_s']:.1f} s)"
+    rows += [("wall time", wall_text), ("run folder", str(trainer.run_dir))]
+    print()
+    for key, value in rows:
+        print(f"{key:<15} {value}")
+    return final
+
+
+def _status(message: str) -> None:
+    """A progress note on stdout (stderr is kept for the progress bars and errors)."""
+    print(f"swiftdp: {message}", flush=True)
+
+
+def _silent(message: str) -> None:
+    del message
+
+
+def run(args: argparse.Namespace, started: float) -> int:
+    """Run ``swiftdp train``; returns the exit code (0, or 130 when interrupted).
+
+    Args:
+        args: the parsed command line.
+        started: when the command started (``time.time()``), for the wall time.
+    """
+    cli, file_values = _requested(args)
+    resume = getattr(args, "resume", None)
+    if resume is not None:
+        if getattr(args, "out", None) is not None:
+            raise InvalidArgumentError("--out cannot be combined with --resume (the run folder is "
+                                       "RUN_DIR).")
+        run_dir = Path(resume)
+        cfg = _resume_config(run_dir, cli, file_values)
+    else:
+        cfg = resolve(cli, file_values)
+        rundir.check_out(getattr(args, "out", None))
+    progress = not getattr(args, "quiet", False)
+    say = _status if progress else _silent
+    set_threads(cfg.threads)
+    say(f"loading {cfg.dataset} and building model {cfg.model!r} ...")
+    prep = prepare(cfg)
+    if resume is None:
+        run_dir = rundir.new_run_dir(getattr(args, "out", None), cfg.dataset, cfg.model)
+    if not cfg.non_private:
+        say(f"calibrating the noise to ε = {cfg.epsilon:g}, δ = {cfg.delta:g} over "
+            f"{cfg.epochs} epochs ...")
+    trainer = Trainer(cfg, prep, run_dir)
+    if trainer.dp is not None:
+        p = trainer.dp.privacy
+        say(f"{len(prep.train)} training examples, expected batch {p.expected_batch_size:g} "
+            f"(q = {p.sample_rate:.4g}), {trainer.steps_per_epoch * cfg.epochs} steps, "
+            f"σ = {p.noise_multiplier:.4f}, C = {p.max_grad_norm:g}")
+    if resume is not None:
+        trainer.load(run_dir / rundir.CHECKPOINT)
+    else:
+        rundir.write_config(run_dir, cfg.to_dict(), _derived(trainer))
+        trainer.save(0.0)  # epoch 0: --resume works even if the first epoch is interrupted
+        rundir.write_metrics(run_dir, metrics_document(trainer, None))
+    try:
+        run_epochs(trainer, progress, started)
+    except KeyboardInterrupt:
+        print(f"\nswiftdp: interrupted; the checkpoint of epoch {trainer.saved_epoch} in "
+              f"{run_dir} is intact. Resume with: swiftdp train --resume {run_dir}",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    wall = time.time() - started
+    final = _summary(trainer, wall)
+    atomic_torch_save({"model": cfg.model, "model_size": cfg.model_size,
+                       "input_shape": list(prep.data.input_shape),
+                       "num_classes": prep.data.num_classes,
+                       "state_dict": trainer.final_state_dict()}, run_dir / rundir.MODEL)
+    rundir.write_metrics(run_dir, metrics_document(trainer, final))
+    if trainer.history:
+        rundir.plot_accuracy(run_dir, trainer.history, prep.eval_name, trainer.dp is not None)
+    return 0
