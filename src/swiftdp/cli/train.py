@@ -89,6 +89,8 @@ class Trainer:
         self.epoch = 0
         self.saved_epoch = 0  # the epoch of the checkpoint on disk
         self.steps = 0
+        self._eps_shown = 0.0
+        self._eps_shown_at = 0.0
         self.history: list[dict[str, Any]] = []
         self.elapsed_before = 0.0
 
@@ -138,7 +140,12 @@ class Trainer:
             bar.update(1)
             post = {"loss": f"{loss_sum / max(seen, 1):.3f}", "acc": f"{correct / max(seen, 1):.3f}"}
             if self.dp is not None:
-                post["ε"] = f"{self.dp.epsilon():.3f}"
+                # ε costs a PLD composition: refresh it at most every 2 s and at epoch end.
+                now = time.monotonic()
+                if bar.n >= (bar.total or 0) or now - self._eps_shown_at > 2.0:
+                    self._eps_shown = self.dp.epsilon()
+                    self._eps_shown_at = now
+                post["ε"] = f"{self._eps_shown:.3f}"
             bar.set_postfix(post)
             _after_step(self.steps)
         bar.close()
