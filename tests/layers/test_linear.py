@@ -112,3 +112,32 @@ def test_input_modified_in_place_after_use_is_refused():
     with pytest.raises(UnsupportedModuleError, match="modified in place"):
         model(torch.randn(2, 3, requires_grad=True)).sum().backward()
     clipper.remove()
+
+
+class SlicedPositionTable(nn.Module):
+    """A position table longer than the sequence, sliced per forward (``pos[:, :t]``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 6)
+        self.pos = nn.Parameter(torch.randn(1, 9, 6))
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.inp(x) + self.pos[:, : x.shape[1]]
+        return self.out(torch.tanh(h)).mean(1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sliced_parameter_uses_expand_rule_not_generic(mode, monkeypatch):
+    import swiftdp.clipping.generic as generic
+
+    def no_generic(*a, **k):
+        raise AssertionError("the generic rule should not be needed for a sliced table")
+
+    monkeypatch.setattr(generic, "capture_module_output", no_generic)
+    torch.manual_seed(3)
+    model = SlicedPositionTable().double()
+    x = torch.randn(5, 4, 4, dtype=torch.float64)
+    y = torch.randn(5, 2, dtype=torch.float64)
+    check_against_oracle(model, x, y, mode=mode)

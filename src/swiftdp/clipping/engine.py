@@ -185,6 +185,7 @@ class GradClipper:
         self._captures_pending = []
         self._contribs = []
         self._uses = {}
+        self._tracer.views.clear()
         self._names = None
         self._batch_size = _batch_size(args, kwargs, 0 if self.batch_first else 1)
         self._root_args = (args, kwargs)

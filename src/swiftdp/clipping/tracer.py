@@ -125,6 +125,9 @@ class Tracer(TorchFunctionMode):
         self.anchor = torch.zeros((), requires_grad=True)
         self.stack: list[ModuleCall] = []
         self._ids = itertools.count()
+        # Detached slices of trainable parameters (``self.pos[:, :t]``):
+        # id -> (view, parameter, region). Reset at every forward.
+        self.views: dict[int, tuple[Tensor, Tensor, tuple[slice, ...]]] = {}
 
     # ------------------------------------------------------------------ dispatch
     def __torch_function__(
@@ -139,13 +142,34 @@ class Tracer(TorchFunctionMode):
         if self.engine._suspended or not torch.is_grad_enabled():
             return func(*args, **kwargs)
         found = self.find_params(args, kwargs)
+        if self.views:
+            found += self.find_views(args, kwargs)
         if not found:
             return func(*args, **kwargs)
         return self.call_with_params(func, args, kwargs, found)
 
+    def find_views(self, args: Sequence[Any], kwargs: dict[str, Any]) -> list[Tensor]:
+        """Recorded parameter slices among the (one level nested) arguments."""
+        views = self.views
+        out: list[Tensor] = []
+        for a in itertools.chain(args, kwargs.values()):
+            items = a if type(a) is list or type(a) is tuple else (a,)
+            for b in items:
+                if isinstance(b, Tensor) and id(b) in views and views[id(b)][0] is b:
+                    if not any(b is o for o in out):
+                        out.append(b)
+        return out
+
+    def base_param(self, t: Tensor) -> Tensor:
+        """The parameter behind ``t`` (itself, or the parameter a recorded slice views)."""
+        v = self.views.get(id(t))
+        return v[1] if v is not None and v[0] is t else t
+
     def call(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run ``func`` as if called under the tracer (for composite rules)."""
         found = self.find_params(args, kwargs)
+        if self.views:
+            found += self.find_views(args, kwargs)
         if not found or not torch.is_grad_enabled():
             return func(*args, **kwargs)
         return self.call_with_params(func, args, kwargs, found)
@@ -154,9 +178,11 @@ class Tracer(TorchFunctionMode):
         self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
         found: list[Tensor],
     ) -> Any:
-        generic_here = [p for p in found if self.generic_call_for(p) is not None]
+        generic_here = [p for p in found if self.generic_call_for(self.base_param(p)) is not None]
         if generic_here:
             return func(*self.detach_args(args, generic_here), **self.detach_kwargs(kwargs, generic_here))
+        if self.views and any(id(p) in self.views for p in found):
+            return self.unknown(func, args, kwargs, found)  # slices: expand or generic only
         rule = RULES.get(func)
         if rule is not None:
             return rule(self, func, args, kwargs)
@@ -299,6 +325,13 @@ class Tracer(TorchFunctionMode):
             name == "__get__" and getattr(owner, "__name__", "") in _PASSTHROUGH_GETTERS
         ):
             return func(*args, **kwargs)
+        if func is Tensor.__getitem__ and len(found) == 1 and args and args[0] is found[0]:
+            p = found[0]
+            region = _slice_region(args[1] if len(args) > 1 else None, p.shape)
+            if region is not None and id(p) in self.engine._trainable:
+                out = p.detach()[args[1]]
+                self.views[id(out)] = (out, p, region)
+                return out
         with torch.no_grad():
             ref = func(*args, **kwargs)
         if not any(isinstance(t, Tensor) for t in pytree.tree_leaves(ref)):
@@ -318,7 +351,10 @@ class Tracer(TorchFunctionMode):
         if ref.dim() <= bd or ref.shape[bd] != B:
             return None
         leaves: dict[int, tuple[Tensor, Tensor, torch.Size]] = {}
+        regions: dict[int, tuple[slice, ...] | None] = {}
         for p in found:
+            v = self.views.get(id(p))
+            regions[id(p)] = v[2] if v is not None and v[0] is p else None
             if p.dim() > ref.dim():
                 return None
             padded = p.detach().reshape((1,) * (ref.dim() - p.dim()) + tuple(p.shape))
@@ -336,8 +372,9 @@ class Tracer(TorchFunctionMode):
         if not isinstance(out, Tensor) or out.shape != ref.shape:
             return None
         for p, leaf, padded_shape in leaves.values():
-            cap = Capture(self, 1, _expand_builder(p, padded_shape, bd),
-                          [p], tuple(c.call_id for c in self.stack))
+            base, region = self.base_param(p), regions[id(p)]
+            cap = Capture(self, 1, _expand_builder(base, padded_shape, bd, p.shape, region),
+                          [base], tuple(c.call_id for c in self.stack))
             leaf.register_hook(cap.hook(0))
         return out
 
@@ -345,7 +382,7 @@ class Tracer(TorchFunctionMode):
         self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
         found: list[Tensor],
     ) -> Any:
-        for p in found:
+        for p in [self.base_param(q) for q in found]:
             owner = None
             for c in reversed(self.stack):
                 if any(q is p for q in c.module.parameters()):
@@ -362,7 +399,10 @@ class Tracer(TorchFunctionMode):
         return func(*self.detach_args(args, found), **self.detach_kwargs(kwargs, found))
 
 
-def _expand_builder(p: Tensor, padded_shape: torch.Size, bd: int) -> Builder:
+def _expand_builder(
+    p: Tensor, padded_shape: torch.Size, bd: int, used_shape: torch.Size,
+    region: tuple[slice, ...] | None,
+) -> Builder:
     def build(grads: list[Tensor | None]) -> list[Contribution]:
         g = grads[0]
         if g is None:
@@ -371,9 +411,23 @@ def _expand_builder(p: Tensor, padded_shape: torch.Size, bd: int) -> Builder:
         if sum_dims:
             g = g.sum(sum_dims, keepdim=True)
         g = g.movedim(bd, 0)
-        return [PerSampleGrads(p, g.reshape(g.shape[0], *p.shape))]
+        return [PerSampleGrads(p, g.reshape(g.shape[0], *used_shape), region=region)]
 
     return build
+
+
+def _slice_region(index: Any, shape: torch.Size) -> tuple[slice, ...] | None:
+    """Normalised region of a basic, step-1 slicing index, or ``None`` for anything else."""
+    idx = index if isinstance(index, tuple) else (index,)
+    if not idx or len(idx) > len(shape) or not all(isinstance(i, slice) for i in idx):
+        return None
+    out = []
+    for s, n in zip(idx, shape, strict=False):
+        start, stop, step = s.indices(n)
+        if step != 1 or isinstance(s.start, Tensor) or isinstance(s.stop, Tensor):
+            return None
+        out.append(slice(start, max(start, stop)))
+    return tuple(out)
 
 
 def _flat(xs: Sequence[Any]) -> list[Any]:
