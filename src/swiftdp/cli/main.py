@@ -1,4 +1,4 @@
-"""The ``swiftdp`` command: ``swiftdp train`` (the main job) and ``swiftdp epsilon``.
+"""The ``swiftdp`` command: ``swiftdp train`` (the main job), ``swiftdp epsilon``, ``swiftdp bench``.
 
 Bad input (unknown option values, an unreadable data folder, an unreachable ε,
 a resume folder that does not match) prints one line, ``swiftdp: error: ...``,
@@ -38,9 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="swiftdp", description="Fast, exact differentially private training.")
     parser.add_argument("--version", action="version", version=_version())
-    sub = parser.add_subparsers(dest="command", metavar="{train,epsilon}", parser_class=_Parser)
+    from swiftdp.bench import cli as bench_cli
+
+    sub = parser.add_subparsers(dest="command", metavar="{train,epsilon,bench}", parser_class=_Parser)
     train_command.add_parser(sub)
     epsilon.add_parser(sub)
+    bench_cli.add_parser(sub)
     return parser
 
 
@@ -78,6 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from swiftdp.cli import epsilon
 
                 return epsilon.run(args)
+            if args.command == "bench":
+                from swiftdp.bench import cli as bench_cli
+
+                return bench_cli.run(args)
             from swiftdp.cli import train_command
 
             return train_command.run(args, started)

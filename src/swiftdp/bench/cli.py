@@ -1,0 +1,149 @@
+"""``swiftdp bench``: speed and memory against non-private training and Opacus.
+
+Wiring (in the CLI's main module)::
+
+    from swiftdp.bench import cli as bench_cli
+    bench_cli.add_parser(subparsers)   # sets ``func=bench_cli.run``
+
+Also runnable alone as ``python -m swiftdp.bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from swiftdp.bench.methods import DEFAULT_METHODS, METHODS, check_methods
+from swiftdp.bench.models import EXTRA, SIZES, SUITE, describe, get_model
+from swiftdp.bench.report import markdown_table, targets, targets_markdown, write_chart, write_json
+from swiftdp.bench.runner import SuiteConfig, machine_info, run_suite
+from swiftdp.errors import SwiftDPError
+
+QUICK = {"steps": 3, "min_steps": 2, "warmup": 1, "batch_size": 8, "budget_s": 0.0}
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``bench`` options to ``p``."""
+    p.add_argument("--models", type=_names, default=SUITE,
+                   help=f"comma-separated models from {', '.join(SUITE + EXTRA)} (default: all "
+                        "of the suite)")
+    p.add_argument("--methods", type=_names, default=DEFAULT_METHODS,
+                   help=f"comma-separated methods from {', '.join(METHODS)} (default: "
+                        f"{', '.join(DEFAULT_METHODS)})")
+    p.add_argument("--size", choices=SIZES, default="small", help="model widths")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="examples per step (default: each model's suite batch size)")
+    p.add_argument("--steps", type=int, default=20, help="most timed steps per configuration")
+    p.add_argument("--min-steps", type=int, default=5, help="fewest timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before measuring")
+    p.add_argument("--budget-s", type=float, default=10.0,
+                   help="seconds of timed steps per configuration (bounded by --min-steps and "
+                        "--steps; 0 = always --steps)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads in each worker (default: torch's default)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--max-batch", action=argparse.BooleanOptionalAction, default=None,
+                   help="find the largest batch that fits, by doubling then bisection "
+                        "(default: on with --device cuda; CUDA only)")
+    p.add_argument("--quick", action="store_true",
+                   help="few steps at batch 8 (smoke test; not a measurement)")
+    p.add_argument("--out", type=Path, default=Path("bench_results"),
+                   help="folder for results.json, chart.png and table.md")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--omp-wait-policy", choices=("passive", "active", "inherit"),
+                   default="passive",
+                   help="OMP_WAIT_POLICY of the workers; passive (default) keeps timings sane "
+                        "when other processes share the cores")
+    p.add_argument("--timeout-s", type=float, default=900.0,
+                   help="stop a configuration after this many seconds (reported failed)")
+    return p
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    """Register ``bench`` on the ``swiftdp`` command's subparsers; sets ``func=run``."""
+    p = subparsers.add_parser(
+        "bench", help="speed and memory vs non-private training and Opacus",
+        description=__doc__.splitlines()[0] if __doc__ else None,
+    )
+    configure_parser(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> SuiteConfig:
+    """Check the options and build the :class:`SuiteConfig`.
+
+    Raises:
+        SwiftDPError: an unknown model or method, or a non-positive count.
+    """
+    for m in args.models:
+        get_model(m, args.size)
+    check_methods(list(args.methods))
+    quick = QUICK if args.quick else {}
+    batch = args.batch_size if args.batch_size is not None else quick.get("batch_size")
+    for name, v in (("--batch-size", batch), ("--steps", args.steps),
+                    ("--min-steps", args.min_steps)):
+        if v is not None and v < 1:
+            raise SwiftDPError(f"Expected {name} >= 1, got {v}.")
+    return SuiteConfig(
+        models=tuple(args.models), methods=tuple(args.methods), size=args.size,
+        batch_size=int(batch) if batch is not None else None,
+        steps=int(quick.get("steps", args.steps)),
+        min_steps=int(quick.get("min_steps", args.min_steps)),
+        warmup=int(quick.get("warmup", args.warmup)),
+        budget_s=float(quick.get("budget_s", args.budget_s)),
+        threads=args.threads, device=args.device,
+        max_batch=args.device == "cuda" and args.max_batch is not False,
+        timeout_s=args.timeout_s,
+        omp_wait_policy="" if args.omp_wait_policy == "inherit" else args.omp_wait_policy,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the suite, print the table and the target check, write JSON, PNG and markdown.
+
+    Returns:
+        0 on success (failed configurations are reported in the table), 2 on
+        bad options or a missing GPU.
+    """
+    try:
+        cfg = config_from_args(args)
+    except SwiftDPError as exc:
+        print(f"swiftdp bench: {exc}", file=sys.stderr)
+        return 2
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        print("swiftdp bench: --device cuda, but torch sees no GPU; use --device cpu.",
+              file=sys.stderr)
+        return 2
+    meta = machine_info(cfg.threads, cfg.device) | {
+        "size": cfg.size, "quick": bool(args.quick), "config": cfg.__dict__,
+        "models": {m: describe(m, cfg.size) for m in cfg.models},
+    }
+    out: Path = args.out
+    partial = out / "results.partial.jsonl"
+    partial.unlink(missing_ok=True)
+    results = run_suite(cfg, progress=not args.no_progress, partial=partial)
+    check = targets(results)
+    table = markdown_table(results)
+    head = (f"swiftdp bench — {meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, "
+            f"device {cfg.device}, size {cfg.size}")
+    summary = targets_markdown(check)
+    print(head + "\n\n" + table + "\n\n" + summary)
+    write_json(out / "results.json", meta, results, check)
+    write_chart(out / "chart.png", results, head)
+    (out / "table.md").write_text(f"{head}\n\n{table}\n\n{summary}\n", encoding="utf-8")
+    print(f"\nwrote {out / 'results.json'}, {out / 'chart.png'}, {out / 'table.md'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m swiftdp.bench [options]``."""
+    parser = configure_parser(argparse.ArgumentParser(prog="swiftdp bench", description=__doc__))
+    return run(parser.parse_args(argv))
