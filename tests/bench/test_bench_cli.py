@@ -26,6 +26,7 @@ def test_quick_bench_writes_table_json_and_png(tmp_path: Path) -> None:
     assert all(r["status"] == "ok" for r in data["results"])
     assert data["meta"]["torch"] and data["meta"]["threads"] == 1
     assert data["results"][1]["ratio"] > 0 and data["results"][1]["mem_ratio"] > 0
+    assert not (out / "results.partial.jsonl").exists()
     png = (out / "chart.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "table.md").read_text()

@@ -55,7 +55,8 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="few steps at batch 8 (smoke test; not a measurement)")
     p.add_argument("--out", type=Path, default=Path("bench_results"),
-                   help="folder for results.json, chart.png and table.md")
+                   help="folder for results.json, chart.png and table.md (results.partial.jsonl "
+                        "grows during the run and is removed at the end)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--omp-wait-policy", choices=("passive", "active", "inherit"),
                    default="passive",
@@ -116,10 +117,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
     except SwiftDPError as exc:
-        print(f"swiftdp bench: {exc}", file=sys.stderr)
+        print(f"swiftdp: error: {exc}", file=sys.stderr)
         return 2
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        print("swiftdp bench: --device cuda, but torch sees no GPU; use --device cpu.",
+        print("swiftdp: error: --device cuda, but torch sees no GPU; use --device cpu.",
               file=sys.stderr)
         return 2
     meta = machine_info(cfg.threads, cfg.device) | {
@@ -139,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
     write_json(out / "results.json", meta, results, check)
     write_chart(out / "chart.png", results, head)
     (out / "table.md").write_text(f"{head}\n\n{table}\n\n{summary}\n", encoding="utf-8")
+    partial.unlink(missing_ok=True)  # results.json now holds everything
     print(f"\nwrote {out / 'results.json'}, {out / 'chart.png'}, {out / 'table.md'}")
     return 0
 

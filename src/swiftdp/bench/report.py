@@ -134,7 +134,8 @@ def targets_markdown(t: dict[str, Any]) -> str:
         f"**{mark(t['memory_met'])}**",
         f"- swiftdp default ≥ {OPACUS_SPEEDUP_TARGET}x faster than the best Opacus mode "
         f"(geometric mean): **{mark(t['opacus_met'])}** "
-        f"({_fmt(t['opacus_geomean_speedup'], '.2f')}x)",
+        + ("" if t["opacus_geomean_speedup"] is None
+           else f"({t['opacus_geomean_speedup']:.2f}x)"),
         "",
         "| model | × time | × mem (raw) | × mem (above idle) | best Opacus | speed-up vs it |",
         "|---|---|---|---|---|---|",
