@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 
@@ -28,13 +29,17 @@ _MATCH_KEYS = ("noise_multiplier", "max_grad_norm", "delta", "sample_rate",
                "expected_batch_size", "clipping", "poisson_sampling", "accountant")
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file, fsync, then rename over ``path``."""
+def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Run ``write`` on a temporary file in ``path``'s folder, fsync, rename over ``path``.
+
+    A crash at any point leaves either the old file or the new one, never a
+    half-written file.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -42,6 +47,11 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` ``obj`` to ``path`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save(run: PrivateTraining, path: Path, extra: dict[str, Any]) -> None:

@@ -17,14 +17,13 @@ file                  content
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from swiftdp.api.checkpoint import atomic_write
 from swiftdp.errors import InvalidArgumentError
 
 CONFIG = "config.yaml"
@@ -72,18 +71,8 @@ def new_run_dir(out: str | None, dataset: str, model: str) -> Path:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file in the same folder, fsync, rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``text`` to ``path`` atomically (temporary file, fsync, rename)."""
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def write_config(run_dir: Path, options: dict[str, Any], derived: dict[str, Any]) -> None:

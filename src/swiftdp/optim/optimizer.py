@@ -139,13 +139,12 @@ class DPOptimizer(torch.optim.Optimizer):
             if homogeneous:
                 self._verified_steps = upcoming
             return
-        if eps > target:
-            raise PrivacyBudgetExceededError(
-                f"The next step would spend epsilon={eps:.4f} > target_epsilon={target} "
-                f"(delta={self.settings.delta}) after {self.accountant.total_steps} steps. "
-                "No parameter was changed. Stop training here, or start a new run with a "
-                "larger target_epsilon, a larger noise_multiplier or fewer steps."
-            )
+        raise PrivacyBudgetExceededError(
+            f"The next step would spend epsilon={eps:.4f} > target_epsilon={target} "
+            f"(delta={self.settings.delta}) after {self.accountant.total_steps} steps. "
+            "No parameter was changed. Stop training here, or start a new run with a "
+            "larger target_epsilon, a larger noise_multiplier or fewer steps."
+        )
 
     def _homogeneous(self) -> bool:
         q = self.settings.sample_rate
