@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import dp_accounting
@@ -112,34 +112,30 @@ class Mechanism:
 
     def epsilon(self, history: History, delta: float) -> float:
         """The ε of ``history`` at ``delta`` (0 if it reads no data, inf if it adds no noise)."""
-        key = (history, delta)
-        cached = self._epsilons.get(key)
-        if cached is not None:
-            return float(cached)
-        active = tuple(s for s in history if s.costs_privacy)
-        if not active:
-            value = 0.0
-        elif not all(s.is_private for s in active):
-            value = math.inf
-        else:
-            value = max(0.0, float(self._epsilon(active, delta)))
-        self._epsilons.put(key, value)
-        return value
+        return self._cached(self._epsilons, history, delta, math.inf,
+                            lambda active: max(0.0, float(self._epsilon(active, delta))))
 
     def delta(self, history: History, epsilon: float) -> float:
         """The δ of ``history`` at ``epsilon`` (0 if it reads no data, 1 if it adds no noise)."""
-        key = (history, epsilon)
-        cached = self._deltas.get(key)
+        return self._cached(self._deltas, history, epsilon, 1.0,
+                            lambda active: min(1.0, max(0.0, float(self._delta(active, epsilon)))))
+
+    @staticmethod
+    def _cached(cache: _LRU, history: History, arg: float, no_noise: float,
+                compute: Callable[[History], float]) -> float:
+        """Cached value for ``(history, arg)``: 0 without data access, ``no_noise`` without noise."""
+        key = (history, arg)
+        cached = cache.get(key)
         if cached is not None:
             return float(cached)
         active = tuple(s for s in history if s.costs_privacy)
         if not active:
             value = 0.0
         elif not all(s.is_private for s in active):
-            value = 1.0
+            value = no_noise
         else:
-            value = min(1.0, max(0.0, float(self._delta(active, epsilon))))
-        self._deltas.put(key, value)
+            value = compute(active)
+        cache.put(key, value)
         return value
 
     def _epsilon(self, active: History, delta: float) -> float:
