@@ -28,7 +28,8 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -370,6 +371,21 @@ class GradClipper:
         if self._names is None:
             self._names = {id(p): n for n, p in self.model.named_parameters()}
         return self._names
+
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        """Run model code with the engine out of the way (no tracing, no capture).
+
+        For the library's own probes (the independence check); gradients of a
+        backward through a suspended forward are not clipped, so only use it
+        under ``torch.no_grad()``.
+        """
+        prev = self._suspended
+        self._suspended = True
+        try:
+            yield
+        finally:
+            self._suspended = prev
 
     def __enter__(self) -> GradClipper:
         return self
