@@ -24,6 +24,16 @@ class UnsupportedModuleError(SwiftDPError):
     """
 
 
+class ExampleMixingError(UnsupportedModuleError):
+    """The model's output for one example depends on other examples of the batch.
+
+    Raised by the independence check (:class:`swiftdp.clipping.guard.IndependenceCheck`)
+    before the first training forward of each input signature. The message
+    names the module where the mixing first appears (or the buffer updated
+    from the batch) and the fix.
+    """
+
+
 class PrivacyBudgetExceededError(SwiftDPError):
     """The next step would spend more privacy budget than the target allows.
 
@@ -33,3 +43,21 @@ class PrivacyBudgetExceededError(SwiftDPError):
 
 class CheckpointError(SwiftDPError):
     """A checkpoint is corrupt, incomplete, or does not match the current run."""
+
+
+class GradientEscapeError(SwiftDPError):
+    """A trainable parameter received a gradient that did not pass through clipping.
+
+    Raised during the backward (the gradient is discarded, never applied) or
+    at the optimizer step. The message names the parameter, its module and
+    the fix.
+    """
+
+
+class StepStructureError(SwiftDPError):
+    """A DP step did not see exactly one logical batch, each example once.
+
+    Two backward passes over the same examples, a second logical batch
+    before ``step()``, a logical batch left half-way, a batch that did not
+    come from ``dp.data_loader``, or a step of the wrapped optimizer itself.
+    """

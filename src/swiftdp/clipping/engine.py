@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -47,6 +48,7 @@ from swiftdp.clipping.contributions import (
 )
 from swiftdp.clipping.cost import CostObjective
 from swiftdp.clipping.tracer import Capture, ModuleCall, Tracer
+from swiftdp.errors import GradientEscapeError, UnsupportedModuleError
 from swiftdp.layers import load_builtin_rules
 from swiftdp.validation import (
     check_clipping,
@@ -61,6 +63,25 @@ from swiftdp.validation import (
 Mode = Literal["bk", "ghost", "per_sample", "nanobatch"]
 MODES: tuple[str, ...] = ("bk", "ghost", "per_sample", "nanobatch")
 LossReduction = Literal["mean", "sum"]
+
+
+@dataclass(frozen=True)
+class BackwardResult:
+    """What one backward pass produced, handed to the engine's sink.
+
+    Attributes:
+        sums: ``(parameter, Σ_i c_i g_i)`` for every trainable parameter of the
+            step (zeros for a parameter no example reached).
+        batch_size: the batch size of the forward that was differentiated.
+        forwards: how many forward passes of the model fed this backward.
+    """
+
+    sums: list[tuple[Tensor, Tensor]]
+    batch_size: int
+    forwards: int
+
+
+Sink = Callable[[BackwardResult], None]
 
 
 class GradClipper:
@@ -88,6 +109,9 @@ class GradClipper:
             ``False`` for ``(T, B, ...)`` models.
         cost_objective: ``"time"`` or ``"memory"``, what the per-layer cost
             model minimises.
+        sink: receives each backward's clipped sums instead of ``p.grad``
+            (``make_private`` keeps them private until the noisy step).
+            Default: add them to ``p.grad``.
 
     Raises:
         UnsupportedModuleError: the model has a layer that mixes examples
@@ -105,6 +129,7 @@ class GradClipper:
         loss_reduction: LossReduction = "mean",
         batch_first: bool = True,
         cost_objective: CostObjective = "time",
+        sink: Sink | None = None,
     ) -> None:
         check_max_grad_norm(max_grad_norm)
         check_clipping(clipping)
@@ -115,7 +140,7 @@ class GradClipper:
         load_builtin_rules()
 
         self.model = model
-        self.max_grad_norm = float(max_grad_norm)
+        self._max_grad_norm = float(max_grad_norm)
         self.clipping: ClippingStyle = clipping
         self.mode: Mode = mode
         self.loss_reduction: LossReduction = loss_reduction
@@ -141,28 +166,97 @@ class GradClipper:
         self._pass2_sums: dict[int, tuple[Tensor, Tensor]] = {}
         self._uses: dict[int, int] = {}
         self._handles: list[Any] = []
+        self._sink: Sink = sink if sink is not None else _add_to_grads
+        # Escape guard: a hook on every trainable parameter that fires when
+        # autograd accumulates into it. Every use the engine routes is
+        # detached, so any firing is a gradient that bypassed clipping.
+        self._guards: dict[int, tuple[Tensor, Any]] = {}
+        self._hooked_modules: set[int] = set()
+        self._session_root: nn.Module | None = None
+        self._forward_id = 0
+        self._forwards_seen: set[int] = set()
         self._attach()
+        self._refresh_params()
 
     # ----------------------------------------------------------------- hooks
+    @property
+    def max_grad_norm(self) -> float:
+        """The clipping threshold ``C`` (fixed for the engine's lifetime)."""
+        return self._max_grad_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value: float) -> None:
+        raise AttributeError(
+            f"Cannot set max_grad_norm={value!r} on a GradClipper: the threshold C is part "
+            "of the privacy guarantee (the noise and the accountant read it). Under "
+            "make_private it is fixed for the run; build a new GradClipper to use another C."
+        )
+
     def _attach(self) -> None:
         root = self.model
         self._handles.append(root.register_forward_pre_hook(self._root_pre, with_kwargs=True))
         self._handles.append(
             root.register_forward_hook(self._root_post, with_kwargs=True, always_call=True)
         )
-        for path, m in root.named_modules():
-            if m is root or not any(True for _ in m.parameters(recurse=False)):
+        self._hooked_modules.add(id(root))
+        self._hook_modules()
+
+    def _hook_modules(self) -> None:
+        """Hook every module with parameters not hooked yet (modules added later too)."""
+        for path, m in self.model.named_modules():
+            if id(m) in self._hooked_modules or not any(True for _ in m.parameters(recurse=False)):
                 continue
+            self._hooked_modules.add(id(m))
             self._handles.append(m.register_forward_pre_hook(self._make_pre(path), with_kwargs=True))
             self._handles.append(
-                m.register_forward_hook(self._module_post, with_kwargs=True, always_call=True)
+                m.register_forward_hook(self._make_post(), with_kwargs=True, always_call=True)
             )
+
+    def _refresh_params(self) -> dict[int, Tensor]:
+        """Enumerate the trainable parameters now; guard any new one against escapes."""
+        trainable = {id(p): p for p in self.model.parameters() if p.requires_grad}
+        guards = self._guards
+        for pid, p in trainable.items():
+            g = guards.get(pid)
+            if g is None or g[0] is not p:
+                guards[pid] = (p, p.register_post_accumulate_grad_hook(self._escaped))
+        if len(guards) > len(trainable):  # hooks on parameters no longer in the model
+            for pid in [k for k in guards if k not in trainable]:
+                if guards[pid][0].requires_grad:
+                    continue  # frozen-then-removed or still alive elsewhere: keep guarding
+                guards.pop(pid)[1].remove()
+        if len(self._hooked_modules) < sum(1 for _ in self.model.modules()):
+            self._hook_modules()
+            self._names = None
+        return trainable
+
+    def _escaped(self, p: Tensor) -> None:
+        """Post-accumulate hook: autograd delivered a gradient the engine did not clip."""
+        p.grad = None
+        self._names = None
+        name = self._param_names().get(id(p), "<a parameter no longer in the model>")
+        module = name.rpartition(".")[0] or "<model>"
+        raise GradientEscapeError(
+            f"Parameter `{name}` (module `{module}`) received a gradient from autograd that "
+            "did not pass through swiftdp's per-example clipping; it was discarded, nothing "
+            "was applied. Every use of a trainable parameter must happen inside a call of "
+            "the model itself, `model(x)`. Common causes: calling `model.forward(x)` or a "
+            "submodule's forward from outside the model, using the parameter in the loss, a "
+            "hook added after the engine, a custom autograd.Function, or activation "
+            "checkpointing (torch.utils.checkpoint, not supported yet). Call `model(x)`, move "
+            "the computation into the model's forward, or freeze the parameter with "
+            "`requires_grad_(False)`."
+        )
 
     def remove(self) -> None:
         """Detach the engine from the model (hooks removed, model untouched)."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for _, h in self._guards.values():
+            h.remove()
+        self._guards.clear()
+        self._hooked_modules.clear()
 
     @property
     def _tracing(self) -> bool:
@@ -176,10 +270,19 @@ class GradClipper:
                 self._root_active[-1] = True
             return
         active = not self._suspended and torch.is_grad_enabled()
+        if active and _in_backward():
+            raise UnsupportedModuleError(
+                f"Module `{self._module_path(module)}` is run inside a backward pass "
+                "(activation checkpointing such as torch.utils.checkpoint or "
+                "gradient_checkpointing_enable() recomputes it there). swiftdp does not "
+                "support activation checkpointing yet: turn it off for private training."
+            )
         self._root_active.append(active)
         if not active:
             return
-        self._trainable = {id(p): p for p in module.parameters() if p.requires_grad}
+        self._session_root = module
+        self._forward_id += 1
+        self._trainable = self._refresh_params()
         # Contributions only exist during a backward; leftovers mean the last
         # backward raised, so start clean.
         self._queued = False
@@ -206,6 +309,7 @@ class GradClipper:
             return None
         if self._root_active:  # inner recursive call
             return self._module_post(module, args, kwargs, output)
+        self._session_root = None
         if self.mode == "nanobatch":
             a, kw = self._root_args
             self._root_args = ((), {})
@@ -222,10 +326,32 @@ class GradClipper:
 
     def _make_pre(self, path: str) -> Callable[..., None]:
         def pre(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if not self._root_active:
+                # A submodule called from outside the model's own call: it is
+                # the root of this forward (exact for the parameters it uses).
+                if not self._suspended and torch.is_grad_enabled():
+                    self._root_pre(module, args, kwargs)
+                return
             if self._tracing and not self._suspended and torch.is_grad_enabled():
                 self._push(module, path, args, kwargs)
 
         return pre
+
+    def _make_post(self) -> Callable[..., Any]:
+        def post(
+            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+        ) -> Any:
+            if module is self._session_root and len(self._root_active) == 1:
+                return self._root_post(module, args, kwargs, output)
+            return self._module_post(module, args, kwargs, output)
+
+        return post
+
+    def _module_path(self, module: nn.Module) -> str:
+        for path, m in self.model.named_modules():
+            if m is module:
+                return path or "<model>"
+        return type(module).__name__
 
     def _push(self, module: nn.Module, path: str, args: Any, kwargs: Any) -> None:
         tr = self._tracer
@@ -253,6 +379,7 @@ class GradClipper:
                 cap.seen = -1
                 return
             self._captures_pending.append(cap)
+            self._forwards_seen.add(cap.forward_id)
         if cap.seen < 0:
             return
         cap.grads[index] = grad
@@ -316,25 +443,29 @@ class GradClipper:
         return c, scale
 
     def _finalize(self) -> None:
-        """End of the backward pass: norms → clip factors → clipped sums into ``.grad``."""
+        """End of the backward pass: norms → clip factors → clipped sums to the sink."""
         self._queued = False
         self._generation += 1
         by_param = _group(self._collect())
         self._generic_params.clear()
         sq = self._norms(by_param)
-        if sq is None:
-            return
-        c, scale = self._clip(sq)
-        weights = c * scale
-        for uses in by_param.values():
-            p = uses[0].param
-            _accumulate(p, param_weighted_sum(p, uses, weights))
-        self._zero_missing()
+        sums: dict[int, Tensor] = {}
+        if sq is not None:
+            c, scale = self._clip(sq)
+            weights = c * scale
+            for pid, uses in by_param.items():
+                sums[pid] = param_weighted_sum(uses[0].param, uses, weights)
+        self._deliver(sums)
 
-    def _zero_missing(self) -> None:
-        for p in self._trainable.values():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+    def _deliver(self, sums: dict[int, Tensor]) -> None:
+        """Hand one backward's clipped sums (zeros where none) to the sink."""
+        forwards = len(self._forwards_seen)
+        self._forwards_seen = set()
+        out = [
+            (p, sums[pid].detach() if pid in sums else torch.zeros_like(p))
+            for pid, p in self._trainable.items()
+        ]
+        self._sink(BackwardResult(out, self._batch_size, forwards))
 
     def _ghost_backward(self, outs: list[Tensor], grads: list[Tensor]) -> None:
         """Ghost clipping: one backward for the norms, a second for the clipped sums.
@@ -348,6 +479,7 @@ class GradClipper:
         sq = self._norms(_group(self._collect()))
         if sq is None:
             self._generic_params.clear()
+            self._deliver({})
             return
         c, scale = self._clip(sq)
         self._generation += 1
@@ -363,9 +495,7 @@ class GradClipper:
             self._pass2_weights = None
             self._pass2_sums = {}
             self._generic_params.clear()
-        for p, total in sums.values():
-            _accumulate(p, total)
-        self._zero_missing()
+        self._deliver({pid: total for pid, (_, total) in sums.items()})
 
     def _param_names(self) -> dict[int, str]:
         if self._names is None:
@@ -401,12 +531,19 @@ def _group(contribs: list[Contribution]) -> dict[int, list[Contribution]]:
     return by
 
 
-def _accumulate(p: Tensor, s: Tensor) -> None:
-    s = s.detach().to(p.dtype)
-    if p.grad is None:
-        p.grad = s
-    else:
-        p.grad.add_(s)
+def _add_to_grads(result: BackwardResult) -> None:
+    """The default sink: add each clipped sum to ``p.grad`` (the low-level contract)."""
+    for p, s in result.sums:
+        s = s.to(p.dtype)
+        if p.grad is None:
+            p.grad = s
+        else:
+            p.grad.add_(s)
+
+
+def _in_backward() -> bool:
+    """Whether autograd is executing a backward pass on this thread."""
+    return bool(torch._C._current_graph_task_id() != -1)
 
 
 def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any], bd: int) -> int:

@@ -19,6 +19,7 @@ from torch.utils import _pytree as pytree
 
 from swiftdp.clipping.contributions import Contribution, PerSampleGrads
 from swiftdp.clipping.tracer import Capture, ModuleCall, _Source
+from swiftdp.errors import UnsupportedModuleError
 
 if TYPE_CHECKING:
     from swiftdp.clipping.engine import GradClipper
@@ -95,7 +96,17 @@ def _builder(
                     bl = [b.select(d, i) if (d is not None and b is not None) else None
                           for b, d in zip(batched, dims, strict=True)]
                     gl = [g if gd is None else g.select(gd, i) for g, gd in zip(gs, gdims, strict=True)]
-                    rows.append(one(bl, gl))
+                    try:
+                        rows.append(one(bl, gl))
+                    except Exception as e:
+                        raise UnsupportedModuleError(
+                            f"Module `{call.path}` uses parameters "
+                            f"{sorted(params)} in a way no layer rule covers, and recomputing "
+                            f"it one example at a time failed ({type(e).__name__}: {e}). "
+                            "swiftdp needs each example to be computed independently of the "
+                            "others; rewrite the module so that it is, or freeze these "
+                            "parameters with requires_grad_(False)."
+                        ) from e
                 per = tuple(torch.stack(col) for col in zip(*rows, strict=True)) if rows else tuple(
                     p.new_zeros((0, *p.shape)) for p in params.values())
         finally:

@@ -71,10 +71,7 @@ def make_backward(
         if norms:
             engine.last_norms = torch.stack(norms).to(params[0].dtype if params else torch.float32)
             engine.last_clip_factors = torch.stack(factors).to(engine.last_norms.dtype)
-        for p, s in zip(params, sums, strict=True):
-            if p.grad is None:
-                p.grad = s
-            else:
-                p.grad.add_(s)
+        engine._forwards_seen.add(engine._forward_id)
+        engine._deliver({id(p): s for p, s in zip(params, sums, strict=True)})
 
     return backward

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 from torch.autograd import Function
+from torch.nn.utils.parametrize import ParametrizationList
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
@@ -106,6 +107,7 @@ class Capture:
         for pid in self.param_ids:
             uses[pid] = uses.get(pid, 0) + 1
         self.call_ids = call_ids
+        self.forward_id = tracer.engine._forward_id
         self.seen = 0
         self.generation = -1
 
@@ -142,23 +144,9 @@ class Tracer(TorchFunctionMode):
         if self.engine._suspended or not torch.is_grad_enabled():
             return func(*args, **kwargs)
         found = self.find_params(args, kwargs)
-        if self.views:
-            found += self.find_views(args, kwargs)
         if not found:
             return func(*args, **kwargs)
         return self.call_with_params(func, args, kwargs, found)
-
-    def find_views(self, args: Sequence[Any], kwargs: dict[str, Any]) -> list[Tensor]:
-        """Recorded parameter slices among the (one level nested) arguments."""
-        views = self.views
-        out: list[Tensor] = []
-        for a in itertools.chain(args, kwargs.values()):
-            items = a if type(a) is list or type(a) is tuple else (a,)
-            for b in items:
-                if isinstance(b, Tensor) and id(b) in views and views[id(b)][0] is b:
-                    if not any(b is o for o in out):
-                        out.append(b)
-        return out
 
     def base_param(self, t: Tensor) -> Tensor:
         """The parameter behind ``t`` (itself, or the parameter a recorded slice views)."""
@@ -168,8 +156,6 @@ class Tracer(TorchFunctionMode):
     def call(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run ``func`` as if called under the tracer (for composite rules)."""
         found = self.find_params(args, kwargs)
-        if self.views:
-            found += self.find_views(args, kwargs)
         if not found or not torch.is_grad_enabled():
             return func(*args, **kwargs)
         return self.call_with_params(func, args, kwargs, found)
@@ -180,7 +166,11 @@ class Tracer(TorchFunctionMode):
     ) -> Any:
         generic_here = [p for p in found if self.generic_call_for(self.base_param(p)) is not None]
         if generic_here:
-            return func(*self.detach_args(args, generic_here), **self.detach_kwargs(kwargs, generic_here))
+            return func(*detach_in(args, generic_here), **detach_in(kwargs, generic_here))
+        if self.stack and isinstance(self.stack[-1].module, ParametrizationList):
+            # A parametrization computing a weight from its underlying
+            # parameters: the parametrized module is recomputed per example.
+            return self._mark_generic(func, args, kwargs, found)
         if self.views and any(id(p) in self.views for p in found):
             return self.unknown(func, args, kwargs, found)  # slices: expand or generic only
         rule = RULES.get(func)
@@ -189,31 +179,33 @@ class Tracer(TorchFunctionMode):
         return self.unknown(func, args, kwargs, found)
 
     def find_params(self, args: Sequence[Any], kwargs: dict[str, Any]) -> list[Tensor]:
-        """Trainable parameters among the (one level nested) arguments."""
-        trainable = self.engine._trainable
-        out: list[Tensor] | None = None
+        """Trainable parameters and recorded parameter slices anywhere in the arguments.
+
+        The one argument walk of the engine: positional and keyword arguments,
+        nested lists, tuples and dicts to any depth.
+        """
+        trainable, views = self.engine._trainable, self.views
+        out: list[Tensor] = []
+
+        def visit(x: Any) -> None:
+            if isinstance(x, Tensor):
+                i = id(x)
+                if (i in trainable and trainable[i] is x) or (i in views and views[i][0] is x):
+                    if not any(x is o for o in out):
+                        out.append(x)
+            elif isinstance(x, (list, tuple)):
+                for y in x:
+                    visit(y)
+            elif isinstance(x, dict):
+                for y in x.values():
+                    visit(y)
+
         for a in args:
-            if type(a) is nn.Parameter or (isinstance(a, Tensor) and id(a) in trainable):
-                if id(a) in trainable:
-                    if out is None:
-                        out = [a]
-                    elif not any(a is o for o in out):
-                        out.append(a)
-            elif type(a) is list or type(a) is tuple:
-                for b in a:
-                    if isinstance(b, Tensor) and id(b) in trainable:
-                        if out is None:
-                            out = [b]
-                        elif not any(b is o for o in out):
-                            out.append(b)
+            visit(a)
         if kwargs:
             for a in kwargs.values():
-                if isinstance(a, Tensor) and id(a) in trainable:
-                    if out is None:
-                        out = [a]
-                    elif not any(a is o for o in out):
-                        out.append(a)
-        return out if out is not None else []
+                visit(a)
+        return out
 
     def is_trainable(self, t: Any) -> bool:
         """Whether ``t`` is a trainable parameter tracked by the engine."""
@@ -293,22 +285,6 @@ class Tracer(TorchFunctionMode):
             )
 
     # ----------------------------------------------------------- fallbacks
-    def detach_args(self, args: tuple[Any, ...], params: list[Tensor]) -> tuple[Any, ...]:
-        ids = {id(p) for p in params}
-
-        def d(x: Any) -> Any:
-            if isinstance(x, Tensor) and id(x) in ids:
-                return x.detach()
-            if isinstance(x, (list, tuple)) and any(isinstance(y, Tensor) and id(y) in ids for y in x):
-                return type(x)(y.detach() if isinstance(y, Tensor) and id(y) in ids else y for y in x)
-            return x
-
-        return tuple(d(a) for a in args)
-
-    def detach_kwargs(self, kwargs: dict[str, Any], params: list[Tensor]) -> dict[str, Any]:
-        ids = {id(p) for p in params}
-        return {k: (v.detach() if isinstance(v, Tensor) and id(v) in ids else v) for k, v in kwargs.items()}
-
     def generic_call_for(self, p: Tensor) -> ModuleCall | None:
         for c in reversed(self.stack):
             if id(p) in c.generic:
@@ -365,10 +341,7 @@ class Tracer(TorchFunctionMode):
             leaf = padded.expand(shape).requires_grad_()
             leaves[id(p)] = (p, leaf, padded.shape)
 
-        def sub(x: Any) -> Any:
-            return leaves[id(x)][1] if isinstance(x, Tensor) and id(x) in leaves else x
-
-        out = func(*(sub(a) for a in args), **{k: sub(v) for k, v in kwargs.items()})
+        out = func(*replace_in(args, leaves), **replace_in(kwargs, leaves))
         if not isinstance(out, Tensor) or out.shape != ref.shape:
             return None
         for p, leaf, padded_shape in leaves.values():
@@ -385,6 +358,8 @@ class Tracer(TorchFunctionMode):
         for p in [self.base_param(q) for q in found]:
             owner = None
             for c in reversed(self.stack):
+                if isinstance(c.module, ParametrizationList):
+                    continue
                 if any(q is p for q in c.module.parameters()):
                     owner = c
                     break
@@ -396,7 +371,7 @@ class Tracer(TorchFunctionMode):
                     "registers it, or freeze it with requires_grad_(False)."
                 )
             owner.generic[id(p)] = p
-        return func(*self.detach_args(args, found), **self.detach_kwargs(kwargs, found))
+        return func(*detach_in(args, found), **detach_in(kwargs, found))
 
 
 def _expand_builder(
@@ -430,11 +405,50 @@ def _slice_region(index: Any, shape: torch.Size) -> tuple[slice, ...] | None:
     return tuple(out)
 
 
-def _flat(xs: Sequence[Any]) -> list[Any]:
+def _flat(xs: Any) -> list[Any]:
+    """Every leaf of nested lists, tuples and dicts (the same walk as ``find_params``)."""
     out: list[Any] = []
-    for x in xs:
+
+    def visit(x: Any) -> None:
         if isinstance(x, (list, tuple)):
-            out.extend(_flat(x))
+            for y in x:
+                visit(y)
+        elif isinstance(x, dict):
+            for y in x.values():
+                visit(y)
         else:
             out.append(x)
+
+    visit(xs)
     return out
+
+
+def _rebuild(x: Any, f: Callable[[Tensor], Tensor | None]) -> Any:
+    """``x`` with every tensor ``t`` for which ``f(t)`` is not ``None`` replaced (any nesting)."""
+    if isinstance(x, Tensor):
+        r = f(x)
+        return x if r is None else r
+    if isinstance(x, (list, tuple)):
+        items = [_rebuild(y, f) for y in x]
+        if all(a is b for a, b in zip(items, x, strict=True)):
+            return x
+        if isinstance(x, tuple) and hasattr(x, "_fields"):  # namedtuple
+            return type(x)(*items)
+        return type(x)(items)
+    if isinstance(x, dict):
+        d = {k: _rebuild(v, f) for k, v in x.items()}
+        if all(d[k] is x[k] for k in x):
+            return x
+        return type(x)(d) if type(x) is not dict else d
+    return x
+
+
+def detach_in(x: Any, tensors: Sequence[Tensor]) -> Any:
+    """``x`` (arguments: a tuple or a dict) with each of ``tensors`` detached, at any depth."""
+    ids = {id(t) for t in tensors}
+    return _rebuild(x, lambda t: t.detach() if id(t) in ids else None)
+
+
+def replace_in(x: Any, subs: dict[int, tuple[Tensor, Tensor, Any]]) -> Any:
+    """``x`` with each tensor whose id is in ``subs`` replaced by ``subs[id][1]``, at any depth."""
+    return _rebuild(x, lambda t: subs[id(t)][1] if id(t) in subs else None)
