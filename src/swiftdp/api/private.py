@@ -26,10 +26,12 @@ from swiftdp.accounting import PrivacyAccountant, get_noise_multiplier
 from swiftdp.api import checkpoint as ckpt
 from swiftdp.api.config import PrivacySettings, SpeedSettings
 from swiftdp.clipping.engine import MODES, GradClipper
-from swiftdp.errors import InvalidArgumentError
+from swiftdp.clipping.guard import IndependenceCheck
+from swiftdp.errors import InvalidArgumentError, StepStructureError
 from swiftdp.optim.noise import make_noise_generator
-from swiftdp.optim.optimizer import DPOptimizer, StepState
+from swiftdp.optim.optimizer import DPOptimizer, Stamp, StepState
 from swiftdp.sampling import LogicalBatch, poisson_data_loader
+from swiftdp.sampling.physical import batch_size_of
 from swiftdp.validation import (
     check_clipping,
     check_delta,
@@ -64,17 +66,41 @@ class DPDataLoader:
         return self.loader.dataset
 
     def __iter__(self) -> Iterator[Any]:
+        """Yield each logical batch (or its chunks), stamped for the optimizer's checks.
+
+        Raises:
+            StepStructureError: the previous batch of this iteration was never
+                stepped (every drawn batch must end in one ``optimizer.step()``,
+                an empty one included: skipping steps is not what the
+                accountant analyses).
+        """
         self.steps_in_epoch = 0
+        st = self.step_state
+        first = True
         for batch in self.loader:
+            k = st.drawn
+            if not first and st.stepped != k - 1:
+                raise StepStructureError(
+                    f"dp.data_loader was asked for its next batch, but optimizer.step() "
+                    f"was not called for the previous one. Every batch it draws must end "
+                    "in exactly one optimizer.step() — an empty batch too (the step then "
+                    "adds noise only): skipping steps changes what is released, which "
+                    "the accountant does not analyse."
+                )
+            first = False
+            st.drawn = k + 1
             self.steps_in_epoch += 1
             if self.max_physical_batch_size is None:
-                self.step_state.is_last_chunk = True
+                st.current = Stamp(k, 0, 1, batch_size_of(batch))
                 yield batch
                 continue
-            for chunk, is_last in LogicalBatch(batch, self.max_physical_batch_size):
-                self.step_state.is_last_chunk = is_last
+            lb = LogicalBatch(batch, self.max_physical_batch_size)
+            for i, (chunk, _) in enumerate(lb):
+                st.current = Stamp(k, i, lb.num_chunks, batch_size_of(chunk))
                 yield chunk
-        self.step_state.is_last_chunk = True
+        # Exhausted: no batch is current. (A loop left early keeps its last batch
+        # current: it was handed out, so its backward and step are still legitimate.)
+        st.current = None
 
 
 class PrivateTraining:
@@ -93,15 +119,27 @@ class PrivateTraining:
 
     def __init__(self, model: nn.Module, optimizer: DPOptimizer, data_loader: DPDataLoader,
                  clipper: GradClipper, accountant: PrivacyAccountant,
-                 privacy: PrivacySettings, speed: SpeedSettings, num_samples: int) -> None:
+                 speed: SpeedSettings, num_samples: int) -> None:
         self.model = model
         self.optimizer = optimizer
         self.data_loader = data_loader
         self.clipper = clipper
         self.accountant = accountant
-        self.privacy = privacy
         self.speed = speed
         self.num_samples = num_samples
+
+    @property
+    def privacy(self) -> PrivacySettings:
+        """The privacy settings in force: the optimizer's, which the accountant reads too."""
+        return self.optimizer.settings
+
+    def set_noise_multiplier(self, noise_multiplier: float) -> None:
+        """Change σ from the next step on (a noise schedule); noise and accountant both follow.
+
+        Args:
+            noise_multiplier: the new σ (≥ 0).
+        """
+        self.optimizer.set_noise_multiplier(noise_multiplier)
 
     def epsilon(self, delta: float | None = None) -> float:
         """ε spent so far at ``delta`` (default: the run's δ)."""
@@ -119,16 +157,38 @@ class PrivateTraining:
 
         Call it between logical steps (after ``optimizer.step()``). The file
         is written to a temporary name and renamed, so a crash never leaves a
-        half-written checkpoint.
+        half-written checkpoint; it carries a SHA-256 checksum and a
+        fingerprint of the training data (see :mod:`swiftdp.api.checkpoint`).
+
+        Privacy: in seeded mode (``secure=False``) the file holds the noise
+        generator's state, from which the noise of every later step can be
+        regenerated and removed from a released model: **the checkpoint is
+        as secret as the training data**. With ``secure=True`` the generator
+        state is never written and a resumed run draws fresh OS entropy.
+
+        Args:
+            path: the checkpoint file.
+            extra: your own values to store (tensors and plain values only).
+
+        Raises:
+            InvalidArgumentError: ``extra`` holds a value other than tensors
+                and plain values (dict, list, tuple, str, numbers, None).
         """
         ckpt.save(self, Path(path), extra or {})
 
     def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
         """Restore a checkpoint written by :meth:`save_checkpoint`; returns its ``extra``.
 
+        Args:
+            path: the checkpoint file.
+
+        Returns:
+            The ``extra`` dict given to :meth:`save_checkpoint`.
+
         Raises:
-            CheckpointError: the file is corrupt or belongs to a different run
-                (other privacy settings, dataset size or model).
+            CheckpointError: the file is missing, damaged (checksum), from an
+                older format, or belongs to a different run (privacy settings,
+                ``secure``, dataset content or model). The run is unchanged then.
         """
         return ckpt.load(self, Path(path))
 
@@ -157,6 +217,7 @@ def make_private(
     secure: bool = False,
     seed: int | None = None,
     batch_first: bool = True,
+    check_independence: bool = True,
 ) -> PrivateTraining:
     """Make a model, optimizer and loader train with differential privacy.
 
@@ -183,6 +244,11 @@ def make_private(
         secure: seed the noise generator from OS entropy.
         seed: seed for sampling and noise (ignored for noise when ``secure``).
         batch_first: whether sequence activations are ``(B, T, ...)``.
+        check_independence: probe, on the first batch and whenever the input
+            shapes change, that no example's output depends on another example
+            (three extra forwards without gradient per new input signature;
+            see :class:`~swiftdp.clipping.guard.IndependenceCheck`). Turn off
+            only for a model known to process examples independently.
 
     Returns:
         A :class:`PrivateTraining` with ``.model``, ``.optimizer``,
@@ -258,21 +324,27 @@ def make_private(
         target_epsilon=None if target_epsilon is None else float(target_epsilon),
     )
     speed = SpeedSettings(mode=mode, max_physical_batch_size=max_physical_batch_size)
-    clipper = GradClipper(
-        model, max_grad_norm, clipping=privacy.clipping,
-        mode=mode,  # type: ignore[arg-type]
-        loss_reduction=loss_reduction,  # type: ignore[arg-type]
-        batch_first=batch_first,
-    )
     params = _trainable_params(model, optimizer)
     acct = PrivacyAccountant(accountant)
     gen, _ = make_noise_generator(None if seed is None else seed + 1, secure=secure)
     state = StepState()
-    dp_opt = DPOptimizer(optimizer, params, privacy, acct, gen, state)
+    receiver: list[DPOptimizer] = []
+    clipper = GradClipper(
+        model, privacy.max_grad_norm, clipping=privacy.clipping,
+        mode=mode,  # type: ignore[arg-type]
+        loss_reduction=loss_reduction,  # type: ignore[arg-type]
+        batch_first=batch_first,
+        sink=lambda result: receiver[0].receive(result),
+    )
+    dp_opt = DPOptimizer(optimizer, params, privacy, acct, gen, state,
+                         trainable=clipper.trainable_parameters)
+    receiver.append(dp_opt)
+    if check_independence:
+        clipper.add_probe(IndependenceCheck(model, clipper, batch_dim=0 if batch_first else 1))
     if privacy.target_epsilon is not None and total_steps is not None:
         dp_opt.verify_budget_for(total_steps)
     dp_loader = DPDataLoader(loader, state, max_physical_batch_size)
-    return PrivateTraining(model, dp_opt, dp_loader, clipper, acct, privacy, speed, num_samples)
+    return PrivateTraining(model, dp_opt, dp_loader, clipper, acct, speed, num_samples)
 
 
 def _sampling(train_loader: DataLoader[Any], poisson: bool, seed: int | None,
@@ -324,6 +396,16 @@ def _planned_steps(epochs: float | None, steps: int | None, steps_per_epoch: int
 
 def _trainable_params(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[Tensor]:
     in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    in_model = {id(p) for p in model.parameters()}
+    foreign = [tuple(p.shape) for g in optimizer.param_groups for p in g["params"]
+               if id(p) not in in_model and p.requires_grad]
+    if foreign:
+        raise InvalidArgumentError(
+            f"`optimizer` holds trainable parameters of shapes {foreign[:5]} that are not "
+            "parameters of `model`: swiftdp cannot clip them, so they would train on "
+            "un-noised gradients. Register them in the model (e.g. a learned temperature as "
+            "a module attribute, used in its forward), or freeze them."
+        )
     params: list[Tensor] = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise InvalidArgumentError(

@@ -230,6 +230,11 @@ class GradClipper:
             self._names = None
         return trainable
 
+    def trainable_parameters(self) -> list[Tensor]:
+        """The model's trainable parameters now (each guarded against escapes)."""
+        self._trainable = self._refresh_params()
+        return list(self._trainable.values())
+
     def _escaped(self, p: Tensor) -> None:
         """Post-accumulate hook: autograd delivered a gradient the engine did not clip."""
         p.grad = None
@@ -247,6 +252,15 @@ class GradClipper:
             "the computation into the model's forward, or freeze the parameter with "
             "`requires_grad_(False)`."
         )
+
+    def add_probe(self, probe: Any) -> None:
+        """Keep ``probe`` (anything with ``remove()``) attached for the engine's lifetime."""
+        self._handles.append(probe)
+
+    @property
+    def is_suspended(self) -> bool:
+        """Whether the engine is suspended (see :meth:`suspended`)."""
+        return self._suspended
 
     def remove(self) -> None:
         """Detach the engine from the model (hooks removed, model untouched)."""

@@ -1,16 +1,24 @@
 """A wrapper that turns any ``torch.optim`` optimizer into a DP-SGD step.
 
-At the end of each *logical* step (all its physical chunks accumulated by the
-clipping engine into ``p.grad`` as clipped sums), :meth:`DPOptimizer.step`:
+The clipping engine hands each backward's clipped sums to
+:meth:`DPOptimizer.receive`, which keeps them private (they never sit in
+``p.grad``, where user code could read or change them) and checks the step's
+structure: every backward belongs to the batch ``dp.data_loader`` drew for
+this step, each physical chunk exactly once, one forward per backward. At the
+end of each *logical* step :meth:`DPOptimizer.step`:
 
-1. asks the accountant what ε the step would bring and refuses it with
+1. checks that every chunk of the logical batch was received;
+2. asks the accountant what ε the step would bring and refuses it with
    :class:`~swiftdp.errors.PrivacyBudgetExceededError` before anything changes
    if that exceeds the target;
-2. adds ``N(0, σ²C²)`` once to each trainable parameter's clipped sum;
-3. divides by the fixed expected batch size ``q·N`` (never the realised size);
-4. runs the wrapped optimizer's step (SGD, Adam, AdamW, ...; LR schedulers
-   attached to the wrapped optimizer keep working);
-5. records the step in the accountant.
+3. adds ``N(0, σ²C²)`` once to each trainable parameter's clipped sum, σ and C
+   read from the one settings object the accountant reads too;
+4. divides by the fixed expected batch size ``q·N`` (never the realised size)
+   and writes the result to ``p.grad``;
+5. runs the wrapped optimizer's step (SGD, Adam, AdamW, ...; LR schedulers
+   attached to the wrapped optimizer keep working) — the only way that
+   optimizer may step;
+6. records the step in the accountant.
 
 References:
     Abadi et al. Deep learning with differential privacy. CCS 2016.
@@ -18,24 +26,67 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from swiftdp.accounting import PrivacyAccountant
 from swiftdp.api.config import PrivacySettings
-from swiftdp.errors import PrivacyBudgetExceededError
+from swiftdp.errors import PrivacyBudgetExceededError, StepStructureError
 from swiftdp.optim.noise import add_gaussian_noise
+from swiftdp.validation import check_noise_multiplier
+
+if TYPE_CHECKING:
+    from swiftdp.clipping.engine import BackwardResult
+
+# Attributes whose value is part of the privacy guarantee: they live in the
+# settings object only (read by the noise and the accountant alike).
+_GUARANTEE_ATTRS = frozenset({
+    "max_grad_norm", "sample_rate", "expected_batch_size", "delta", "clipping",
+    "target_epsilon", "accountant_name",
+})
+
+_ACCUMULATE_HINT = (
+    "Gradient accumulation over several batches is what make_private's "
+    "max_physical_batch_size= is for: dp.data_loader then yields the chunks of one "
+    "logical batch and optimizer.step() adds the noise once after the last."
+)
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """Which batch ``dp.data_loader`` handed out last.
+
+    Attributes:
+        logical: index of the logical batch (counts up over the whole run).
+        chunk: index of this physical chunk within the logical batch.
+        chunks: number of physical chunks of the logical batch.
+        size: number of examples in this chunk.
+    """
+
+    logical: int
+    chunk: int
+    chunks: int
+    size: int
 
 
 class StepState:
-    """Shared between the data loader and the optimizer: where the logical step stands."""
+    """Shared between the data loader and the optimizer: the batch handed out last."""
 
     def __init__(self) -> None:
-        self.is_last_chunk = True
-        self.accumulating = False
+        self.current: Stamp | None = None
+        self.drawn = 0  # logical batches handed out so far
+        self.stepped = -1  # index of the last logical batch stepped
+
+    @property
+    def is_last_chunk(self) -> bool:
+        """Whether the current chunk is the last of its logical batch (or none is current)."""
+        c = self.current
+        return c is None or c.chunk == c.chunks - 1
 
 
 class DPOptimizer(torch.optim.Optimizer):
@@ -48,7 +99,13 @@ class DPOptimizer(torch.optim.Optimizer):
         settings: the privacy settings (σ, C, q, expected batch size, target).
         accountant: the accountant recording every step.
         generator: the noise generator.
-        step_state: shared with the data loader for physical batching.
+        step_state: shared with the data loader (which batch is current).
+        trainable: returns the parameters the clipping engine treats as
+            trainable now (default: ``params``).
+
+    Raises:
+        StepStructureError: from :meth:`receive` and :meth:`step` when a step
+            does not see exactly one logical batch, each chunk once.
     """
 
     def __init__(
@@ -59,24 +116,141 @@ class DPOptimizer(torch.optim.Optimizer):
         accountant: PrivacyAccountant,
         generator: torch.Generator,
         step_state: StepState | None = None,
+        trainable: Callable[[], list[Tensor]] | None = None,
     ) -> None:
         # Not calling Optimizer.__init__: parameter groups and state are the
         # wrapped optimizer's own (shared, not copied), so LR schedulers built
         # on either object act on the same learning rates.
-        self.original_optimizer = optimizer
-        self._optimizer_step_pre_hooks: dict[int, Any] = {}
-        self._optimizer_step_post_hooks: dict[int, Any] = {}
-        self.params = params
-        self.settings = settings
-        self.accountant = accountant
-        self.generator = generator
-        self.step_state = step_state or StepState()
-        self.noise_multiplier = settings.noise_multiplier
-        self.steps_taken = 0
+        set_ = object.__setattr__
+        set_(self, "original_optimizer", optimizer)
+        set_(self, "_optimizer_step_pre_hooks", {})
+        set_(self, "_optimizer_step_post_hooks", {})
+        set_(self, "params", params)
+        set_(self, "_settings", settings)
+        set_(self, "accountant", accountant)
+        set_(self, "generator", generator)
+        set_(self, "step_state", step_state or StepState())
+        set_(self, "_trainable", trainable or (lambda: list(params)))
+        set_(self, "steps_taken", 0)
         # Largest step count verified to stay within the budget for a history
         # made only of (noise_multiplier, sample_rate) steps: ε grows with the
         # number of steps, so any count up to it is within budget too.
-        self._verified_steps = 0
+        set_(self, "_verified_steps", 0)
+        # The private accumulator of the logical step in progress.
+        set_(self, "_sums", {})
+        set_(self, "_sum_params", {})
+        set_(self, "_chunks_seen", set())
+        set_(self, "_logical", None)
+        set_(self, "_in_step", False)
+        set_(self, "_guard", optimizer.register_step_pre_hook(self._refuse_direct_step))
+
+    # ------------------------------------------------ one source of σ and C
+    @property
+    def settings(self) -> PrivacySettings:
+        """The privacy settings in force (σ, C, q, δ, ...): the one source of each value."""
+        return self._settings
+
+    @property
+    def noise_multiplier(self) -> float:
+        """σ of the next step (as the accountant will record it)."""
+        return self._settings.noise_multiplier
+
+    @noise_multiplier.setter
+    def noise_multiplier(self, value: float) -> None:
+        self.set_noise_multiplier(value)
+
+    def set_noise_multiplier(self, noise_multiplier: float) -> None:
+        """Change σ from the next step on; the noise and the accountant both use it.
+
+        Args:
+            noise_multiplier: the new σ (≥ 0).
+
+        Raises:
+            InvalidArgumentError: ``noise_multiplier`` is negative or not a number.
+        """
+        check_noise_multiplier(noise_multiplier)
+        object.__setattr__(
+            self, "_settings", dataclasses.replace(self._settings,
+                                                   noise_multiplier=float(noise_multiplier)))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _GUARANTEE_ATTRS or name in ("settings", "accountant", "generator"):
+            raise AttributeError(
+                f"Cannot set `{name}` on a DPOptimizer: it is part of the privacy guarantee "
+                "and fixed for the run (the noise and the accountant read it from one "
+                "settings object). Only σ may change during a run, through "
+                "set_noise_multiplier(σ)."
+            )
+        object.__setattr__(self, name, value)
+
+    def _refuse_direct_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if not self._in_step:
+            raise StepStructureError(
+                "The optimizer given to make_private was stepped directly. Its parameters "
+                "would move by un-noised (or no) gradients, outside the accounting. Call "
+                "dp.optimizer.step() (the DPOptimizer) instead."
+            )
+
+    # --------------------------------------------- the private accumulator
+    def receive(self, result: BackwardResult) -> None:
+        """Keep one backward's clipped sums privately, after checking where they came from.
+
+        Called by the clipping engine at the end of each backward.
+
+        Raises:
+            StepStructureError: the backward is not the one backward of the
+                current chunk of ``dp.data_loader``'s current logical batch.
+        """
+        stamp = self.step_state.current
+        if stamp is None:
+            raise StepStructureError(
+                "A backward pass ran on a batch that did not come from dp.data_loader (no "
+                "batch of it is current). Iterate dp.data_loader, not the original loader: "
+                "the accounting assumes its Poisson-sampled batches."
+            )
+        if result.forwards != 1:
+            raise StepStructureError(
+                f"One backward pass differentiated {result.forwards} forward passes of the "
+                "model. A DP step must see the current batch once, through one call "
+                "`model(batch)` (not model.forward, not several calls). " + _ACCUMULATE_HINT
+            )
+        if result.batch_size != stamp.size:
+            raise StepStructureError(
+                f"The backward's forward had a batch of {result.batch_size} examples, but the "
+                f"batch dp.data_loader handed out has {stamp.size}. Run the model once on the "
+                "whole batch it yields (no manual micro-batches). " + _ACCUMULATE_HINT
+            )
+        if self._logical is not None and self._logical != stamp.logical:
+            self._discard()
+            raise StepStructureError(
+                "A backward pass on a new logical batch came before optimizer.step() of the "
+                "previous one; the previous batch's clipped sums were discarded. Call "
+                "optimizer.step() once after each logical batch. " + _ACCUMULATE_HINT
+            )
+        if stamp.chunk in self._chunks_seen:
+            raise StepStructureError(
+                "A second backward pass over the same examples before optimizer.step(): each "
+                "example may contribute once per step. Call optimizer.step() after each "
+                "backward. " + _ACCUMULATE_HINT
+            )
+        if self._sums and set(self._sums) != {id(p) for p, _ in result.sums}:
+            self._discard()
+            raise StepStructureError(
+                "The set of trainable parameters changed between the chunks of one logical "
+                "batch. Freeze or unfreeze parameters between steps only."
+            )
+        object.__setattr__(self, "_logical", stamp.logical)
+        self._chunks_seen.add(stamp.chunk)
+        for p, sm in result.sums:
+            prev = self._sums.get(id(p))
+            self._sums[id(p)] = sm if prev is None else prev + sm
+            self._sum_params[id(p)] = p
+
+    def _discard(self) -> None:
+        self._sums.clear()
+        self._sum_params.clear()
+        self._chunks_seen.clear()
+        object.__setattr__(self, "_logical", None)
 
     # Delegation so that the wrapper can be used where an optimizer is expected.
     @property  # type: ignore[override]
@@ -110,9 +284,7 @@ class DPOptimizer(torch.optim.Optimizer):
         return f"DPOptimizer({self.original_optimizer!r})"
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear gradients, except in the middle of a logical step (chunks accumulate)."""
-        if self.step_state.accumulating:
-            return
+        """Clear ``p.grad`` (the clipped sums of a step in progress are kept privately)."""
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
         for p in self.params:
             if set_to_none:
@@ -183,20 +355,74 @@ class DPOptimizer(torch.optim.Optimizer):
                 "DPOptimizer.step does not take a closure: run the forward and backward "
                 "before calling step()."
             )
-        if not self.step_state.is_last_chunk:
-            self.step_state.accumulating = True
-            return None
-        self.step_state.accumulating = False
+        stamp = self.step_state.current
+        if stamp is None:
+            raise StepStructureError(
+                "optimizer.step() was called with no batch of dp.data_loader current. Draw "
+                "each step's batch from dp.data_loader and call step() once after its backward."
+            )
+        if self._logical is not None and self._logical != stamp.logical:
+            self._discard()
+            raise StepStructureError(
+                "optimizer.step() was called for a logical batch whose backward never ran, "
+                "while clipped sums of an earlier batch were waiting; they were discarded. "
+                "Call optimizer.step() once after each logical batch."
+            )
+        if stamp.chunk != stamp.chunks - 1:
+            if stamp.chunk not in self._chunks_seen:
+                raise StepStructureError(
+                    f"optimizer.step() after chunk {stamp.chunk + 1} of {stamp.chunks} of a "
+                    "logical batch whose backward did not run. Run the backward on every "
+                    "chunk dp.data_loader yields."
+                )
+            return None  # mid logical batch: the clipped sums keep accumulating
+        if len(self._chunks_seen) != stamp.chunks and stamp.size + len(self._chunks_seen) > 0:
+            missing = stamp.chunks - len(self._chunks_seen)
+            raise StepStructureError(
+                f"optimizer.step() with {missing} of the {stamp.chunks} chunk(s) of the logical "
+                "batch not backpropagated: a partial logical batch is not what the accountant "
+                "analyses. Run one forward and backward on every batch dp.data_loader yields "
+                "before step() (an empty batch needs none: step() adds the noise only)."
+            )
         self.check_budget()
         s = self.settings
-        add_gaussian_noise(self.params, s.noise_std(), self.generator)
+        self._check_optimizer_params()
+        sums = self._sums
+        params = list(self._sum_params.values()) if sums else self._trainable()
+        trainable_ids = {id(p) for p in params}
         for p in self.params:
+            if id(p) not in trainable_ids:
+                p.grad = None  # frozen since make_private: not updated
+        for p in params:
+            sm = sums.get(id(p))
+            p.grad = torch.zeros_like(p) if sm is None else sm.to(p.dtype)
+        add_gaussian_noise(params, s.noise_std(), self.generator)
+        for p in params:
             assert p.grad is not None
             p.grad.div_(s.expected_batch_size)
-        out = self.original_optimizer.step()
-        self.accountant.step(self.noise_multiplier, s.sample_rate, 1)
-        self.steps_taken += 1
+        self._discard()
+        object.__setattr__(self, "_in_step", True)
+        try:
+            out = self.original_optimizer.step()
+        finally:
+            object.__setattr__(self, "_in_step", False)
+        self.accountant.step(s.noise_multiplier, s.sample_rate, 1)
+        self.step_state.stepped = stamp.logical
+        object.__setattr__(self, "steps_taken", self.steps_taken + 1)
         return out
+
+    def _check_optimizer_params(self) -> None:
+        """Refuse optimizer parameters the engine does not clip (they would move unclipped)."""
+        tracked = {id(p) for p in self._trainable()}
+        for group in self.original_optimizer.param_groups:
+            for p in group["params"]:
+                if p.requires_grad and id(p) not in tracked and p.grad is not None:
+                    raise StepStructureError(
+                        f"The optimizer holds a trainable parameter of shape {tuple(p.shape)} "
+                        "that is not a parameter of the model, and it has a gradient that "
+                        "swiftdp did not clip. Register it in the model (and use it in the "
+                        "forward) or freeze it with requires_grad_(False)."
+                    )
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """The wrapped optimizer's state plus the noise generator's state."""
@@ -210,9 +436,10 @@ class DPOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state: dict[str, Any]) -> None:  # type: ignore[override]
         """Restore what :meth:`state_dict` saved."""
         self.original_optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["noise_generator"])
-        self.noise_multiplier = float(state["noise_multiplier"])
-        self.steps_taken = int(state["steps_taken"])
+        if state.get("noise_generator") is not None:
+            self.generator.set_state(state["noise_generator"])
+        self.set_noise_multiplier(float(state["noise_multiplier"]))
+        object.__setattr__(self, "steps_taken", int(state["steps_taken"]))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Refused: the privatised parameter set is fixed when the run starts."""
