@@ -85,7 +85,8 @@ class DPDataLoader:
                     f"was not called for the previous one. Every batch it draws must end "
                     "in exactly one optimizer.step() — an empty batch too (the step then "
                     "adds noise only): skipping steps changes what is released, which "
-                    "the accountant does not analyse."
+                    "the accountant does not analyse. To accumulate gradients over several "
+                    "batches, pass max_physical_batch_size= to make_private instead."
                 )
             first = False
             st.drawn = k + 1

@@ -175,6 +175,7 @@ class GradClipper:
         self._session_root: nn.Module | None = None
         self._forward_id = 0
         self._forwards_seen: set[int] = set()
+        self._sessions = 0  # forwards since the last backward
         self._attach()
         self._refresh_params()
 
@@ -296,6 +297,7 @@ class GradClipper:
             return
         self._session_root = module
         self._forward_id += 1
+        self._sessions += 1
         self._trainable = self._refresh_params()
         # Contributions only exist during a backward; leftovers mean the last
         # backward raised, so start clean.
@@ -327,6 +329,7 @@ class GradClipper:
         if self.mode == "nanobatch":
             a, kw = self._root_args
             self._root_args = ((), {})
+            self._check_single_forward()
             return wrap_outputs(self, output, nanobatch.make_backward(self, module, a, kw))
         try:
             new_out = self._module_post(module, args, kwargs, output)
@@ -335,6 +338,7 @@ class GradClipper:
             self._tracer.__exit__(None, None, None)
         out = output if new_out is None else new_out
         if self.mode == "ghost":
+            self._check_single_forward()
             return wrap_outputs(self, out, self._ghost_backward)
         return new_out
 
@@ -360,6 +364,17 @@ class GradClipper:
             return self._module_post(module, args, kwargs, output)
 
         return post
+
+    def _check_single_forward(self) -> None:
+        """Ghost and nanobatch modes clip at their own output node: one forward per backward."""
+        if self._sessions > 1:
+            self._sessions = 0
+            raise UnsupportedModuleError(
+                f"mode={self.mode!r} needs the model called once per backward pass, through "
+                "`model(x)`, but this is its second forward (or a second submodule called "
+                "from outside the model, as `model.forward(x)` does) since the last backward. "
+                "Call `model(x)` once per backward, or use mode='bk'."
+            )
 
     def _module_path(self, module: nn.Module) -> str:
         for path, m in self.model.named_modules():
@@ -475,6 +490,7 @@ class GradClipper:
         """Hand one backward's clipped sums (zeros where none) to the sink."""
         forwards = len(self._forwards_seen)
         self._forwards_seen = set()
+        self._sessions = 0
         out = [
             (p, sums[pid].detach() if pid in sums else torch.zeros_like(p))
             for pid, p in self._trainable.items()
