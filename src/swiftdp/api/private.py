@@ -134,6 +134,15 @@ class PrivateTraining:
         """The privacy settings in force: the optimizer's, which the accountant reads too."""
         return self.optimizer.settings
 
+    def backward(self, losses: Tensor) -> None:
+        """Backpropagate one loss per example (see :meth:`GradClipper.backward`).
+
+        The documented way for sequence models with padding and any loss whose
+        library reduction couples examples: pass ``(B,)`` losses, each reduced
+        over its example's own tokens (:mod:`swiftdp.losses`).
+        """
+        self.clipper.backward(losses)
+
     def set_noise_multiplier(self, noise_multiplier: float) -> None:
         """Change σ from the next step on (a noise schedule); noise and accountant both follow.
 

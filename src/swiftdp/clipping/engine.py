@@ -47,6 +47,7 @@ from swiftdp.clipping.contributions import (
     param_weighted_sum,
 )
 from swiftdp.clipping.cost import CostObjective
+from swiftdp.clipping.loss_check import check_loss
 from swiftdp.clipping.tracer import Capture, ModuleCall, Tracer
 from swiftdp.errors import GradientEscapeError, UnsupportedModuleError
 from swiftdp.layers import load_builtin_rules
@@ -176,6 +177,10 @@ class GradClipper:
         self._forward_id = 0
         self._forwards_seen: set[int] = set()
         self._sessions = 0  # forwards since the last backward
+        self._last_outputs: list[Tensor] = []
+        self._loss_checked: set[Any] = set()
+        self._reduction_override: str | None = None
+        self._ignore_grads = False
         self._attach()
         self._refresh_params()
 
@@ -330,7 +335,8 @@ class GradClipper:
             a, kw = self._root_args
             self._root_args = ((), {})
             self._check_single_forward()
-            return wrap_outputs(self, output, nanobatch.make_backward(self, module, a, kw))
+            return self._record_outputs(
+                wrap_outputs(self, output, nanobatch.make_backward(self, module, a, kw)))
         try:
             new_out = self._module_post(module, args, kwargs, output)
         finally:
@@ -339,8 +345,60 @@ class GradClipper:
         out = output if new_out is None else new_out
         if self.mode == "ghost":
             self._check_single_forward()
-            return wrap_outputs(self, out, self._ghost_backward)
+            return self._record_outputs(wrap_outputs(self, out, self._ghost_backward))
+        self._record_outputs(out)
         return new_out
+
+    def _record_outputs(self, output: Any) -> Any:
+        """Remember the forward's output tensors (for the per-example loss check)."""
+        self._last_outputs = [t for t in pytree.tree_leaves(output)
+                              if isinstance(t, Tensor) and t.requires_grad]
+        return output
+
+    # ------------------------------------------------------ per-example loss
+    def backward(self, losses: Tensor) -> None:
+        """Backpropagate the loss of each example: the unambiguous way to state a loss.
+
+        ``losses[i]`` must be example ``i``'s own loss (for a sequence, e.g. the
+        mean over its own real tokens: :func:`swiftdp.losses.per_example_cross_entropy`).
+        Their sum is differentiated, so the clipped unit is exactly each entry,
+        whatever ``loss_reduction`` says. On the first call and whenever the
+        output shapes change, it checks that each entry depends on its own
+        example's outputs only (two extra backward passes through the loss,
+        not through the model). A 0-dim loss is backpropagated with the
+        declared ``loss_reduction``, after checking that it has no cross-example
+        second-order terms (contrastive or pairwise losses).
+
+        Args:
+            losses: shape ``(B,)``, the batch of the last forward; or a scalar.
+
+        Raises:
+            InvalidArgumentError: ``losses`` is neither ``(B,)`` nor a scalar.
+            ExampleMixingError: an example's loss depends on another example.
+        """
+        outs, bd = self._last_outputs, (0 if self.batch_first else 1)
+        sig = (tuple(losses.shape), tuple(_shape_without(t, bd, self._batch_size) for t in outs))
+        if sig not in self._loss_checked:
+            with self._ignoring_grads():
+                check_loss(losses, outs, self._batch_size, bd)
+            self._loss_checked.add(sig)
+        if losses.dim() == 0:
+            losses.backward()
+            return
+        self._reduction_override = "sum"
+        try:
+            losses.sum().backward()
+        finally:
+            self._reduction_override = None
+
+    @contextlib.contextmanager
+    def _ignoring_grads(self) -> Iterator[None]:
+        prev = self._ignore_grads
+        self._ignore_grads = True
+        try:
+            yield
+        finally:
+            self._ignore_grads = prev
 
     def _make_pre(self, path: str) -> Callable[..., None]:
         def pre(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -400,6 +458,8 @@ class GradClipper:
     # --------------------------------------------------------------- backward
     def _receive(self, cap: Capture, index: int, grad: Tensor) -> None:
         """Output-gradient hook: store the gradient; build contributions once complete."""
+        if self._ignore_grads:  # the library's own loss check, not a training backward
+            return
         if cap.generation != self._generation:
             cap.generation = self._generation
             cap.grads = [None] * len(cap.grads)
@@ -462,7 +522,8 @@ class GradClipper:
         return sq
 
     def _scale(self, batch: int) -> float:
-        return float(batch) if self.loss_reduction == "mean" else 1.0
+        reduction = self._reduction_override or self.loss_reduction
+        return float(batch) if reduction == "mean" else 1.0
 
     def _clip(self, sq: Tensor) -> tuple[Tensor, float]:
         scale = self._scale(sq.shape[0])
@@ -569,6 +630,11 @@ def _add_to_grads(result: BackwardResult) -> None:
             p.grad = s
         else:
             p.grad.add_(s)
+
+
+def _shape_without(t: Tensor, bd: int, batch: int) -> tuple[int, ...]:
+    d = bd if t.dim() > max(bd, 1) else 0
+    return tuple(-1 if i == d and n == batch else n for i, n in enumerate(t.shape))
 
 
 def _in_backward() -> bool:

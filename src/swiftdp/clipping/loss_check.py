@@ -1,0 +1,102 @@
+"""The check that a loss decomposes over examples.
+
+DP-SGD clips each example's gradient, so the loss must be a sum (or an
+equal-weight mean) of per-example terms, term ``i`` depending on example
+``i``'s outputs alone. Given the losses and the model's outputs, the check
+differentiates through the loss only (never through the model):
+
+* a vector of per-example losses ``(B,)``: the gradient of ``losses[j]``
+  must vanish on every other example's outputs;
+* a scalar: the second derivative must have no cross-example block — a
+  Hessian-vector product with a direction on example ``j`` only must vanish
+  on the others (it catches contrastive and pairwise losses; it cannot see a
+  normaliser computed from the labels, such as a token count over the whole
+  batch: pass per-example losses for those).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from swiftdp.errors import ExampleMixingError, InvalidArgumentError
+
+_TOL = 1e-6
+
+
+def check_loss(losses: Tensor, outputs: list[Tensor], batch_size: int, batch_dim: int) -> None:
+    """Refuse a loss whose per-example terms depend on other examples.
+
+    Args:
+        losses: ``(B,)`` per-example losses, or a scalar loss.
+        outputs: the model's output tensors (requiring grad) of the forward.
+        batch_size: ``B``.
+        batch_dim: the batch dimension of sequence outputs (0 or 1).
+
+    Raises:
+        InvalidArgumentError: ``losses`` has another shape.
+        ExampleMixingError: a term depends on another example's outputs.
+    """
+    if not isinstance(losses, Tensor) or not (
+        losses.dim() == 0 or (losses.dim() == 1 and losses.shape[0] == batch_size)
+    ):
+        shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+        raise InvalidArgumentError(
+            f"Expected `losses` of shape ({batch_size},) — one loss per example of the last "
+            f"forward — or a scalar, got {shape}. Compute the loss with reduction='none' and "
+            "reduce each example over its own tokens (swiftdp.losses.per_example_cross_entropy)."
+        )
+    outs = [o for o in outputs if _bdim(o, batch_dim, batch_size) is not None]
+    if batch_size < 2 or not outs or not losses.requires_grad:
+        return
+    probes = sorted({0, batch_size - 1})
+    if losses.dim() == 1:
+        for j in probes:
+            grads = torch.autograd.grad(losses[j], outs, retain_graph=True, allow_unused=True)
+            _require_only_row(grads, outs, j, batch_size, batch_dim, "its loss")
+        return
+    grads = torch.autograd.grad(losses, outs, retain_graph=True, create_graph=True,
+                                allow_unused=True)
+    pairs = [(g, o) for g, o in zip(grads, outs, strict=True) if g is not None and g.requires_grad]
+    if not pairs:
+        return  # linear in the outputs: no cross-example terms
+    for j in probes:
+        total = sum(((g * _row_direction(o, j, batch_size, batch_dim)).sum() for g, o in pairs),
+                    torch.zeros((), dtype=pairs[0][0].dtype, device=pairs[0][0].device))
+        hv = torch.autograd.grad(total, outs, retain_graph=True, allow_unused=True)
+        _require_only_row(hv, outs, j, batch_size, batch_dim, "the loss's gradient")
+
+
+def _bdim(t: Tensor, bd: int, batch: int) -> int | None:
+    d = bd if t.dim() > max(bd, 1) else 0
+    return d if t.dim() > 0 and t.shape[d] == batch else None
+
+
+def _row_direction(o: Tensor, j: int, batch: int, bd: int) -> Tensor:
+    v = torch.zeros_like(o)
+    d = _bdim(o, bd, batch)
+    assert d is not None
+    gen = torch.Generator(device="cpu").manual_seed(j)
+    row = v.select(d, j)
+    row.copy_(torch.randn(row.shape, generator=gen, dtype=o.dtype).to(o.device))
+    return v
+
+
+def _require_only_row(grads: tuple[Tensor | None, ...], outs: list[Tensor], j: int, batch: int,
+                      bd: int, what: str) -> None:
+    for g, o in zip(grads, outs, strict=True):
+        if g is None:
+            continue
+        d = _bdim(o, bd, batch)
+        assert d is not None
+        others = torch.cat([g.narrow(d, 0, j), g.narrow(d, j + 1, batch - j - 1)], dim=d)
+        scale = float(g.abs().max()) if g.numel() else 0.0
+        if others.numel() and float(others.abs().max()) > _TOL * max(scale, 1e-30):
+            raise ExampleMixingError(
+                f"The loss is not a sum of per-example terms: {what} for example {j} depends "
+                f"on other examples' outputs (a model output of shape {tuple(o.shape)}). "
+                "Contrastive, pairwise or batch-normalised losses couple examples, so one "
+                "example's influence is not bounded by the clipping threshold. Compute each "
+                "example's loss from its own outputs and labels only, e.g. "
+                "swiftdp.losses.per_example_cross_entropy(logits, labels), and pass that vector."
+            )
