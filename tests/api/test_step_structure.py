@@ -120,7 +120,7 @@ def test_manual_micro_batches_are_refused():
 def test_a_batch_not_from_dp_data_loader_is_refused():
     dp, _, _, ds = _setup()
     x, y = ds.tensors[0][:10], ds.tensors[1][:10]
-    with pytest.raises(StepStructureError, match="did not come from dp.data_loader"):
+    with pytest.raises(StepStructureError, match=r"did not come from dp\.data_loader"):
         F.cross_entropy(dp.model(x), y).backward()
 
 
@@ -159,7 +159,7 @@ def test_a_trainable_parameter_only_the_optimizer_holds_is_refused():
 def test_a_parameter_used_in_the_loss_is_refused_and_nothing_is_applied():
     dp, model, _, _ = _setup()
     x, y = next(iter(dp.data_loader))
-    with pytest.raises(GradientEscapeError, match="`2.weight`"):
+    with pytest.raises(GradientEscapeError, match=r"`2\.weight`"):
         (F.cross_entropy(dp.model(x), y) + model[2].weight.pow(2).sum()).backward()
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import swiftdp.cli.train as train_module
+from swiftdp.api.checkpoint import read as read_checkpoint
 from swiftdp.cli.main import main
 
 ARGS = ["train", "--dataset", "digits", "--epochs", "3", "--batch-size", "256", "--seed", "5",
@@ -30,7 +31,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypat
     assert main([*ARGS, "--out", str(part)]) == 130
     err = capsys.readouterr().err
     assert f"--resume {part}" in err
-    saved = torch.load(part / "checkpoint.pt", weights_only=False)
+    saved = read_checkpoint(part / "checkpoint.pt")
     assert saved["extra"]["epoch"] == 1 and saved["accountant"]["history"][0]["steps"] == 5
     monkeypatch.undo()
     assert main(["train", "--resume", str(part), "--quiet"]) == 0
@@ -51,7 +52,7 @@ def test_interrupt_in_the_first_epoch_leaves_a_resumable_epoch_zero_checkpoint(
     _interrupt_after(monkeypatch, 2)
     assert main([*ARGS, "--epochs", "1", "--out", str(out)]) == 130
     monkeypatch.undo()
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["extra"]["epoch"] == 0
+    assert read_checkpoint(out / "checkpoint.pt")["extra"]["epoch"] == 0
     assert main(["train", "--resume", str(out), "--quiet", "--threads", "1"]) == 0
     assert json.loads((out / "metrics.json").read_text())["final"]["steps"] == 5
 

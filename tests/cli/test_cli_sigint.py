@@ -9,8 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
+from swiftdp.api.checkpoint import read as read_checkpoint
 from swiftdp.cli.main import main
 
 ARGS = ["train", "--dataset", "digits", "--batch-size", "256", "--seed", "5", "--quiet",
@@ -33,7 +32,7 @@ def test_real_ctrl_c_exits_130_and_the_run_resumes(tmp_path):
     assert proc.returncode == 130, err
     assert "Traceback" not in err and f"--resume {out}" in err
     done = json.loads((out / "metrics.json").read_text())["epochs"]
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["extra"]["epoch"] >= len(done)
+    assert read_checkpoint(out / "checkpoint.pt")["extra"]["epoch"] >= len(done)
     assert main(["train", "--resume", str(out), "--quiet"]) == 0
     final = json.loads((out / "metrics.json").read_text())
     assert final["final"]["steps"] == 12 * 5

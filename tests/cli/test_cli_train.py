@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from swiftdp.api.checkpoint import read as read_checkpoint
 from swiftdp.cli.main import main
 
 TINY = ["train", "--dataset", "digits", "--epochs", "1", "--batch-size", "256", "--seed", "0",
@@ -35,7 +36,7 @@ def test_tiny_private_run_writes_the_whole_run_folder(tmp_path, capsys):
     assert config["dataset"] == "digits" and config["epochs"] == 1 and config["seed"] == 0
     assert config["derived"]["noise_multiplier"] > 0
     assert (out / "accuracy_vs_epsilon.png").read_bytes()[:4] == b"\x89PNG"
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    ckpt = read_checkpoint(out / "checkpoint.pt")
     assert ckpt["extra"]["epoch"] == 1
     final = torch.load(out / "model.pt", weights_only=False)
     assert final["model"] == "cnn" and "classifier.2.weight" in final["state_dict"]

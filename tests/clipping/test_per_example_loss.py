@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from support.oracle import reference_clipped_sum
 from torch import nn
 
 import swiftdp
+from support.oracle import reference_clipped_sum
 from swiftdp.errors import ExampleMixingError, InvalidArgumentError
 from swiftdp.losses import causal_lm_loss, per_example_cross_entropy
 

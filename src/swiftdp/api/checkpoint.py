@@ -1,124 +1,480 @@
-"""Atomic, validated checkpoints of a private training run.
+"""Atomic, checksummed checkpoints of a private training run, bound to its dataset.
 
-A checkpoint holds the model, the optimizer (with the noise generator), the
-accountant's history, the sampler's position and the privacy settings. It
-is written to a temporary file in the same folder, flushed to disk and
-renamed over the target, so a crash never leaves a half-written file; a
-corrupt file or one from a different run is refused with
-:class:`~swiftdp.errors.CheckpointError`.
+A checkpoint holds the model, the optimizer, the accountant's history, the
+sampler's position, the privacy settings and a fingerprint of the training
+data (:func:`dataset_fingerprint`).
+
+The noise generator, and what a checkpoint reveals:
+
+* ``secure=True``: the noise generator's state is never written. A resumed
+  run reseeds it from OS entropy, so no noise is ever replayed and no file
+  helps anyone subtract the noise from a released model.
+* seeded mode (``secure=False``, the default): the generator's state is
+  saved, so a resumed run continues the noise stream bit for bit. Anyone
+  holding the checkpoint can then regenerate the noise of every later step
+  and, with the next released model, recover that step's noise-free sum of
+  clipped gradients. **In seeded mode a checkpoint is as secret as the
+  training data**: store and delete it like the data itself.
+
+File layout (version 2): a fixed :data:`HEADER_SIZE`-byte ASCII JSON header
+``{"format", "version", "payload_bytes", "payload_sha256"}`` padded with
+spaces and ended by a newline, then the ``torch.save`` payload. Reading
+checks the header (its bytes must be exactly the canonical encoding), the
+payload's length and SHA-256 *before* anything is unpickled, then loads the
+payload with ``torch.load(weights_only=True)``, which builds only tensors and
+plain values. A flipped bit, a truncated file or an edited payload is refused
+with :class:`~swiftdp.errors.CheckpointError`. The checksum detects damage and
+edits made without recomputing it; it is not a signature: whoever can write
+the file can recompute it, so keep checkpoints where only the run's owner
+can write. Files are written with :func:`swiftdp.io.atomic_write` (temporary
+file, fsync, rename; orphans of killed writes removed).
+
+Version 1 files (a bare ``torch.save``, no checksum or fingerprint) are
+refused with a message saying so.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Callable
+import hashlib
+import io
+import json
+import random
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+from torch import Tensor, nn
 
-from swiftdp.errors import CheckpointError
+from swiftdp.accounting import PrivacyAccountant
+from swiftdp.errors import CheckpointError, InvalidArgumentError
+from swiftdp.io import atomic_torch_save, atomic_write
+from swiftdp.optim.noise import is_secure, reseed_from_os_entropy
 
 if TYPE_CHECKING:
     from swiftdp.api.private import PrivateTraining
 
+__all__ = [  # atomic_write / atomic_torch_save: re-exported, they now live in swiftdp.io
+    "FORMAT",
+    "HEADER_SIZE",
+    "VERSION",
+    "atomic_torch_save",
+    "atomic_write",
+    "dataset_fingerprint",
+    "load",
+    "read",
+    "run_dataset_fingerprint",
+    "save",
+]
+
 FORMAT = "swiftdp-checkpoint"
-VERSION = 1
-_MATCH_KEYS = ("noise_multiplier", "max_grad_norm", "delta", "sample_rate",
+VERSION = 2
+HEADER_SIZE = 256
+"""Bytes of the JSON header in front of the payload (newline included)."""
+FULL_FINGERPRINT_LIMIT = 65_536
+"""Datasets up to this many examples are fingerprinted example by example."""
+FINGERPRINT_SAMPLE = 8_192
+"""Examples hashed (at fixed pseudo-random indices, plus the size) for larger datasets."""
+
+# σ is not matched: a noise schedule changes it during the run; the checkpoint's
+# σ (in the optimizer state) and σ history (in the accountant) are restored.
+_MATCH_KEYS = ("max_grad_norm", "delta", "sample_rate",
                "expected_batch_size", "clipping", "poisson_sampling", "accountant")
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    """Run ``write`` on a temporary file in ``path``'s folder, fsync, rename over ``path``.
-
-    A crash at any point leaves either the old file or the new one, never a
-    half-written file.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` ``obj`` to ``path`` atomically (see :func:`atomic_write`)."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+_REQUIRED = ("privacy", "secure", "num_samples", "dataset_fingerprint", "model", "optimizer",
+             "accountant", "sampler", "extra")
+_ZIP_MAGIC = b"PK\x03\x04"
+_PLAIN_TYPES = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device,
+                torch.Size, Tensor, nn.Parameter)
+_FINGERPRINTS: weakref.WeakKeyDictionary[PrivateTraining, str] = weakref.WeakKeyDictionary()
 
 
 def save(run: PrivateTraining, path: Path, extra: dict[str, Any]) -> None:
-    """Write ``run``'s complete state to ``path`` atomically."""
+    """Write ``run``'s complete state to ``path`` atomically, with checksum and fingerprint.
+
+    In seeded mode the noise generator's state is included, which makes the
+    file as secret as the training data; with ``secure=True`` it is left out.
+
+    Args:
+        run: the training run.
+        path: the checkpoint file.
+        extra: the caller's own values (tensors and plain values only).
+
+    Raises:
+        InvalidArgumentError: the state holds a value that
+            ``torch.load(weights_only=True)`` could not rebuild (the message
+            names where).
+    """
     loader = run.data_loader.loader
     sampler = getattr(loader, "poisson_sampler", None)
     sampler_state = None
     if sampler is not None:
         sampler_state = sampler.state_dict(steps_consumed=run.data_loader.steps_in_epoch)
-    obj = {
-        "format": FORMAT,
-        "version": VERSION,
+    secure = is_secure(run.optimizer.generator)
+    optimizer_state = run.optimizer.state_dict()
+    if secure:
+        optimizer_state.pop("noise_generator", None)
+    payload = {
         "privacy": run.privacy.to_dict(),
+        "secure": secure,
         "num_samples": run.num_samples,
+        "dataset_fingerprint": run_dataset_fingerprint(run),
         "model": run.model.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "accountant": run.accountant.state_dict(),
         "sampler": sampler_state,
         "extra": extra,
     }
-    atomic_torch_save(obj, path)
+    for key, value in payload.items():
+        _check_plain(value, key)
+    atomic_write(path, lambda f: _write_envelope(f, payload))
 
 
 def read(path: Path) -> dict[str, Any]:
-    """Load and structurally check a checkpoint file."""
+    """Verify a checkpoint file and return its payload (nothing is unpickled before).
+
+    Args:
+        path: the checkpoint file.
+
+    Returns:
+        The payload dict (``privacy``, ``model``, ``optimizer``, ``accountant``,
+        ``sampler``, ``extra``, ...).
+
+    Raises:
+        CheckpointError: the file is missing, of another format or version,
+            truncated, damaged or edited (checksum mismatch), or incomplete.
+    """
     if not path.is_file():
         raise CheckpointError(f"Checkpoint `{path}` does not exist. Pass the path of a saved checkpoint.")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
+    with path.open("rb") as f:
+        header = f.read(HEADER_SIZE)
+        payload = f.read()
+    if header.startswith(_ZIP_MAGIC):
         raise CheckpointError(
-            f"Checkpoint `{path}` is corrupt or not a swiftdp checkpoint ({type(e).__name__}: "
-            f"{e}). Use an earlier checkpoint."
-        ) from None
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise CheckpointError(f"`{path}` is not a swiftdp checkpoint.")
-    if obj.get("version") != VERSION:
-        raise CheckpointError(
-            f"Checkpoint `{path}` has version {obj.get('version')!r}; this swiftdp reads {VERSION}."
+            f"Checkpoint `{path}` is in the version-1 format of older swiftdp releases (no "
+            f"checksum, no dataset fingerprint); this swiftdp reads version {VERSION} only. "
+            "Resume it with the swiftdp version that wrote it, or start a new run."
         )
-    missing = [k for k in ("privacy", "model", "optimizer", "accountant", "num_samples") if k not in obj]
+    size, digest = _parse_header(path, header)
+    if len(payload) != size:
+        what = "truncated" if len(payload) < size else "longer than written"
+        raise _corrupt(path, f"it is {what}: the header announces {size} payload bytes, the "
+                             f"file holds {len(payload)}")
+    if hashlib.sha256(payload).hexdigest() != digest:
+        raise _corrupt(path, "its contents do not match the SHA-256 checksum recorded when it "
+                             "was written (a damaged or edited byte)")
+    try:
+        obj = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise _corrupt(path, f"its payload cannot be loaded ({type(e).__name__}: {e})") from None
+    missing = [k for k in _REQUIRED if not isinstance(obj, dict) or k not in obj]
     if missing:
-        raise CheckpointError(f"Checkpoint `{path}` is incomplete: missing {missing}.")
-    return obj
+        raise _corrupt(path, f"it is incomplete: missing {missing}")
+    not_dicts = [k for k in ("privacy", "model", "optimizer", "accountant", "extra")
+                 if not isinstance(obj[k], dict)]
+    if not_dicts:
+        raise _corrupt(path, f"its parts {not_dicts} are not dicts")
+    return dict(obj)
 
 
 def load(run: PrivateTraining, path: Path) -> dict[str, Any]:
-    """Restore ``run`` from ``path``; returns the checkpoint's ``extra`` dict."""
+    """Restore ``run`` from ``path``; on any refusal ``run`` is left unchanged.
+
+    A secure run's noise generator is reseeded from OS entropy instead of
+    restored (its state was never saved).
+
+    Args:
+        run: the training run, built as the one that wrote the checkpoint.
+        path: the checkpoint file.
+
+    Returns:
+        The checkpoint's ``extra`` dict.
+
+    Raises:
+        CheckpointError: :func:`read` refuses the file, or it belongs to a
+            different run (privacy settings, ``secure``, dataset content,
+            model) or its parts contradict each other.
+    """
     obj = read(path)
-    saved = obj["privacy"]
-    now = run.privacy.to_dict()
+    secure = is_secure(run.optimizer.generator)
+    saved, now = obj["privacy"], run.privacy.to_dict()
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in _MATCH_KEYS
              if saved.get(k) != now[k]]
+    accountant = _checked_accountant(path, run.accountant.mechanism, obj)
+    # σ may follow a schedule: the run's starting σ is the first one accounted.
+    history = accountant.history
+    start_sigma = history[0].noise_multiplier if history else saved.get("noise_multiplier")
+    if start_sigma != now["noise_multiplier"]:
+        diffs.append(f"noise_multiplier: checkpoint run started at {start_sigma!r} vs now "
+                     f"{now['noise_multiplier']!r}")
+    if obj["secure"] != secure:
+        diffs.append(f"secure: checkpoint {obj['secure']!r} vs now {secure!r}")
     if obj["num_samples"] != run.num_samples:
         diffs.append(f"dataset size: checkpoint {obj['num_samples']} vs now {run.num_samples}")
+    fingerprint = run_dataset_fingerprint(run)
+    if obj["dataset_fingerprint"] != fingerprint:
+        diffs.append(f"dataset fingerprint: checkpoint {str(obj['dataset_fingerprint'])[:19]}... "
+                     f"vs now {fingerprint[:19]}...")
     if diffs:
         raise CheckpointError(
             f"Checkpoint `{path}` belongs to a different run ({'; '.join(diffs)}). Resume with "
-            "the same privacy settings and dataset, or start a new run."
+            "the same privacy settings, secure= setting and training data (same examples, "
+            "order and preprocessing), or start a new run."
         )
+    optimizer_state = dict(obj["optimizer"])
+    if secure:
+        optimizer_state["noise_generator"] = run.optimizer.generator.get_state()  # replaced below
+    elif "noise_generator" not in optimizer_state:
+        raise _corrupt(path, "it lacks the noise generator's state")
+    _check_model(path, run.model, obj["model"])
     try:
-        run.model.load_state_dict(obj["model"])
-    except (RuntimeError, KeyError) as e:
-        raise CheckpointError(f"Checkpoint `{path}` does not match the model: {e}") from None
-    run.optimizer.load_state_dict(obj["optimizer"])
-    run.accountant.load_state_dict(obj["accountant"])
+        run.optimizer.load_state_dict(optimizer_state)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"Checkpoint `{path}` does not match the optimizer: {e}") from None
+    if secure:
+        reseed_from_os_entropy(run.optimizer.generator)
+    run.model.load_state_dict(obj["model"])
+    run.accountant.load_state_dict(accountant.state_dict())
     sampler = getattr(run.data_loader.loader, "poisson_sampler", None)
-    if sampler is not None and obj.get("sampler") is not None:
+    if sampler is not None and obj["sampler"] is not None:
         sampler.load_state_dict(obj["sampler"])
-    return dict(obj.get("extra") or {})
+    return dict(obj["extra"] or {})
+
+
+def run_dataset_fingerprint(run: PrivateTraining) -> str:
+    """The fingerprint of ``run``'s training data, computed on first use and then cached.
+
+    Args:
+        run: the training run (its data is ``run.data_loader.dataset``).
+
+    Returns:
+        See :func:`dataset_fingerprint`.
+    """
+    cached = _FINGERPRINTS.get(run)
+    if cached is None:
+        cached = _FINGERPRINTS[run] = dataset_fingerprint(run.data_loader.dataset)
+    return cached
+
+
+def dataset_fingerprint(dataset: Any) -> str:
+    """A SHA-256 over a map-style dataset's size and examples, in order.
+
+    Every example ``dataset[i]`` is serialised stably: tensors and numpy
+    arrays as dtype, shape and raw bytes (on the CPU); numbers, strings and
+    ``None`` by ``repr``; dicts, lists and tuples element by element; objects
+    with ``__array__`` (PIL images) as arrays. Other objects count only by
+    their type. Random transforms are made repeatable: torch's, numpy's and
+    Python's global generators are seeded with 0 while the examples are read,
+    and restored afterwards (the training streams are not disturbed).
+
+    Datasets up to :data:`FULL_FINGERPRINT_LIMIT` examples are hashed in full
+    (the 4,000 mnist5k training examples take about 0.1 s, 65,536 MNIST-sized
+    tensors about 2 s, once per run). Larger ones hash the size and
+    :data:`FINGERPRINT_SAMPLE` examples at fixed pseudo-random indices, so
+    that a first checkpoint of an ImageNet-sized folder does not read every
+    image; a change confined to unsampled examples is then not detected.
+
+    Args:
+        dataset: a map-style dataset (``len`` and ``dataset[i]``).
+
+    Returns:
+        ``"sha256:<64 hex digits>"``.
+    """
+    n = len(dataset)
+    if n <= FULL_FINGERPRINT_LIMIT:
+        indices: list[int] = list(range(n))
+    else:
+        indices = sorted({
+            int.from_bytes(hashlib.sha256(b"swiftdp-fingerprint-%d" % j).digest()[:8], "big") % n
+            for j in range(FINGERPRINT_SAMPLE)
+        })
+    h = hashlib.sha256()
+    _update(h, "swiftdp-dataset/1", f"n={n} hashed={len(indices)}".encode())
+    with _fixed_global_generators():
+        for i in indices:
+            _update(h, "index", str(i).encode())
+            _hash_value(h, dataset[i])
+    return "sha256:" + h.hexdigest()
+
+
+# -- the envelope ----------------------------------------------------------------------
+
+
+class _HashingWriter:
+    """Forwards writes to a file, hashing and counting the bytes."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self.file = file
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        self.sha256.update(view)
+        self.size += view.nbytes
+        return self.file.write(view)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _write_envelope(f: IO[bytes], payload: dict[str, Any]) -> None:
+    """Write a placeholder header, stream the payload through the hash, then the header."""
+    f.write(b" " * HEADER_SIZE)
+    writer = _HashingWriter(f)
+    torch.save(payload, writer)  # type: ignore[arg-type]
+    f.seek(0)
+    f.write(_encode_header(writer.size, writer.sha256.hexdigest()))
+
+
+def _encode_header(payload_bytes: int, payload_sha256: str) -> bytes:
+    fields = {"format": FORMAT, "version": VERSION, "payload_bytes": payload_bytes,
+              "payload_sha256": payload_sha256}
+    return json.dumps(fields, separators=(",", ":")).encode("ascii").ljust(HEADER_SIZE - 1) + b"\n"
+
+
+def _parse_header(path: Path, header: bytes) -> tuple[int, str]:
+    """Return ``(payload_bytes, payload_sha256)`` from a header that is exactly canonical."""
+    if len(header) < HEADER_SIZE:
+        raise _corrupt(path, f"it ends after {len(header)} bytes, inside the {HEADER_SIZE}-byte "
+                             "header (truncated, or not a swiftdp checkpoint)")
+    try:
+        fields = json.loads(header.decode("ascii"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise _corrupt(path, "its header is unreadable (damaged, or not a swiftdp "
+                             "checkpoint)") from None
+    if not isinstance(fields, dict) or fields.get("format") != FORMAT:
+        raise _corrupt(path, "its header does not name the swiftdp checkpoint format")
+    if fields.get("version") != VERSION:
+        raise CheckpointError(
+            f"Checkpoint `{path}` has version {fields.get('version')!r}; this swiftdp reads "
+            f"version {VERSION}. Resume it with the swiftdp version that wrote it."
+        )
+    size, digest = fields.get("payload_bytes"), fields.get("payload_sha256")
+    if (not isinstance(size, int) or not isinstance(digest, str)
+            or header != _encode_header(size, digest)):
+        raise _corrupt(path, "its header is damaged")
+    return size, digest
+
+
+def _corrupt(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"Checkpoint `{path}` is corrupt: {what}. Do not resume from it; use an earlier "
+        "checkpoint, or start a new run."
+    )
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Refuse values that ``torch.load(weights_only=True)`` would not rebuild."""
+    kind = type(value)
+    if kind in _PLAIN_TYPES:
+        return
+    if kind in (dict, OrderedDict):
+        for key, item in value.items():
+            _check_plain(key, f"{where} (a key)")
+            _check_plain(item, f"{where}[{key!r}]")
+        return
+    if kind in (list, tuple, set):
+        for index, item in enumerate(value):
+            _check_plain(item, f"{where}[{index}]")
+        return
+    raise InvalidArgumentError(
+        f"Cannot save the checkpoint: `{where}` is a {kind.__module__}.{kind.__qualname__}. "
+        "Checkpoints hold only tensors and plain values (dict, list, tuple, set, str, bytes, "
+        "int, float, bool, complex, None) so that they load without running pickled code. "
+        "Convert it, e.g. with float(), .tolist() or torch.as_tensor()."
+    )
+
+
+# -- checks before the run is changed -----------------------------------------------------
+
+
+def _checked_accountant(path: Path, mechanism: str, obj: dict[str, Any]) -> PrivacyAccountant:
+    """The saved history in a fresh accountant, checked against the optimizer's step count."""
+    accountant = PrivacyAccountant(mechanism)
+    try:
+        accountant.load_state_dict(obj["accountant"])
+    except CheckpointError as e:
+        raise CheckpointError(f"Checkpoint `{path}`: {e} Use an earlier checkpoint.") from None
+    steps = obj["optimizer"].get("steps_taken") if isinstance(obj["optimizer"], dict) else None
+    if not isinstance(steps, int):
+        raise _corrupt(path, "its optimizer state lacks the step count")
+    if accountant.total_steps < steps:
+        raise _corrupt(path, f"its accountant history records {accountant.total_steps} steps but "
+                             f"the optimizer took {steps} (history deleted or edited)")
+    return accountant
+
+
+def _check_model(path: Path, model: nn.Module, saved: Any) -> None:
+    current = model.state_dict()
+    if not isinstance(saved, Mapping):
+        raise _corrupt(path, "its model state is not a dict")
+    missing = sorted(set(current) - set(saved))
+    unexpected = sorted(set(saved) - set(current))
+    shapes = [f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in current.items()
+              if k in saved and isinstance(saved[k], Tensor) and saved[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise CheckpointError(
+            f"Checkpoint `{path}` does not match the model (missing {missing}, unexpected "
+            f"{unexpected}, shapes {shapes}). Build the same model as the run that wrote it."
+        )
+
+
+# -- dataset fingerprint -------------------------------------------------------------------
+
+
+def _update(h: Any, tag: str, data: bytes) -> None:
+    h.update(tag.encode() + b"\0" + len(data).to_bytes(8, "little") + data)
+
+
+def _hash_value(h: Any, value: Any) -> None:
+    if isinstance(value, Tensor):
+        t = value.detach()
+        t = (t.to_dense() if t.layout != torch.strided else t).cpu().resolve_conj().resolve_neg()
+        t = t.contiguous().reshape(-1)
+        _update(h, f"tensor {t.dtype} {tuple(value.shape)}", t.view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, np.ndarray | np.generic):
+        a = np.ascontiguousarray(value)
+        if a.dtype == object:
+            _update(h, f"object-array {a.shape}", b"")
+            for item in a.ravel():
+                _hash_value(h, item)
+        else:
+            _update(h, f"ndarray {a.dtype.str} {a.shape}", a.tobytes())
+    elif value is None or isinstance(value, bool | int | float | complex | str):
+        _update(h, type(value).__name__, repr(value).encode())
+    elif isinstance(value, bytes | bytearray):
+        _update(h, "bytes", bytes(value))
+    elif isinstance(value, Mapping):
+        _update(h, f"mapping {len(value)}", b"")
+        for key, item in value.items():
+            _hash_value(h, key)
+            _hash_value(h, item)
+    elif isinstance(value, list | tuple):
+        _update(h, f"sequence {len(value)}", b"")
+        for item in value:
+            _hash_value(h, item)
+    elif hasattr(value, "__array__") or hasattr(value, "__array_interface__"):
+        _update(h, f"array-like {type(value).__qualname__}", b"")
+        _hash_value(h, np.asarray(value))
+    else:
+        _update(h, f"object {type(value).__module__}.{type(value).__qualname__}", b"")
+
+
+@contextmanager
+def _fixed_global_generators() -> Iterator[None]:
+    """Seed torch's (CPU), numpy's and Python's global generators with 0; restore them after."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):  # restores the CPU generator; CUDA's is not used
+        torch.default_generator.manual_seed(0)
+        random.seed(0)
+        np.random.seed(0)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)

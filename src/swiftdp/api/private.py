@@ -81,8 +81,8 @@ class DPDataLoader:
             k = st.drawn
             if not first and st.stepped != k - 1:
                 raise StepStructureError(
-                    f"dp.data_loader was asked for its next batch, but optimizer.step() "
-                    f"was not called for the previous one. Every batch it draws must end "
+                    "dp.data_loader was asked for its next batch, but optimizer.step() "
+                    "was not called for the previous one. Every batch it draws must end "
                     "in exactly one optimizer.step() — an empty batch too (the step then "
                     "adds noise only): skipping steps changes what is released, which "
                     "the accountant does not analyse. To accumulate gradients over several "

@@ -23,8 +23,8 @@ from typing import Any
 
 import yaml
 
-from swiftdp.api.checkpoint import atomic_write
 from swiftdp.errors import InvalidArgumentError
+from swiftdp.io import atomic_write
 
 CONFIG = "config.yaml"
 METRICS = "metrics.json"

@@ -29,12 +29,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from swiftdp.api.checkpoint import atomic_torch_save
 from swiftdp.api.private import PrivateTraining, make_private
 from swiftdp.cli import rundir
 from swiftdp.cli.options import TrainConfig
 from swiftdp.cli.setup import Prepared
 from swiftdp.errors import CheckpointError
+from swiftdp.io import atomic_torch_save
 
 NONPRIVATE_FORMAT = "swiftdp-cli-nonprivate"
 PRIVACY_NOTE = (

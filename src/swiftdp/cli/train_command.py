@@ -13,7 +13,6 @@ from typing import Any
 import torch
 
 import swiftdp
-from swiftdp.api.checkpoint import atomic_torch_save
 from swiftdp.cli import rundir
 from swiftdp.cli.options import (
     OPTIONS_BY_NAME,
@@ -28,6 +27,7 @@ from swiftdp.cli.options import (
 from swiftdp.cli.setup import prepare, set_threads
 from swiftdp.cli.train import Trainer, metrics_document, run_epochs
 from swiftdp.errors import InvalidArgumentError
+from swiftdp.io import atomic_torch_save
 
 EXIT_INTERRUPTED = 130
 

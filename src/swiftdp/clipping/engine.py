@@ -220,7 +220,8 @@ class GradClipper:
 
     def _refresh_params(self) -> dict[int, Tensor]:
         """Enumerate the trainable parameters now; guard any new one against escapes."""
-        trainable = {id(p): p for p in self.model.parameters() if p.requires_grad}
+        trainable: dict[int, Tensor] = {
+            id(p): p for p in self.model.parameters() if p.requires_grad}
         guards = self._guards
         for pid, p in trainable.items():
             g = guards.get(pid)

@@ -37,7 +37,7 @@ from torch import Tensor
 from swiftdp.accounting import PrivacyAccountant
 from swiftdp.api.config import PrivacySettings
 from swiftdp.errors import PrivacyBudgetExceededError, StepStructureError
-from swiftdp.optim.noise import add_gaussian_noise
+from swiftdp.optim.noise import add_gaussian_noise, is_secure
 from swiftdp.validation import check_noise_multiplier
 
 if TYPE_CHECKING:
@@ -107,6 +107,21 @@ class DPOptimizer(torch.optim.Optimizer):
         StepStructureError: from :meth:`receive` and :meth:`step` when a step
             does not see exactly one logical batch, each chunk once.
     """
+
+    original_optimizer: torch.optim.Optimizer
+    params: list[Tensor]
+    accountant: PrivacyAccountant
+    generator: torch.Generator
+    step_state: StepState
+    steps_taken: int
+    _settings: PrivacySettings
+    _trainable: Callable[[], list[Tensor]]
+    _verified_steps: int
+    _sums: dict[int, Tensor]
+    _sum_params: dict[int, Tensor]
+    _chunks_seen: set[int]
+    _logical: int | None
+    _in_step: bool
 
     def __init__(
         self,
@@ -425,10 +440,12 @@ class DPOptimizer(torch.optim.Optimizer):
                     )
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """The wrapped optimizer's state plus the noise generator's state."""
+        """The wrapped optimizer's state plus the noise generator's state (seeded mode only)."""
         return {
             "optimizer": self.original_optimizer.state_dict(),
-            "noise_generator": self.generator.get_state(),
+            # A secure generator's state is never handed out: with the next
+            # released model it would reveal this step's noise-free sum.
+            "noise_generator": None if is_secure(self.generator) else self.generator.get_state(),
             "noise_multiplier": self.noise_multiplier,
             "steps_taken": self.steps_taken,
         }
