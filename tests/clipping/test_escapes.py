@@ -11,11 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from support.oracle import reference_clipped_sum
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import swiftdp
+from support.oracle import reference_clipped_sum
 from swiftdp.errors import GradientEscapeError, UnsupportedModuleError
 
 C = 0.5
