@@ -117,3 +117,25 @@ def test_checkpoint_is_refused_by_a_run_with_the_other_secure_setting(tmp_path, 
     dp.save_checkpoint(path)
     with pytest.raises(CheckpointError, match=f"secure: checkpoint {saved} vs now {resumed}"):
         _run(secure=resumed).load_checkpoint(path)
+
+
+def test_secure_run_never_saves_the_sampling_seed_or_state(tmp_path):
+    dp = _run(secure=True)  # seed=7 is passed, but a secure run samples from OS entropy
+    sampler = dp.data_loader.loader.poisson_sampler
+    assert sampler.seed != 7
+    _steps(dp, 2)
+    chunks = _generator_chunks(sampler.generator.get_state())
+    path = tmp_path / "ck.pt"
+    dp.save_checkpoint(path)
+    data = path.read_bytes()
+    assert [c for c in chunks if c in data] == []
+    saved = ckpt.read(path)["sampler"]
+    assert saved["seed"] is None and saved["generator_state"] is None
+    assert saved["steps_done"] == 2  # the position in the epoch is kept
+    a, b = _run(secure=True), _run(secure=True)
+    a.load_checkpoint(path)
+    b.load_checkpoint(path)
+    sa, sb = a.data_loader.loader.poisson_sampler, b.data_loader.loader.poisson_sampler
+    assert sa.seed is None and sb.seed is None
+    # each resume samples the rest of the run with fresh OS-entropy randomness
+    assert not torch.equal(sa.generator.get_state(), sb.generator.get_state())

@@ -117,6 +117,10 @@ def save(run: PrivateTraining, path: Path, extra: dict[str, Any]) -> None:
     optimizer_state = run.optimizer.state_dict()
     if secure:
         optimizer_state.pop("noise_generator", None)
+        if sampler_state is not None:
+            # Batch membership is secret too (amplification by sampling): a
+            # secure run keeps the sampler's position, never its seed or state.
+            sampler_state = {**sampler_state, "seed": None, "generator_state": None}
     payload = {
         "privacy": run.privacy.to_dict(),
         "secure": secure,
@@ -240,7 +244,11 @@ def load(run: PrivateTraining, path: Path) -> dict[str, Any]:
     run.accountant.load_state_dict(accountant.state_dict())
     sampler = getattr(run.data_loader.loader, "poisson_sampler", None)
     if sampler is not None and obj["sampler"] is not None:
-        sampler.load_state_dict(obj["sampler"])
+        sampler_state = dict(obj["sampler"])
+        if secure:  # fresh OS-entropy randomness for the batches still to come
+            reseed_from_os_entropy(sampler.generator)
+            sampler_state.update(seed=None, generator_state=sampler.generator.get_state())
+        sampler.load_state_dict(sampler_state)
     return dict(obj["extra"] or {})
 
 

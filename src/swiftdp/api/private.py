@@ -305,7 +305,10 @@ def make_private(
             f"Expected target_epsilon > 0, got {target_epsilon!r}. Typical budgets are 1 to 10."
         )
 
-    loader, sample_rate, expected = _sampling(train_loader, poisson_sampling, seed)
+    # secure=True: the sampling is seeded from OS entropy too (batch membership
+    # is as secret as the noise); seed= then only seeds nothing private.
+    loader, sample_rate, expected = _sampling(train_loader, poisson_sampling,
+                                              None if secure else seed)
     num_samples = len(loader.dataset)  # type: ignore[arg-type]
     if delta >= 1.0 / num_samples:
         warnings.warn(
