@@ -45,6 +45,14 @@ class CheckpointError(SwiftDPError):
     """A checkpoint is corrupt, incomplete, or does not match the current run."""
 
 
+class NonFiniteGradientWarning(UserWarning):
+    """Examples with a NaN or infinite per-example gradient norm were dropped from a step.
+
+    Their clip factor is 0 and their contribution is left out exactly, so the
+    other examples' clipped sum is unchanged. The message gives the count.
+    """
+
+
 class GradientEscapeError(SwiftDPError):
     """A trainable parameter received a gradient that did not pass through clipping.
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from swiftdp.accounting._checks import (
+from swiftdp.accounting.history import AccountingSegment, History, append_segment, merge_segments
+from swiftdp.accounting.mechanisms import make_mechanism
+from swiftdp.checks import (
     check_delta,
     check_epsilon,
     check_noise_multiplier,
     check_sample_rate,
     check_steps,
 )
-from swiftdp.accounting.history import AccountingSegment, History, append_segment, merge_segments
-from swiftdp.accounting.mechanisms import make_mechanism
 from swiftdp.errors import CheckpointError, InvalidArgumentError
 
 STATE_FORMAT = "swiftdp.accounting/1"
@@ -24,7 +24,7 @@ def _segment(
 ) -> AccountingSegment | None:
     """Checks one step request; returns its segment, or None when ``num_steps`` is 0."""
     sigma = check_noise_multiplier(noise_multiplier)
-    rate = check_sample_rate(sample_rate)
+    rate = check_sample_rate(sample_rate, allow_zero=True)  # q = 0: a step that reads no data
     steps = check_steps(num_steps)
     return AccountingSegment(sigma, rate, steps) if steps else None
 

@@ -7,15 +7,15 @@ import numbers
 from collections.abc import Callable
 from fractions import Fraction
 
-from swiftdp.accounting._checks import (
+from swiftdp.accounting.history import AccountingSegment
+from swiftdp.accounting.mechanisms import Mechanism, make_mechanism
+from swiftdp.checks import (
     check_delta,
     check_epsilon,
     check_positive,
     check_sample_rate,
     check_steps,
 )
-from swiftdp.accounting.history import AccountingSegment
-from swiftdp.accounting.mechanisms import Mechanism, make_mechanism
 from swiftdp.errors import InvalidArgumentError
 
 MAX_NOISE_MULTIPLIER = 1e4

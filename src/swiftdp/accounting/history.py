@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from swiftdp.accounting._checks import check_noise_multiplier, check_sample_rate, check_steps
+from swiftdp.checks import check_noise_multiplier, check_sample_rate, check_steps
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class AccountingSegment:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "noise_multiplier", check_noise_multiplier(self.noise_multiplier))
-        object.__setattr__(self, "sample_rate", check_sample_rate(self.sample_rate))
+        object.__setattr__(self, "sample_rate", check_sample_rate(self.sample_rate, allow_zero=True))
         object.__setattr__(self, "steps", check_steps(self.steps, name="steps", minimum=1))
 
     @property

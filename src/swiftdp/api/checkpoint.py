@@ -44,7 +44,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any, Protocol
 
 import numpy as np
 import torch
@@ -54,14 +54,15 @@ from swiftdp.accounting import PrivacyAccountant
 from swiftdp.errors import CheckpointError, InvalidArgumentError
 from swiftdp.io import atomic_torch_save, atomic_write
 from swiftdp.optim.noise import is_secure, reseed_from_os_entropy
-
-if TYPE_CHECKING:
-    from swiftdp.api.private import PrivateTraining
+from swiftdp.optim.optimizer import DPOptimizer
+from swiftdp.settings import PrivacySettings
 
 __all__ = [  # atomic_write / atomic_torch_save: re-exported, they now live in swiftdp.io
     "FORMAT",
     "HEADER_SIZE",
     "VERSION",
+    "Run",
+    "RunLoader",
     "atomic_torch_save",
     "atomic_write",
     "dataset_fingerprint",
@@ -89,10 +90,69 @@ _REQUIRED = ("privacy", "secure", "num_samples", "dataset_fingerprint", "model",
 _ZIP_MAGIC = b"PK\x03\x04"
 _PLAIN_TYPES = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device,
                 torch.Size, Tensor, nn.Parameter)
-_FINGERPRINTS: weakref.WeakKeyDictionary[PrivateTraining, str] = weakref.WeakKeyDictionary()
 
 
-def save(run: PrivateTraining, path: Path, extra: dict[str, Any]) -> None:
+class RunLoader(Protocol):
+    """What a checkpoint needs of a run's data loader (:class:`~swiftdp.api.DPDataLoader`)."""
+
+    @property
+    def loader(self) -> Any:
+        """The underlying ``DataLoader``; its ``poisson_sampler``, if any, is saved."""
+        ...
+
+    @property
+    def steps_in_epoch(self) -> int:
+        """Logical batches drawn in the current epoch (the sampler's position)."""
+        ...
+
+    @property
+    def dataset(self) -> Any:
+        """The training data, fingerprinted by :func:`dataset_fingerprint`."""
+        ...
+
+
+class Run(Protocol):
+    """What :func:`save` and :func:`load` need of a training run.
+
+    :class:`~swiftdp.api.PrivateTraining` is one; this module does not import
+    it, so that module can import this one without an import cycle.
+    """
+
+    @property
+    def model(self) -> nn.Module:
+        """The model whose ``state_dict`` is saved."""
+        ...
+
+    @property
+    def optimizer(self) -> DPOptimizer:
+        """The DP optimizer (its state, σ schedule and noise generator)."""
+        ...
+
+    @property
+    def accountant(self) -> PrivacyAccountant:
+        """The accountant whose history is saved."""
+        ...
+
+    @property
+    def data_loader(self) -> RunLoader:
+        """The loader whose sampler position is saved."""
+        ...
+
+    @property
+    def privacy(self) -> PrivacySettings:
+        """The privacy settings a resumed run must match."""
+        ...
+
+    @property
+    def num_samples(self) -> int:
+        """The dataset size a resumed run must match."""
+        ...
+
+
+_FINGERPRINTS: weakref.WeakKeyDictionary[Run, str] = weakref.WeakKeyDictionary()
+
+
+def save(run: Run, path: Path, extra: dict[str, Any]) -> None:
     """Write ``run``'s complete state to ``path`` atomically, with checksum and fingerprint.
 
     In seeded mode the noise generator's state is included, which makes the
@@ -184,7 +244,7 @@ def read(path: Path) -> dict[str, Any]:
     return dict(obj)
 
 
-def load(run: PrivateTraining, path: Path) -> dict[str, Any]:
+def load(run: Run, path: Path) -> dict[str, Any]:
     """Restore ``run`` from ``path``; on any refusal ``run`` is left unchanged.
 
     A secure run's noise generator is reseeded from OS entropy instead of
@@ -252,7 +312,7 @@ def load(run: PrivateTraining, path: Path) -> dict[str, Any]:
     return dict(obj["extra"] or {})
 
 
-def run_dataset_fingerprint(run: PrivateTraining) -> str:
+def run_dataset_fingerprint(run: Run) -> str:
     """The fingerprint of ``run``'s training data, computed on first use and then cached.
 
     Args:

@@ -24,15 +24,7 @@ from torch.utils.data import DataLoader
 
 from swiftdp.accounting import PrivacyAccountant, get_noise_multiplier
 from swiftdp.api import checkpoint as ckpt
-from swiftdp.api.config import PrivacySettings, SpeedSettings
-from swiftdp.clipping.engine import MODES, GradClipper
-from swiftdp.clipping.guard import IndependenceCheck
-from swiftdp.errors import InvalidArgumentError, StepStructureError
-from swiftdp.optim.noise import make_noise_generator
-from swiftdp.optim.optimizer import DPOptimizer, Stamp, StepState
-from swiftdp.sampling import LogicalBatch, poisson_data_loader
-from swiftdp.sampling.physical import batch_size_of
-from swiftdp.validation import (
+from swiftdp.checks import (
     check_clipping,
     check_delta,
     check_loss_reduction,
@@ -40,6 +32,14 @@ from swiftdp.validation import (
     check_mode,
     check_noise_multiplier,
 )
+from swiftdp.clipping.engine import MODES, GradClipper
+from swiftdp.clipping.guard import IndependenceCheck
+from swiftdp.errors import InvalidArgumentError, StepStructureError
+from swiftdp.optim.noise import make_noise_generator
+from swiftdp.optim.optimizer import DPOptimizer, Stamp, StepState
+from swiftdp.sampling import LogicalBatch, poisson_data_loader
+from swiftdp.sampling.physical import batch_size_of
+from swiftdp.settings import PrivacySettings, SpeedSettings
 
 
 class DPDataLoader:

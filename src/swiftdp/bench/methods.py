@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib.util
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,19 +138,45 @@ def _swiftdp(model: nn.Module, mode: str, x: Tensor, y: Tensor, default: bool) -
     from swiftdp.api.private import make_private
 
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    loader = DataLoader(TensorDataset(x, y), batch_size=x.shape[0])
-    dp = make_private(
-        model, opt, loader, max_grad_norm=MAX_GRAD_NORM, noise_multiplier=NOISE_MULTIPLIER,
-        mode=mode, seed=0,
-    )
+    fixed: list[tuple[Tensor, Tensor]] = [(x, y)]
+    # A fixed batch (timing needs the same work every step), handed out by
+    # dp.data_loader as every DP step requires: the loader's own cost is one
+    # index list and a collate that returns the prebuilt tensors.
+    loader = DataLoader(_Indices(x.shape[0]), batch_size=x.shape[0],
+                        collate_fn=lambda _: fixed[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # poisson_sampling=False is deliberate
+        dp = make_private(
+            model, opt, loader, max_grad_norm=MAX_GRAD_NORM, noise_multiplier=NOISE_MULTIPLIER,
+            mode=mode, seed=0, poisson_sampling=False,
+        )
     dp_opt = dp.optimizer
+    batches = _forever(dp.data_loader)
 
     def step(xb: Tensor, yb: Tensor) -> None:
+        fixed[0] = (xb, yb)
+        xb, yb = next(batches)
         dp_opt.zero_grad(set_to_none=True)
         suite_loss(model(xb), yb).backward()
         dp_opt.step()
 
     return PreparedMethod(model, step, ["default: mode bk"] if default else [])
+
+
+class _Indices(torch.utils.data.Dataset[int]):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+def _forever(loader: Any) -> Iterator[Any]:
+    while True:
+        yield from loader
 
 
 def opacus_fix(model: nn.Module) -> tuple[nn.Module, list[str]]:

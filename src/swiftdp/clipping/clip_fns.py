@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
+import torch
 from torch import Tensor
+
+from swiftdp.errors import NonFiniteGradientWarning
 
 ClippingStyle = Literal["flat", "automatic"]
 CLIPPING_STYLES: tuple[str, ...] = ("flat", "automatic")
@@ -13,19 +17,34 @@ FLAT_EPS = 1e-6
 AUTOMATIC_GAMMA = 0.01
 
 
-def clip_factors(norms: Tensor, max_grad_norm: float, style: ClippingStyle = "flat") -> Tensor:
-    """Per-example clip factors.
+def clip_factors(
+    norms: Tensor,
+    max_grad_norm: float,
+    style: ClippingStyle = "flat",
+    *,
+    warn_nonfinite: bool = True,
+) -> Tensor:
+    """Per-example clip factors; an example whose norm is not finite gets factor 0.
 
     Args:
         norms: per-example gradient norms ``‖g_i‖``, shape ``(B,)``.
         max_grad_norm: the clipping threshold ``C``.
         style: ``"flat"``: ``c_i = min(1, C / (‖g_i‖ + 1e-6))``;
             ``"automatic"``: ``c_i = C / (‖g_i‖ + 0.01)`` (normalisation).
+        warn_nonfinite: check for non-finite norms (one host synchronisation)
+            and warn with their count; a caller that already called
+            :func:`nonfinite_examples` for these norms passes ``False``.
 
     Returns:
         ``c`` of shape ``(B,)``. In both styles ``‖c_i g_i‖ <= C``, so the
         sensitivity of the clipped sum to adding or removing one example is
-        ``C``.
+        ``C``. ``c_i = 0`` where ``‖g_i‖`` is NaN or inf: such an example
+        (a NaN or overflowing input) must be left out of the clipped sum
+        exactly, which :func:`~swiftdp.clipping.contributions.param_weighted_sum`
+        does (``0 · inf`` would be NaN and reveal the example).
+
+    Warns:
+        NonFiniteGradientWarning: some norms were not finite.
 
     References:
         Abadi et al. Deep learning with differential privacy. CCS 2016.
@@ -33,10 +52,45 @@ def clip_factors(norms: Tensor, max_grad_norm: float, style: ClippingStyle = "fl
         made easier and stronger. NeurIPS 2023.
     """
     if style == "flat":
-        return (max_grad_norm / (norms + FLAT_EPS)).clamp(max=1.0)
-    if style == "automatic":
-        return max_grad_norm / (norms + AUTOMATIC_GAMMA)
-    raise ValueError(f"Expected clipping in {CLIPPING_STYLES}, got {style!r}.")
+        c = (max_grad_norm / (norms + FLAT_EPS)).clamp(max=1.0)
+    elif style == "automatic":
+        c = max_grad_norm / (norms + AUTOMATIC_GAMMA)
+    else:
+        raise ValueError(f"Expected clipping in {CLIPPING_STYLES}, got {style!r}.")
+    if warn_nonfinite:
+        nonfinite_examples(norms)
+    return torch.where(torch.isfinite(norms), c, 0.0)
+
+
+def nonfinite_examples(norms: Tensor, *, warn: bool = True) -> Tensor | None:
+    """The examples whose gradient norm is NaN or inf, to be dropped from this step.
+
+    One host synchronisation (``.any()``); the count is read only when some
+    example is dropped.
+
+    Args:
+        norms: per-example gradient norms, shape ``(B,)``.
+        warn: emit :class:`~swiftdp.errors.NonFiniteGradientWarning` with the count.
+
+    Returns:
+        A ``(B,)`` bool mask, or ``None`` when every norm is finite.
+    """
+    bad = ~torch.isfinite(norms)
+    if not bool(bad.any()):
+        return None
+    if warn:
+        k, n = int(bad.sum()), int(bad.numel())
+        warnings.warn(
+            NonFiniteGradientWarning(
+                f"{k} of {n} examples of this step had a non-finite per-example gradient "
+                "norm (NaN, inf, or beyond the float range) and were dropped from the "
+                "clipped sum: clip factor 0, contribution left out exactly, the other "
+                "examples unchanged. Look for NaN/inf or extreme values in those inputs "
+                "or targets (e.g. `torch.isfinite(x).all()`), or a diverging model."
+            ),
+            stacklevel=3,
+        )
+    return bad
 
 
 def sensitivity(max_grad_norm: float, style: ClippingStyle = "flat") -> float:
@@ -51,5 +105,3 @@ def sensitivity(max_grad_norm: float, style: ClippingStyle = "flat") -> float:
     """
     del style
     return float(max_grad_norm)
-
-

@@ -37,9 +37,18 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from swiftdp.checks import (
+    check_clipping,
+    check_cost_objective,
+    check_loss_reduction,
+    check_max_grad_norm,
+    check_mode,
+    check_module_options,
+    check_no_batch_mixing,
+)
 from swiftdp.clipping import generic, nanobatch
 from swiftdp.clipping.boundary import wrap_outputs
-from swiftdp.clipping.clip_fns import ClippingStyle, clip_factors
+from swiftdp.clipping.clip_fns import ClippingStyle, clip_factors, nonfinite_examples
 from swiftdp.clipping.contributions import (
     Contribution,
     NormOnly,
@@ -51,15 +60,6 @@ from swiftdp.clipping.loss_check import check_loss
 from swiftdp.clipping.tracer import Capture, ModuleCall, Tracer
 from swiftdp.errors import GradientEscapeError, UnsupportedModuleError
 from swiftdp.layers import load_builtin_rules
-from swiftdp.validation import (
-    check_clipping,
-    check_cost_objective,
-    check_loss_reduction,
-    check_max_grad_norm,
-    check_mode,
-    check_module_options,
-    check_no_batch_mixing,
-)
 
 Mode = Literal["bk", "ghost", "per_sample", "nanobatch"]
 MODES: tuple[str, ...] = ("bk", "ghost", "per_sample", "nanobatch")
@@ -181,6 +181,7 @@ class GradClipper:
         self._loss_checked: set[Any] = set()
         self._reduction_override: str | None = None
         self._ignore_grads = False
+        self._dropped: Tensor | None = None
         self._attach()
         self._refresh_params()
 
@@ -312,12 +313,14 @@ class GradClipper:
         self._contribs = []
         self._uses = {}
         self._tracer.views.clear()
+        self._tracer.batch_token = object()
         self._names = None
         self._batch_size = _batch_size(args, kwargs, 0 if self.batch_first else 1)
         self._root_args = (args, kwargs)
         if self.mode == "nanobatch":
             check_module_options(module)  # no tracer in this mode: check modules here
             return
+        self._mark_inputs(args, kwargs)
         self._tracer.__enter__()
         self._push(module, "<model>", args, kwargs)
 
@@ -424,6 +427,15 @@ class GradClipper:
 
         return post
 
+    def _mark_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Mark the model's inputs that carry the batch: batch tracking starts there."""
+        bd, batch, tr = 0 if self.batch_first else 1, self._batch_size, self._tracer
+        for t in pytree.tree_leaves((args, kwargs)):
+            if isinstance(t, Tensor) and t.dim() > 0:
+                d = bd if t.dim() > max(bd, 1) else 0
+                if t.shape[d] == batch:
+                    tr.mark_batched(t)
+
     def _check_single_forward(self) -> None:
         """Ghost and nanobatch modes clip at their own output node: one forward per backward."""
         if self._sessions > 1:
@@ -490,7 +502,7 @@ class GradClipper:
             w = self._pass2_weights
             assert w is not None
             for c in out:
-                s = param_weighted_sum(c.param, [c], w)
+                s = param_weighted_sum(c.param, [c], w, self._dropped, detect=False)
                 prev = self._pass2_sums.get(id(c.param))
                 self._pass2_sums[id(c.param)] = (c.param, s if prev is None else prev[1] + s)
             return []
@@ -529,7 +541,11 @@ class GradClipper:
     def _clip(self, sq: Tensor) -> tuple[Tensor, float]:
         scale = self._scale(sq.shape[0])
         norms = sq.clamp(min=0).sqrt() * scale
-        c = clip_factors(norms, self.max_grad_norm, self.clipping)
+        # One check per step: examples with a non-finite norm get factor 0 and
+        # are left out of every clipped sum exactly (one example must never
+        # be able to poison the update).
+        self._dropped = nonfinite_examples(norms)
+        c = clip_factors(norms, self.max_grad_norm, self.clipping, warn_nonfinite=False)
         self.last_norms, self.last_clip_factors = norms.detach(), c.detach()
         return c, scale
 
@@ -545,7 +561,8 @@ class GradClipper:
             c, scale = self._clip(sq)
             weights = c * scale
             for pid, uses in by_param.items():
-                sums[pid] = param_weighted_sum(uses[0].param, uses, weights)
+                sums[pid] = param_weighted_sum(uses[0].param, uses, weights, self._dropped,
+                                               detect=False)
         self._deliver(sums)
 
     def _deliver(self, sums: dict[int, Tensor]) -> None:

@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from swiftdp.errors import ExampleMixingError, InvalidArgumentError
+from swiftdp.checks import check_batch_dim
+from swiftdp.errors import ExampleMixingError
 
 if TYPE_CHECKING:
     from swiftdp.clipping.engine import GradClipper
@@ -103,14 +104,9 @@ class IndependenceCheck:
     """
 
     def __init__(self, model: nn.Module, clipper: GradClipper, *, batch_dim: int = 0) -> None:
-        if not isinstance(batch_dim, int) or isinstance(batch_dim, bool) or batch_dim < 0:
-            raise InvalidArgumentError(
-                f"Expected batch_dim to be an int >= 0, got {batch_dim!r}. Pass 0 for "
-                "(B, ...) inputs and 1 for (T, B, ...) inputs."
-            )
         self.model = model
         self.clipper = clipper
-        self.batch_dim = batch_dim
+        self.batch_dim = check_batch_dim(batch_dim)
         self.probed: dict[Hashable, None] = {}  # an ordered set of signatures
         self._depth = 0
         self._probing = False

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from swiftdp.clipping.clip_fns import clip_factors
+from swiftdp.clipping.clip_fns import clip_factors, nonfinite_examples
 
 if TYPE_CHECKING:
     from swiftdp.clipping.boundary import OutputsBackward
@@ -61,14 +61,19 @@ def make_backward(
                 pg = torch.autograd.grad(leaves, params, g_i, allow_unused=True)
                 flat = [torch.zeros_like(p) if g is None else g for p, g in zip(params, pg, strict=True)]
                 n = torch.sqrt(sum(((g.double() ** 2).sum() for g in flat), torch.zeros((), dtype=torch.float64)))
-                c = clip_factors(n.reshape(1), engine.max_grad_norm, engine.clipping)[0]
+                if flat:  # a norm beyond the parameters' float range counts as non-finite
+                    n = n.to(flat[0].dtype).to(torch.float64)
+                c = clip_factors(n.reshape(1), engine.max_grad_norm, engine.clipping,
+                                 warn_nonfinite=False)[0]
                 norms.append(n)
                 factors.append(c)
                 for s, g in zip(sums, flat, strict=True):
-                    s.add_(g * c.to(g.dtype))
+                    # a non-finite example has c = 0 and is left out exactly (0 · NaN = NaN)
+                    s.add_(torch.where(c > 0, g * c.to(g.dtype), 0.0))
         finally:
             engine._suspended = False
         if norms:
+            nonfinite_examples(torch.stack(norms))  # one warning for the step, with the count
             engine.last_norms = torch.stack(norms).to(params[0].dtype if params else torch.float32)
             engine.last_clip_factors = torch.stack(factors).to(engine.last_norms.dtype)
         engine._forwards_seen.add(engine._forward_id)

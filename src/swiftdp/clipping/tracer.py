@@ -45,6 +45,7 @@ Builder = Callable[[list[Tensor | None]], list[Contribution]]
 # them carries no gradient.
 _PASSTHROUGH_GETTERS = {"data", "grad", "_grad", "shape", "dtype", "device", "requires_grad"}
 _PASSTHROUGH_FUNCS = {Tensor.detach, torch.detach, Tensor.size, Tensor.dim, Tensor.numel}
+_SETITEM = {"__setitem__", "index_put", "masked_scatter", "scatter"}
 
 # Elementwise functions whose parameter arguments may be expanded along the
 # batch dimension without changing the result.
@@ -127,6 +128,11 @@ class Tracer(TorchFunctionMode):
         self.anchor = torch.zeros((), requires_grad=True)
         self.stack: list[ModuleCall] = []
         self._ids = itertools.count()
+        # A fresh token per forward: tensors marked with it carry the batch.
+        self.batch_token: object = object()
+        # Whether the op a rule is running for has a batched input (the
+        # tensors a composite rule derives from it inside are not marked).
+        self.rule_batched = False
         # Detached slices of trainable parameters (``self.pos[:, :t]``):
         # id -> (view, parameter, region). Reset at every forward.
         self.views: dict[int, tuple[Tensor, Tensor, tuple[slice, ...]]] = {}
@@ -141,12 +147,59 @@ class Tracer(TorchFunctionMode):
     ) -> Any:
         if kwargs is None:
             kwargs = {}
-        if self.engine._suspended or not torch.is_grad_enabled():
+        if self.engine._suspended:
             return func(*args, **kwargs)
-        found = self.find_params(args, kwargs)
-        if not found:
-            return func(*args, **kwargs)
-        return self.call_with_params(func, args, kwargs, found)
+        found, batched = self.scan(args, kwargs)
+        if not torch.is_grad_enabled():  # no gradient: only the batch tracking goes on
+            out = func(*args, **kwargs)
+            if batched:
+                self._mark_outputs(func, args, kwargs, out)
+            return out
+        if found:
+            prev, self.rule_batched = self.rule_batched, batched
+            try:
+                out = self.call_with_params(func, args, kwargs, found)
+            finally:
+                self.rule_batched = prev
+        else:
+            out = func(*args, **kwargs)
+        if batched:
+            self._mark_outputs(func, args, kwargs, out)
+        return out
+
+    # ----------------------------------------------------- batch tracking
+    def mark_batched(self, t: Tensor) -> None:
+        """Record that ``t`` carries the batch (a model input, or derived from one)."""
+        try:
+            t._swiftdp_batch = self.batch_token  # type: ignore[attr-defined]
+        except (AttributeError, RuntimeError):  # tensors that take no attributes
+            pass
+
+    def carries_batch(self, t: Any) -> bool:
+        """Whether ``t`` derives from the model's batched inputs in this forward.
+
+        Tracked through every op, never guessed from a size: a tensor that
+        does not derive from the inputs (a position table, a relative-position
+        index) is not batched even when a dimension happens to equal ``B``.
+        """
+        return getattr(t, "_swiftdp_batch", None) is self.batch_token
+
+    def _mark_outputs(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                      out: Any) -> None:
+        if isinstance(out, Tensor):
+            self.mark_batched(out)
+        elif isinstance(out, (list, tuple)):
+            for t in _flat(out):
+                if isinstance(t, Tensor):
+                    self.mark_batched(t)
+        # An in-place op writes batched values into its first argument.
+        name = getattr(func, "__name__", "")
+        if (name.endswith("_") and not name.startswith("__")) or name in _SETITEM:
+            if args and isinstance(args[0], Tensor):
+                self.mark_batched(args[0])
+        o = kwargs.get("out")
+        if isinstance(o, Tensor):
+            self.mark_batched(o)
 
     def base_param(self, t: Tensor) -> Tensor:
         """The parameter behind ``t`` (itself, or the parameter a recorded slice views)."""
@@ -179,20 +232,31 @@ class Tracer(TorchFunctionMode):
         return self.unknown(func, args, kwargs, found)
 
     def find_params(self, args: Sequence[Any], kwargs: dict[str, Any]) -> list[Tensor]:
-        """Trainable parameters and recorded parameter slices anywhere in the arguments.
+        """Trainable parameters and recorded parameter slices anywhere in the arguments."""
+        return self.scan(args, kwargs)[0]
 
-        The one argument walk of the engine: positional and keyword arguments,
-        nested lists, tuples and dicts to any depth.
+    def scan(self, args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[list[Tensor], bool]:
+        """The one argument walk of the engine, at any nesting depth.
+
+        Positional and keyword arguments, nested lists, tuples and dicts.
+
+        Returns:
+            ``(params, batched)``: the trainable parameters and recorded
+            parameter slices found, and whether any argument carries the batch.
         """
-        trainable, views = self.engine._trainable, self.views
+        trainable, views, token = self.engine._trainable, self.views, self.batch_token
         out: list[Tensor] = []
+        batched = False
 
         def visit(x: Any) -> None:
+            nonlocal batched
             if isinstance(x, Tensor):
                 i = id(x)
                 if (i in trainable and trainable[i] is x) or (i in views and views[i][0] is x):
                     if not any(x is o for o in out):
                         out.append(x)
+                elif not batched and getattr(x, "_swiftdp_batch", None) is token:
+                    batched = True
             elif isinstance(x, (list, tuple)):
                 for y in x:
                     visit(y)
@@ -205,7 +269,7 @@ class Tracer(TorchFunctionMode):
         if kwargs:
             for a in kwargs.values():
                 visit(a)
-        return out
+        return out, batched
 
     def is_trainable(self, t: Any) -> bool:
         """Whether ``t`` is a trainable parameter tracked by the engine."""
@@ -274,7 +338,16 @@ class Tracer(TorchFunctionMode):
         return out
 
     def check_batch(self, t: Tensor, dim: int, what: str) -> None:
-        """Refuse an activation whose batch dimension does not match the batch."""
+        """Refuse an activation that does not carry the batch along ``dim``."""
+        if (t.dim() > dim and t.shape[dim] == self.batch_size and not self.rule_batched
+                and not self.carries_batch(t)):
+            raise UnsupportedModuleError(
+                f"In module `{self.module_path()}`, {what} has shape {tuple(t.shape)} but does "
+                "not derive from the model's batched inputs: it is the same for every example "
+                f"(its dimension {dim} only happens to equal the batch size {self.batch_size}). "
+                "swiftdp cannot attribute this parameter use to examples. Compute it from the "
+                "batch (e.g. expand position ids to the batch), or freeze the parameter."
+            )
         if t.dim() <= dim or t.shape[dim] != self.batch_size:
             raise UnsupportedModuleError(
                 f"In module `{self.module_path()}`, {what} has shape {tuple(t.shape)}, whose "

@@ -6,7 +6,8 @@ the output positions, the output gradients ``g_k`` are ``(B, T,
 C_out/groups)`` and example ``i``'s weight gradient for the group is
 ``g_{k,i}ᵀ a_{k,i}``. Per layer, per batch, the cost model picks:
 
-* ghost norm: ``‖G_i‖² = Σ_k ⟨a_k a_kᵀ, g_k g_kᵀ⟩`` (one unfold, freed at once);
+* ghost norm: ``‖G_i‖² = Σ_k ⟨a_k a_kᵀ, g_k g_kᵀ⟩`` (one unfold, freed at once;
+  an upper bound that rounding cannot cancel, see ``ghost_sq_bound``);
 * instantiation: the per-example weight gradients ``(B, *weight.shape)``, by
   the native weight-gradient kernel on a convolution whose groups are the
   examples × the groups (no unfold), or by unfold and a batched matmul when
@@ -37,7 +38,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from swiftdp.clipping.contributions import Contribution, PerSampleGrads
+from swiftdp.clipping.contributions import (
+    U64,
+    Contribution,
+    PerSampleGrads,
+    compute_dtype,
+    gamma,
+    ghost_sq_bound,
+    weighted_sum_error,
+)
 from swiftdp.errors import UnsupportedModuleError
 from swiftdp.layers.registry import bind, register
 
@@ -229,8 +238,12 @@ def per_example_weight_grads(
     return stacked.view(b, *weight_shape)
 
 
-def ghost_sq_norms(x: Tensor, g: Tensor, spec: ConvSpec) -> Tensor:
-    """``Σ_k ‖g_{k,i}ᵀ a_{k,i}‖²`` for every example, without forming the gradients.
+def ghost_norm_bounds(x: Tensor, g: Tensor, spec: ConvSpec) -> tuple[Tensor, Tensor]:
+    """Upper bounds on ``Σ_k ‖g_{k,i}ᵀ a_{k,i}‖²`` without forming the gradients, and the masses.
+
+    Per group, :func:`~swiftdp.clipping.contributions.ghost_sq_bound` on the
+    unfolded patches (float64 sums, Gram rounding bounded, so cancelling
+    inputs cannot hide a large gradient).
 
     Args:
         x: input ``(B, C_in, *S)``.
@@ -238,22 +251,18 @@ def ghost_sq_norms(x: Tensor, g: Tensor, spec: ConvSpec) -> Tensor:
         spec: the convolution geometry.
 
     Returns:
-        Per-example squared norms ``(B,)``; the unfolded input is freed on return.
+        ``(sq, mass)``, float64 ``(B,)``: squared-norm bounds and
+        ``Σ_k Σ_t ‖a_{k,t}‖‖g_{k,t}‖``; the unfolded input is freed on return.
     """
     b, c_out, groups = g.shape[0], g.shape[1], spec.groups
     if b == 0:
-        return g.new_zeros(0)
+        z = g.new_zeros(0, dtype=torch.float64)
+        return z, z
     positions = math.prod(g.shape[2:])
-    a = patches(x, spec).reshape(b * groups, -1, positions)
-    gk = g.reshape(b * groups, c_out // groups, positions)
-    if positions == 1:
-        sq = a.pow(2).sum((1, 2)) * gk.pow(2).sum((1, 2))
-    else:
-        aa = torch.bmm(a.transpose(1, 2), a)
-        del a
-        gg = torch.bmm(gk.transpose(1, 2), gk)
-        sq = (aa * gg).sum((1, 2))
-    return sq.view(b, groups).sum(1)
+    a = patches(x, spec).reshape(b * groups, -1, positions).transpose(1, 2)
+    gk = g.reshape(b * groups, c_out // groups, positions).transpose(1, 2)
+    sq, mass = ghost_sq_bound(a, gk)
+    return sq.view(b, groups).sum(1), mass.view(b, groups).sum(1)
 
 
 class ConvFactors(Contribution):
@@ -280,7 +289,9 @@ class ConvFactors(Contribution):
         self.x: Tensor | None = x
         self.g: Tensor | None = g
         self.grads: Tensor | None = None
+        self.terms = math.prod(g.shape[2:])
         self._sq: Tensor | None = None
+        self._mass: Tensor | None = None
         if not ghost:
             self.grads = per_example_weight_grads(x, g, spec, tuple(param.shape))
             self.x = self.g = None
@@ -292,55 +303,87 @@ class ConvFactors(Contribution):
     def sq_norms(self) -> Tensor:
         if self._sq is None:
             if self.grads is not None:
-                # one pass, no (B, |w|) temporary (4-10x faster than pow + sum on CPU)
-                self._sq = torch.linalg.vector_norm(self.grads.flatten(1), dim=1).square()
+                # one pass in float64, no (B, |w|) temporary
+                flat = self.grads.flatten(1)
+                n = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64)
+                self._sq = n.square() * (1.0 + gamma(flat.shape[1] + 2, U64))
+                self._mass = self._sq.sqrt()
             else:
                 x, g = self._factors()
-                self._sq = ghost_sq_norms(x, g, self.spec)
+                self._sq, self._mass = ghost_norm_bounds(x, g, self.spec)
         return self._sq
 
-    def weighted_sum(self, weights: Tensor) -> Tensor:
-        if self.grads is not None:
-            return (weights.to(self.grads.dtype) @ self.grads.flatten(1)).view(self.param.shape)
-        x, g = self._factors()
-        if x.shape[0] == 0:
-            return g.new_zeros(self.param.shape)
-        gw = g * weights.to(g.dtype).view(-1, *([1] * (g.dim() - 1)))
-        return self.spec.weight_grad(x, gw, tuple(self.param.shape), self.spec.groups)
+    def mass(self) -> Tensor:
+        self.sq_norms()
+        assert self._mass is not None
+        return self._mass
 
-    def instantiate(self) -> Tensor:
+    def slack(self) -> Tensor:
         if self.grads is not None:
-            return self.grads
+            dt = compute_dtype(self.grads)
+            return weighted_sum_error(0, self.grads.shape[0], dt, self.grads.device) * self.mass()
         x, g = self._factors()
-        return per_example_weight_grads(x, g, self.spec, tuple(self.param.shape))
+        positions = math.prod(g.shape[2:])
+        err = weighted_sum_error(positions, x.shape[0], compute_dtype(x, g), x.device, conv=True)
+        return err * self.mass()
+
+    def weighted_sum(self, weights: Tensor, dropped: Tensor | None = None) -> Tensor:
+        if self.grads is not None:
+            flat = self.grads.flatten(1)
+            dt = compute_dtype(flat)
+            f = flat.to(dt) if dropped is None else torch.where(dropped.view(-1, 1), 0.0, flat.to(dt))
+            return (weights.to(dt) @ f).view(self.param.shape)
+        x, g = self._factors()
+        dt = compute_dtype(x, g)
+        if x.shape[0] == 0:
+            return g.new_zeros(self.param.shape, dtype=dt)
+        shape = (-1, *([1] * (g.dim() - 1)))
+        gw = g.to(dt) * weights.to(dt).view(shape)
+        x_ = x.to(dt)
+        if dropped is not None:
+            gw = torch.where(dropped.view(shape), 0.0, gw)
+            x_ = torch.where(dropped.view(shape), 0.0, x_)
+        return self.spec.weight_grad(x_, gw, tuple(self.param.shape), self.spec.groups)
+
+    def instantiate(self, dtype: torch.dtype | None = None) -> Tensor:
+        if self.grads is not None:
+            return self.grads if dtype is None else self.grads.to(dtype)
+        x, g = self._factors()
+        dt = dtype or compute_dtype(x, g)
+        return per_example_weight_grads(x.to(dt), g.to(dt), self.spec, tuple(self.param.shape))
 
     def pair_with(self, grads: Tensor) -> Tensor:
-        """Per-example ``⟨G_i, H_i⟩`` with instantiated ``H`` ``(B, *weight.shape)``.
+        """Per-example ``⟨G_i, H_i⟩`` with instantiated ``H`` ``(B, *weight.shape)``, in float64.
 
         Factored side: ``Σ_t ⟨g_{i,t}, (H_i ⋆ x_i)_t⟩``, one convolution of
         each example's input with its own kernel ``H_i`` (groups = examples ×
         groups), no unfold.
         """
+        f64 = torch.float64
         if self.grads is not None:
-            return (self.grads.flatten(1) * grads.flatten(1)).sum(1)
+            return (self.grads.flatten(1).to(f64) * grads.flatten(1).to(f64)).sum(1)
         x, g = self._factors()
         b = x.shape[0]
         if b == 0:
-            return g.new_zeros(0)
-        kernels = grads.reshape(b * grads.shape[1], *grads.shape[2:]).to(x.dtype)
-        out = self.spec.convolve(x.reshape(1, -1, *x.shape[2:]), kernels, b * self.spec.groups)
-        return (out.reshape(b, -1) * g.reshape(b, -1)).sum(1)
+            return g.new_zeros(0, dtype=f64)
+        kernels = grads.reshape(b * grads.shape[1], *grads.shape[2:]).to(f64)
+        out = self.spec.convolve(x.reshape(1, -1, *x.shape[2:]).to(f64), kernels, b * self.spec.groups)
+        return (out.reshape(b, -1) * g.reshape(b, -1).to(f64)).sum(1)
 
-    def inner(self, other: Contribution) -> Tensor | None:
+    def inner_bound(self, other: Contribution) -> tuple[Tensor, Tensor] | None:
         if other.param.shape != self.param.shape or other.region is not None:
             return None
         if isinstance(other, PerSampleGrads):
-            return self.pair_with(other.grads)
-        if isinstance(other, ConvFactors):
-            if other.grads is not None:
-                return self.pair_with(other.grads)
-            return other.pair_with(self.instantiate())
-        return None
+            v = self.pair_with(other.grads)
+        elif isinstance(other, ConvFactors):
+            v = self.pair_with(other.grads) if other.grads is not None else other.pair_with(
+                self.instantiate(torch.float64))
+        else:
+            return None
+        # float64 throughout: instantiation (≤ T terms) plus a dot of ≤ |w| + T·C_out terms
+        w = self.param[0].numel()
+        n = w + 2 * self.terms * (self.param.shape[0] + 1) + 8
+        return v, gamma(n, U64) * self.mass() * other.mass()
 
 
 def _ghost_beats_conv_instantiation(tr: Tracer, positions: int, d: int, p: int) -> bool:

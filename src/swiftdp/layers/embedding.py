@@ -6,18 +6,21 @@ receives output gradients ``g_{i,t}`` (``d``), so its gradient is
 gradients of the positions that read it. Positions holding ``padding_idx``
 give no gradient. Nothing of size ``B × T × V`` (one-hot) is ever formed.
 
-Per-example squared norms, three exact ways, picked per batch by a cost
-model:
+Repeated lookups of a row by one example are first merged into one row per
+(example, row), three exact ways, picked per batch by a cost model:
 
-* *pairs* (ghost style): ``‖G_i‖² = Σ_{t,s} 1[x_t = x_s] ⟨g_t, g_s⟩``,
-  ``B T² d`` time, ``B T²`` memory; best for short sequences;
+* *pairs*: ``r = 1[x_t = x_s] g`` (a ``T × T`` equality matmul), ``B T² d``
+  time, ``B T²`` memory; best for short sequences;
 * *segments*: sort the (example, token) keys and sum the gradients of equal
-  keys (``B T d`` plus a sort of ``B T`` keys): the non-zero rows of every
-  ``G_i``; best for long sequences;
-* *dense*: scatter into ``(B, V, d)``; best when ``V d`` is small.
+  keys (``B T d`` plus a sort of ``B T`` keys); best for long sequences;
+* *dense*: scatter into ``(B · V, d)``; best when ``V d`` is small.
 
-The clipped sum ``Σ_i w_i G_i`` is one ``index_add`` of the rows
-``w_i g_{i,t}`` (what ``embedding_dense_backward`` does for ``w = 1``).
+The merged rows are the non-zero rows of every ``G_i``, so ``‖G_i‖²`` is a sum
+of squares: the pairwise form ``Σ_{t,s} 1[x_t = x_s] ⟨g_t, g_s⟩``, whose terms
+of opposite signs cancel in float32 (a token repeated with opposite output
+gradients looks small), is never summed. The clipped sum ``Σ_i w_i G_i`` is
+one ``index_add`` of the merged rows ``w_i r_{i,t}``, exactly what was
+measured.
 
 Tied weights (GPT-style output projection ``F.linear(h, E)``, whose use is a
 :class:`~swiftdp.clipping.contributions.LinearFactors` ``G'_i = g'_iᵀ h_i``)
@@ -38,7 +41,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from swiftdp.clipping.contributions import Contribution, LinearFactors, PerSampleGrads
+from swiftdp.clipping.contributions import (
+    F64,
+    U64,
+    Contribution,
+    LinearFactors,
+    PerSampleGrads,
+    compute_dtype,
+    gamma,
+    weighted_sum_error,
+)
 from swiftdp.errors import UnsupportedModuleError
 from swiftdp.layers.linear import raise_unbatched
 from swiftdp.layers.registry import bind, register
@@ -85,18 +97,40 @@ def choose_norm_method(
     return min(costs, key=lambda k: costs[k])
 
 
-class EmbeddingGrads(Contribution):
-    """Per-example gradients of one embedding lookup, kept as (indices, output gradients).
+def _merge_by_pairs(idx: Tensor, g: Tensor) -> Tensor:
+    """Merged rows ``(B, T, d)`` by a ``T × T`` equality matmul (short sequences)."""
+    T = g.shape[1]
+    same = idx.unsqueeze(2) == idx.unsqueeze(1)
+    r = torch.bmm(same.to(g.dtype), g)
+    earlier = torch.ones(T, T, dtype=torch.bool, device=g.device).tril(-1)
+    repeat = (same & earlier).any(2)
+    return torch.where(repeat.unsqueeze(2), 0.0, r)
 
-    ``segments()`` holds exactly the non-zero rows of every ``G_i``: that is
-    the instantiation used in ``per_sample`` mode (the dense ``(B, V, d)``
-    form only when it is cheaper), so no mode ever forms a one-hot.
+
+class EmbeddingGrads(Contribution):
+    """Per-example gradients of one embedding lookup, repeated rows merged.
+
+    Repeated lookups of a row by one example are merged at construction, so
+    every non-zero row of ``G_i`` is held once: ``‖G_i‖²`` is a sum of squares
+    (``⟨g_t, g_s⟩`` of opposite signs at repeated tokens cannot hide a large
+    gradient, as the pairwise form would in float32) and the clipped sum adds
+    exactly the rows whose norms were taken. Two representations:
+
+    * ``"pairs"`` (and ``T <= 1``): *merged rows* ``r`` ``(B, T, d)``, row ``t``
+      equal to ``Σ_{s: x_s = x_t} g_s`` at the first position ``t`` of each
+      token in its example and zero elsewhere, by a ``T × T`` equality matmul;
+    * ``"segments"`` / ``"dense"``: the sorted non-zero rows ``(keys, sums)``
+      (keys ``i · V + row``), by a sort of the ``B T`` keys, or by a scatter
+      into all ``B · V`` rows when that is cheaper.
+
+    ``segments()`` is also the instantiation used in ``per_sample`` mode, so
+    no mode ever forms a one-hot.
 
     Args:
         param: the table ``E`` (``V × d``).
         idx: token indices ``(B, T)`` (int64).
         g: output gradients ``(B, T, d)``, already zero at padding positions.
-        method: how :meth:`sq_norms` works, one of :data:`NORM_METHODS`.
+        method: how repeated rows are merged, one of :data:`NORM_METHODS`.
     """
 
     def __init__(self, param: Tensor, idx: Tensor, g: Tensor, *, method: str = "segments") -> None:
@@ -104,120 +138,175 @@ class EmbeddingGrads(Contribution):
             raise ValueError(f"Expected method in {NORM_METHODS}, got {method!r}.")
         self.param = param
         self.idx = idx
-        self.g = g
         self.method = method
         self.vocab = int(param.shape[0])
+        self.batch, self.seq, self.dim = (int(s) for s in g.shape)
+        g = g.to(compute_dtype(g))
+        self._rows: Tensor | None = None
         self._seg: tuple[Tensor, Tensor] | None = None
+        self._inv: Tensor | None = None
+        if self.seq <= 1 or self.batch == 0:
+            self._rows = g
+        elif method == "pairs":
+            self._rows = _merge_by_pairs(idx, g)
+        else:
+            keys = self._keys()
+            if method == "dense":
+                uniq, inv = torch.arange(self.batch * self.vocab, device=keys.device), keys
+            else:
+                uniq, inv = torch.unique(keys, sorted=True, return_inverse=True)
+            sums = g.new_zeros(uniq.shape[0], self.dim).index_add_(0, inv, g.reshape(-1, self.dim))
+            self._seg, self._inv = (uniq, sums), inv
         self._sq: Tensor | None = None
+        self._mass: Tensor | None = None
 
     # ------------------------------------------------------------ representations
+    @property
+    def g(self) -> Tensor:
+        """The merged rows ``(B, T, d)`` (formed from the segments on first use)."""
+        if self._rows is None:
+            assert self._seg is not None and self._inv is not None
+            inv, sums = self._inv, self._seg[1]
+            pos = torch.arange(inv.shape[0], device=inv.device)
+            first = torch.full((sums.shape[0],), inv.shape[0], dtype=torch.long, device=inv.device)
+            first = first.scatter_reduce_(0, inv, pos, "amin")
+            keep = (first[inv] == pos).unsqueeze(1)
+            self._rows = torch.where(keep, sums[inv], 0.0).view(self.batch, self.seq, self.dim)
+        return self._rows
+
     def segments(self) -> tuple[Tensor, Tensor]:
         """The non-zero rows of every ``G_i``, sorted by (example, row).
 
         Returns:
             ``keys`` ``(U,)`` equal to ``i · V + row`` and ``sums`` ``(U, d)``,
-            the gradient of that row for that example.
+            the gradient of that row for that example (some may be zero).
         """
         if self._seg is None:
-            B, _, d = self.g.shape
-            offs = torch.arange(B, device=self.idx.device, dtype=torch.long) * self.vocab
-            keys = (self.idx + offs.unsqueeze(1)).reshape(-1)
-            uniq, inv = torch.unique(keys, sorted=True, return_inverse=True)
-            sums = self.g.new_zeros(uniq.shape[0], d).index_add_(0, inv, self.g.reshape(-1, d))
+            rows = self.g
+            uniq, inv = torch.unique(self._keys(), sorted=True, return_inverse=True)
+            sums = rows.new_zeros(uniq.shape[0], self.dim).index_add_(
+                0, inv, rows.reshape(-1, self.dim))
             self._seg = (uniq, sums)
         return self._seg
 
-    def instantiate(self) -> Tensor:
-        B, _, d = self.g.shape
-        offs = torch.arange(B, device=self.idx.device, dtype=torch.long) * self.vocab
-        keys = (self.idx + offs.unsqueeze(1)).reshape(-1)
-        dense = self.g.new_zeros(B * self.vocab, d).index_add_(0, keys, self.g.reshape(-1, d))
-        return dense.view(B, self.vocab, d)
+    def _keys(self) -> Tensor:
+        offs = torch.arange(self.batch, device=self.idx.device, dtype=torch.long) * self.vocab
+        return (self.idx + offs.unsqueeze(1)).reshape(-1)
+
+    def instantiate(self, dtype: torch.dtype | None = None) -> Tensor:
+        keys, sums = self.segments()
+        s = sums if dtype is None else sums.to(dtype)
+        dense = s.new_zeros(self.batch * self.vocab, self.dim).index_add_(0, keys, s)
+        return dense.view(self.batch, self.vocab, self.dim)
 
     # ------------------------------------------------------------------- norms
+    def _per_example(self, row_values: Tensor) -> Tensor:
+        """Sum float64 values of the non-zero rows into their examples."""
+        keys, _ = self.segments()
+        out = row_values.new_zeros(self.batch)
+        return out.index_add_(0, keys // self.vocab, row_values)
+
     def sq_norms(self) -> Tensor:
         if self._sq is None:
-            self._sq = self._compute_sq_norms()
+            if self._rows is not None:
+                n = torch.linalg.vector_norm(self._rows.flatten(1), dim=1, dtype=F64).square()
+            else:
+                assert self._seg is not None
+                n = self._per_example(
+                    torch.linalg.vector_norm(self._seg[1], dim=1, dtype=F64).square())
+            self._sq = n * (1.0 + gamma(self.seq * self.dim + 2, U64))
         return self._sq
 
-    def _compute_sq_norms(self) -> Tensor:
-        B, T, _ = self.g.shape
-        if T <= 1:
-            return self.g.pow(2).sum((1, 2))
-        if self.method == "pairs":
-            gg = torch.bmm(self.g, self.g.transpose(1, 2))
-            same = self.idx.unsqueeze(2) == self.idx.unsqueeze(1)
-            return (gg * same).sum((1, 2))
-        if self.method == "dense":
-            return self.instantiate().flatten(1).pow(2).sum(1)
-        keys, sums = self.segments()
-        out = self.g.new_zeros(B)
-        return out.index_add_(0, keys // self.vocab, sums.pow(2).sum(1))
+    def mass(self) -> Tensor:
+        if self._mass is None:
+            if self._rows is not None:
+                n = torch.linalg.vector_norm(self._rows, dim=2, dtype=F64).sum(1)
+            else:
+                assert self._seg is not None
+                n = self._per_example(torch.linalg.vector_norm(self._seg[1], dim=1, dtype=F64))
+            self._mass = n * (1.0 + gamma(self.dim + self.seq + 2, U64))
+        return self._mass
 
-    def weighted_sum(self, weights: Tensor) -> Tensor:
-        w = weights.to(self.g.dtype)
-        d = self.g.shape[2]
-        out = self.g.new_zeros(self.vocab, d)
-        if self._seg is not None:
+    def slack(self) -> Tensor:
+        # One term per (example, row) after merging: exact for any summation order.
+        vals = self._rows if self._rows is not None else self.segments()[1]
+        err = weighted_sum_error(0, self.batch, vals.dtype, vals.device)
+        return err * self.sq_norms().sqrt()
+
+    def weighted_sum(self, weights: Tensor, dropped: Tensor | None = None) -> Tensor:
+        if self._rows is not None:
+            vals = self._rows * weights.to(self._rows.dtype).view(-1, 1, 1)
+            if dropped is not None:
+                vals = torch.where(dropped.view(-1, 1, 1), 0.0, vals)
+            idx, rows = self.idx.reshape(-1), vals.reshape(-1, self.dim)
+        else:
+            assert self._seg is not None
             keys, sums = self._seg
-            return out.index_add_(0, keys % self.vocab, sums * w[keys // self.vocab].unsqueeze(1))
-        rows = (self.g * w.view(-1, 1, 1)).reshape(-1, d)
-        return out.index_add_(0, self.idx.reshape(-1), rows)
+            ex, idx = keys // self.vocab, keys % self.vocab
+            rows = sums * weights.to(sums.dtype)[ex].unsqueeze(1)
+            if dropped is not None:
+                rows = torch.where(dropped[ex].unsqueeze(1), 0.0, rows)
+        return rows.new_zeros(self.vocab, self.dim).index_add_(0, idx, rows)
 
     # ------------------------------------------------------------- cross terms
-    def inner(self, other: Contribution) -> Tensor | None:
+    def inner_bound(self, other: Contribution) -> tuple[Tensor, Tensor] | None:
         """Per-example ``⟨G_i, H_i⟩`` with another use of the table, never ``B × V × d``.
 
         Handles another lookup (:class:`EmbeddingGrads`), an output
         projection ``F.linear(h, E)`` (:class:`LinearFactors`, ghost or
-        instantiated) and instantiated :class:`PerSampleGrads`.
+        instantiated) and instantiated :class:`PerSampleGrads`. Computed in
+        float64; the bound is ``γ_n`` times the two uses' masses.
         """
         if other.region is not None or other.region_shape() != self.param.shape:
             return None
         if isinstance(other, EmbeddingGrads):
-            return self._inner_embedding(other)
-        if isinstance(other, LinearFactors):
+            v, n = self._inner_embedding(other)
+        elif isinstance(other, LinearFactors):
             if other.grads is not None:
-                return self._inner_dense(other.grads)
-            assert other.a is not None and other.g is not None
-            return self._inner_factors(other.a, other.g)
-        if isinstance(other, PerSampleGrads):
-            return self._inner_dense(other.grads)
-        return None
+                v, n = self._inner_dense(other.grads)
+            else:
+                assert other.a is not None and other.g is not None
+                v, n = self._inner_factors(other.a, other.g)
+        elif isinstance(other, PerSampleGrads):
+            v, n = self._inner_dense(other.grads)
+        else:
+            return None
+        return v, gamma(n, U64) * self.mass() * other.mass()
 
-    def _inner_dense(self, grads: Tensor) -> Tensor:
-        """``Σ_t ⟨g_t, H_i[x_t]⟩`` for instantiated ``H`` ``(B, V, d)``: a gather."""
+    def _inner_dense(self, grads: Tensor) -> tuple[Tensor, int]:
+        """``Σ_t ⟨r_t, H_i[x_t]⟩`` for instantiated ``H`` ``(B, V, d)``: a gather."""
         B, T, d = self.g.shape
-        h = grads.reshape(B, self.vocab, d).to(self.g.dtype)
+        h = grads.reshape(B, self.vocab, d)
         rows = h.gather(1, self.idx.unsqueeze(2).expand(B, T, d))
-        return (rows * self.g).sum((1, 2))
+        return (rows.to(F64) * self.g.to(F64)).sum((1, 2)), T * d + 4
 
-    def _inner_factors(self, a: Tensor, g2: Tensor) -> Tensor:
-        """``Σ_t Σ_s g2_s[x_t] ⟨g_t, a_s⟩`` for ``H_i = g2_iᵀ a_i`` (tied output projection)."""
-        B, T, _ = self.g.shape
+    def _inner_factors(self, a: Tensor, g2: Tensor) -> tuple[Tensor, int]:
+        """``Σ_t Σ_s g2_s[x_t] ⟨r_t, a_s⟩`` for ``H_i = g2_iᵀ a_i`` (tied output projection)."""
+        B, T, d = self.g.shape
         S = a.shape[1]
-        ga = torch.bmm(self.g, a.to(self.g.dtype).transpose(1, 2))  # (B, T, S)
-        picked = g2.to(self.g.dtype).gather(2, self.idx.unsqueeze(1).expand(B, S, T))  # (B, S, T)
-        return (ga * picked.transpose(1, 2)).sum((1, 2))
+        ga = torch.bmm(self.g.to(F64), a.to(F64).transpose(1, 2))  # (B, T, S)
+        picked = g2.gather(2, self.idx.unsqueeze(1).expand(B, S, T)).to(F64)  # (B, S, T)
+        return (ga * picked.transpose(1, 2)).sum((1, 2)), d + T * S + 4
 
-    def _inner_embedding(self, other: EmbeddingGrads) -> Tensor:
-        """``Σ_{t,s} 1[x_t = y_s] ⟨g_t, h_s⟩`` by pairs or by matching segments."""
+    def _inner_embedding(self, other: EmbeddingGrads) -> tuple[Tensor, int]:
+        """``Σ_{t,s} 1[x_t = y_s] ⟨r_t, h_s⟩`` by pairs or by matching segments."""
         B, T1, d = self.g.shape
         T2 = other.g.shape[1]
+        n = d + T1 * T2 + 4
         seg_cost = _SCATTER_COST * (T1 + T2) * (2 * d + math.log2(B * (T1 + T2) + 2))
         if T1 * T2 * (d + 2 * _SCATTER_COST) <= seg_cost:
-            gh = torch.bmm(self.g, other.g.to(self.g.dtype).transpose(1, 2))
+            gh = torch.bmm(self.g.to(F64), other.g.to(F64).transpose(1, 2))
             same = self.idx.unsqueeze(2) == other.idx.unsqueeze(1)
-            return (gh * same).sum((1, 2))
+            return (gh * same).sum((1, 2)), n
         k1, s1 = self.segments()
         k2, s2 = other.segments()
-        out = self.g.new_zeros(B)
+        out = self.g.new_zeros(B, dtype=F64)
         if k1.numel() == 0 or k2.numel() == 0:
-            return out
+            return out, n
         pos = torch.searchsorted(k1, k2).clamp(max=k1.shape[0] - 1)
         hit = k1[pos] == k2
-        vals = (s1[pos] * s2.to(s1.dtype)).sum(1) * hit
-        return out.index_add_(0, k2 // self.vocab, vals)
+        vals = (s1[pos].to(F64) * s2.to(F64)).sum(1) * hit
+        return out.index_add_(0, k2 // self.vocab, vals), n
 
 
 # ------------------------------------------------------------------------ rules

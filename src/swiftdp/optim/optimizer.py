@@ -35,10 +35,10 @@ import torch
 from torch import Tensor
 
 from swiftdp.accounting import PrivacyAccountant
-from swiftdp.api.config import PrivacySettings
+from swiftdp.checks import check_noise_multiplier
 from swiftdp.errors import PrivacyBudgetExceededError, StepStructureError
 from swiftdp.optim.noise import add_gaussian_noise, is_secure
-from swiftdp.validation import check_noise_multiplier
+from swiftdp.settings import PrivacySettings
 
 if TYPE_CHECKING:
     from swiftdp.clipping.engine import BackwardResult

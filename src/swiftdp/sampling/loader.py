@@ -27,9 +27,9 @@ from torch.utils.data import (
     SequentialSampler,
 )
 
+from swiftdp.checks import check_positive_int, check_sample_rate
 from swiftdp.errors import InvalidArgumentError
-from swiftdp.sampling._checks import check_positive_int, check_sample_rate, exact_fraction
-from swiftdp.sampling.poisson import PoissonBatchSampler, steps_per_epoch
+from swiftdp.sampling.poisson import PoissonBatchSampler, exact_fraction, steps_per_epoch
 
 __all__ = ["EmptyBatchCollate", "PoissonDataLoader", "poisson_data_loader", "zero_rows"]
 
@@ -272,7 +272,7 @@ def poisson_data_loader(
         batch_size = loader.batch_sampler.batch_size
     rate: Fraction
     if sample_rate is not None:
-        check_sample_rate(sample_rate)
+        check_sample_rate(sample_rate, allow_zero=False)
         rate = exact_fraction(sample_rate)
     elif isinstance(loader.batch_sampler, PoissonBatchSampler):
         rate = exact_fraction(loader.batch_sampler.sample_rate)

@@ -17,8 +17,8 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
+from swiftdp.checks import check_positive_int
 from swiftdp.errors import InvalidArgumentError
-from swiftdp.sampling._checks import check_positive_int
 
 __all__ = ["LogicalBatch", "PhysicalBatchSplitter", "batch_size_of", "split_physical"]
 

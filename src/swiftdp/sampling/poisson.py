@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from torch.utils.data import Sampler
 
+from swiftdp.checks import check_positive_int, check_sample_rate
 from swiftdp.errors import CheckpointError, InvalidArgumentError, SwiftDPError
-from swiftdp.sampling._checks import check_positive_int, check_sample_rate, exact_fraction
 
 __all__ = ["PoissonBatchSampler", "make_generator", "steps_per_epoch"]
 
@@ -70,6 +70,25 @@ def make_generator(seed: int | None = None) -> tuple[torch.Generator, int]:
     return generator, seed
 
 
+def exact_fraction(sample_rate: float | Fraction) -> Fraction:
+    """Returns the rational number the user meant by ``sample_rate``.
+
+    A float is read through its shortest decimal representation, so ``0.04``
+    becomes exactly 1/25 and not the binary value 0.04000000000000000083...
+    This is what makes step counts exact (``int(1 / 0.04)`` is 25, while the
+    binary value would give 24).
+
+    Args:
+        sample_rate: A sampling rate, already checked to be in (0, 1].
+
+    Returns:
+        The exact rational value.
+    """
+    if isinstance(sample_rate, Fraction):
+        return sample_rate
+    return Fraction(repr(float(sample_rate)))
+
+
 def steps_per_epoch(sample_rate: float | Fraction) -> int:
     """Number of Poisson steps that make one epoch: ``floor(1 / sample_rate)``.
 
@@ -88,7 +107,7 @@ def steps_per_epoch(sample_rate: float | Fraction) -> int:
     Raises:
         InvalidArgumentError: If ``sample_rate`` is not in (0, 1].
     """
-    check_sample_rate(sample_rate)
+    check_sample_rate(sample_rate, allow_zero=False)
     return max(1, math.floor(1 / exact_fraction(sample_rate)))
 
 
@@ -144,7 +163,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
         self.num_samples = check_positive_int(
             num_samples, "num_samples", "Pass the dataset size, len(dataset)."
         )
-        self.sample_rate = check_sample_rate(sample_rate)
+        self.sample_rate = check_sample_rate(sample_rate, allow_zero=False)
         self.num_steps = check_positive_int(
             num_steps, "num_steps", "Pass the number of batches per epoch, e.g. int(1 / q)."
         )

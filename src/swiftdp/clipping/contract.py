@@ -1,0 +1,112 @@
+"""Everything a layer rule may know of the engine: the contract of ``swiftdp.layers``.
+
+A rule is a leaf. It is called instead of a torch function whose arguments
+hold a trainable parameter, with a :class:`Recorder` for this call; it
+computes the function's output with the parameters detached and hands the
+recorder a :class:`Build` that turns the output gradients into
+:class:`~swiftdp.clipping.contributions.Contribution` objects. It reads the
+call's context from :attr:`Recorder.site` and the mode's choices from the
+:class:`Policy` given to ``build`` — never the engine itself — so a rule can
+be tested with a fake recorder. A rule that does not handle a call raises
+:class:`Decline` and the dispatcher falls back (expand rule, then the
+generic per-example recomputation).
+
+Example:
+    >>> def scale_rule(rec, func, args, kwargs):          # doctest: +SKIP
+    ...     x, w = args
+    ...     def build(grads, policy):
+    ...         return [PerSampleGrads(w, (grads[0] * x).sum(1))]
+    ...     return rec.track(lambda: func(x, w.detach()), [x], [w], build)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from torch import Tensor, nn
+
+from swiftdp.clipping.contributions import Contribution
+
+
+class Decline(Exception):
+    """Raised by a rule for a call it does not handle: the dispatcher falls back."""
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where a parameter use happens.
+
+    Attributes:
+        batch_size: examples in the forward in progress.
+        batch_dim: the batch dimension of sequence-shaped activations (0 or 1).
+        batch_first: whether sequence activations are ``(B, T, ...)``.
+        module_path: path of the innermost running module (for messages).
+        module: that module (``None`` at the top level).
+        module_args: its positional arguments (a recurrent rule reads the
+            packed input there).
+        trainable: ids of the trainable parameters (see :meth:`is_trainable`).
+    """
+
+    batch_size: int
+    batch_dim: int
+    batch_first: bool
+    module_path: str
+    module: nn.Module | None
+    module_args: tuple[Any, ...]
+    trainable: Any
+
+    def is_trainable(self, t: Any) -> bool:
+        """Whether ``t`` is a trainable parameter tracked by the engine."""
+        return isinstance(t, Tensor) and self.trainable.get(id(t)) is t
+
+
+class Policy(Protocol):
+    """The mode's choices, handed to every :data:`Build` at backward time."""
+
+    cost_objective: str
+    """``"time"`` or ``"memory"``: what the cost models minimise."""
+
+    allow_pairs: bool
+    """Whether an embedding may use the token-pair ghost method."""
+
+    def factored(self, seq_len: int, d_in: int, d_out: int) -> bool:
+        """Ghost norm (``True``) or instantiation for a factored layer of these shapes."""
+        ...
+
+
+Build = Callable[[Sequence[Tensor | None], Policy], list[Contribution]]
+"""Turns a use's output gradients (``None`` where none arrived) into contributions."""
+
+
+class Recorder(Protocol):
+    """What a rule receives: the call's context and a way to capture its output gradients."""
+
+    site: Site
+
+    def track(
+        self,
+        compute: Callable[[], Any],
+        inputs: Sequence[Any],
+        params: Sequence[Tensor | None],
+        build: Build,
+    ) -> Any:
+        """Run ``compute`` (parameters detached) and capture its output gradients for ``build``.
+
+        Args:
+            compute: computes the output (a tensor or a tuple of tensors).
+            inputs: the op's non-parameter tensor inputs.
+            params: the trainable parameters this use contributes to.
+            build: called once the output gradients are known.
+
+        Returns:
+            What ``compute`` returned.
+        """
+        ...
+
+
+Rule = Callable[[Recorder, Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
+"""``rule(recorder, func, args, kwargs) -> output``."""
+
+__all__ = ["Build", "Decline", "Policy", "Recorder", "Rule", "Site"]
