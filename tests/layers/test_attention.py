@@ -15,7 +15,7 @@ import swiftdp
 from support.harness import MODES, REDUCTIONS, check_against_oracle
 from swiftdp.clipping import generic
 from swiftdp.errors import UnsupportedModuleError
-from swiftdp.layers import RULES, load_builtin_rules
+from swiftdp.layers import RULES
 
 D64 = torch.float64
 
@@ -36,7 +36,6 @@ def rule_used(*, exclusive: bool = False):
     With ``exclusive``, any parameter falling back to the generic (torch.func)
     rule fails the test.
     """
-    load_builtin_rules()
     calls: list[int] = []
     rule = RULES[F.multi_head_attention_forward]
     capture = generic.capture_module_output

@@ -15,7 +15,7 @@ from torch import nn
 import swiftdp
 from support.harness import MODES, REDUCTIONS, check_against_oracle
 from swiftdp.clipping.contributions import PerSampleGrads, pair_inner
-from swiftdp.clipping.tracer import Tracer
+from swiftdp.clipping.cost import ModePolicy
 from swiftdp.errors import UnsupportedModuleError
 from swiftdp.layers import conv as conv_rule
 
@@ -33,15 +33,15 @@ def forced(path: str):
         yield
         return
     cycle = itertools.cycle([True, False])
-    real = Tracer.prefer_ghost
+    real = ModePolicy.factored_conv
 
-    def prefer(tr, t, d, p):
-        if tr.engine._pass2 or tr.engine.mode == "per_sample":
-            return real(tr, t, d, p)
+    def prefer(policy, t, d, p):
+        if policy.second_pass or policy.mode == "per_sample":
+            return real(policy, t, d, p)
         return next(cycle) if path == "mixed" else path == "ghost"
 
     with (
-        mock.patch.object(Tracer, "prefer_ghost", prefer),
+        mock.patch.object(ModePolicy, "factored_conv", prefer),
         mock.patch.object(conv_rule, "_use_unfold", lambda t, p: path == "unfold"),
     ):
         yield

@@ -16,7 +16,7 @@ import swiftdp
 from support.harness import MODES, REDUCTIONS, check_against_oracle
 from swiftdp.clipping import generic
 from swiftdp.errors import UnsupportedModuleError
-from swiftdp.layers import RULES, load_builtin_rules
+from swiftdp.layers import RULES
 
 D64 = torch.float64
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
@@ -35,7 +35,6 @@ def _one_thread():
 @contextmanager
 def rule_used():
     """Count calls of the recurrent rule; any generic (torch.func) fallback fails the test."""
-    load_builtin_rules()
     calls: list[int] = []
     saved = {f: RULES[f] for f in FUSED}
     capture = generic.capture_module_output

@@ -46,7 +46,12 @@ class Site:
         module: that module (``None`` at the top level).
         module_args: its positional arguments (a recurrent rule reads the
             packed input there).
-        trainable: ids of the trainable parameters (see :meth:`is_trainable`).
+        module_kwargs: its keyword arguments.
+        trainable: the trainable parameters by id (see :meth:`is_trainable`).
+        batch_token: the mark of tensors derived from this forward's batch.
+        call_batched: whether the call being routed has an input that
+            carries the batch (tensors a composite rule derives from it are
+            not marked, so they count as batched through this).
     """
 
     batch_size: int
@@ -55,24 +60,39 @@ class Site:
     module_path: str
     module: nn.Module | None
     module_args: tuple[Any, ...]
+    module_kwargs: dict[str, Any]
     trainable: Any
+    batch_token: object
+    call_batched: bool
 
     def is_trainable(self, t: Any) -> bool:
         """Whether ``t`` is a trainable parameter tracked by the engine."""
         return isinstance(t, Tensor) and self.trainable.get(id(t)) is t
 
+    def carries_batch(self, t: Any) -> bool:
+        """Whether ``t`` derives from the model's batched inputs (tracked, not guessed)."""
+        return self.call_batched or getattr(t, "_swiftdp_batch", None) is self.batch_token
+
 
 class Policy(Protocol):
     """The mode's choices, handed to every :data:`Build` at backward time."""
 
-    cost_objective: str
-    """``"time"`` or ``"memory"``: what the cost models minimise."""
+    @property
+    def cost_objective(self) -> str:
+        """``"time"`` or ``"memory"``: what the cost models minimise."""
+        ...
 
-    allow_pairs: bool
-    """Whether an embedding may use the token-pair ghost method."""
+    @property
+    def allow_pairs(self) -> bool:
+        """Whether an embedding may use the token-pair ghost method."""
+        ...
 
     def factored(self, seq_len: int, d_in: int, d_out: int) -> bool:
         """Ghost norm (``True``) or instantiation for a factored layer of these shapes."""
+        ...
+
+    def factored_conv(self, positions: int, d_in: int, d_out: int) -> bool:
+        """The same choice for a convolution (instantiation there costs more)."""
         ...
 
 
@@ -83,7 +103,10 @@ Build = Callable[[Sequence[Tensor | None], Policy], list[Contribution]]
 class Recorder(Protocol):
     """What a rule receives: the call's context and a way to capture its output gradients."""
 
-    site: Site
+    @property
+    def site(self) -> Site:
+        """The context of this call."""
+        ...
 
     def track(
         self,

@@ -20,6 +20,7 @@ References:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 CostObjective = Literal["time", "memory"]
@@ -59,3 +60,50 @@ def prefer_ghost(
         ghost += t * p * d
         inst += p * d
     return ghost < inst
+
+
+@dataclass(frozen=True)
+class ModePolicy:
+    """The engine mode's choices, as the layer rules' ``build`` receives them.
+
+    Implements :class:`swiftdp.clipping.contract.Policy`.
+
+    Attributes:
+        mode: ``"bk"``, ``"ghost"`` or ``"per_sample"``.
+        cost_objective: what the cost models minimise.
+        second_pass: ghost clipping's second backward (only weighted sums are
+            formed there, always from factors).
+    """
+
+    mode: str
+    cost_objective: str = "time"
+    second_pass: bool = False
+
+    @property
+    def allow_pairs(self) -> bool:
+        """Whether an embedding may use the token-pair ghost method."""
+        return self.mode != "per_sample"
+
+    def factored(self, seq_len: int, d_in: int, d_out: int) -> bool:
+        """Ghost norm (``True``) or instantiation for a factored layer of these shapes."""
+        if self.second_pass:
+            return True
+        if self.mode == "per_sample":
+            return False
+        return prefer_ghost(seq_len, d_in, d_out, self.cost_objective,  # type: ignore[arg-type]
+                            reuse_for_sum=self.mode != "ghost")
+
+    def factored_conv(self, positions: int, d_in: int, d_out: int) -> bool:
+        """The choice for a convolution, with its conv-specific time correction.
+
+        Instantiating a conv's per-example gradients costs about twice the
+        ``T p d`` arithmetic of the generic model (im2col plus many small
+        matmuls, measured on CPU for ResNet-18's 8×8 and 4×4 stages), while the
+        ghost side's clipped sum is one efficient native weight-gradient kernel.
+        So ghost wins whenever ``T (d + p) <= p d``.
+        """
+        if self.factored(positions, d_in, d_out):
+            return True
+        if self.mode == "per_sample" or self.cost_objective != "time":
+            return False
+        return positions * (d_in + d_out) <= d_out * d_in

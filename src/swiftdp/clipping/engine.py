@@ -55,11 +55,10 @@ from swiftdp.clipping.contributions import (
     param_sq_norms,
     param_weighted_sum,
 )
-from swiftdp.clipping.cost import CostObjective
+from swiftdp.clipping.cost import CostObjective, ModePolicy
 from swiftdp.clipping.loss_check import check_loss
 from swiftdp.clipping.tracer import Capture, ModuleCall, Tracer
 from swiftdp.errors import GradientEscapeError, UnsupportedModuleError
-from swiftdp.layers import load_builtin_rules
 
 Mode = Literal["bk", "ghost", "per_sample", "nanobatch"]
 MODES: tuple[str, ...] = ("bk", "ghost", "per_sample", "nanobatch")
@@ -138,7 +137,6 @@ class GradClipper:
         check_loss_reduction(loss_reduction)
         check_cost_objective(cost_objective)
         check_no_batch_mixing(model)
-        load_builtin_rules()
 
         self.model = model
         self._max_grad_norm = float(max_grad_norm)
@@ -436,6 +434,10 @@ class GradClipper:
                 if t.shape[d] == batch:
                     tr.mark_batched(t)
 
+    def _policy(self) -> ModePolicy:
+        """The mode's choices for the rules' builds (the second ghost pass forms sums only)."""
+        return ModePolicy(self.mode, self.cost_objective, second_pass=self._pass2)
+
     def _check_single_forward(self) -> None:
         """Ghost and nanobatch modes clip at their own output node: one forward per backward."""
         if self._sessions > 1:
@@ -494,7 +496,7 @@ class GradClipper:
             self._contribs.extend(self._build(cap))
 
     def _build(self, cap: Capture) -> list[Contribution]:
-        out = cap.build(cap.grads)
+        out = cap.build(cap.grads, self._policy())
         cap.grads = [None] * len(cap.grads)
         if self._pass2:
             # Ghost clipping, second pass: reduce each use to its clipped sum at

@@ -10,6 +10,7 @@ back with ``vjp``. Exact, and slower than a dedicated rule.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -17,6 +18,7 @@ from torch import Tensor
 from torch.func import functional_call, vjp, vmap
 from torch.utils import _pytree as pytree
 
+from swiftdp.clipping.contract import Policy
 from swiftdp.clipping.contributions import Contribution, PerSampleGrads
 from swiftdp.clipping.tracer import Capture, ModuleCall, _Source
 from swiftdp.errors import UnsupportedModuleError
@@ -55,7 +57,7 @@ def _builder(
     bd0 = 0 if engine.batch_first else 1
     batch = engine._batch_size
 
-    def build(grads: list[Tensor | None]) -> list[Contribution]:
+    def build(grads: Sequence[Tensor | None], policy: Policy) -> list[Contribution]:
         leaves, spec = pytree.tree_flatten((args, kwargs))
         dims: list[int | None] = []
         for t in leaves:

@@ -31,15 +31,15 @@ from torch.nn.utils.parametrize import ParametrizationList
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from swiftdp.clipping.contract import Build, Decline, Policy, Site
 from swiftdp.clipping.contributions import Contribution, PerSampleGrads
-from swiftdp.clipping.cost import prefer_ghost
 from swiftdp.errors import UnsupportedModuleError
-from swiftdp.layers.registry import RULES
+from swiftdp.layers import RULES
 
 if TYPE_CHECKING:
     from swiftdp.clipping.engine import GradClipper
 
-Builder = Callable[[list[Tensor | None]], list[Contribution]]
+Builder = Build
 
 # Functions that read metadata or cut the graph; a parameter passing through
 # them carries no gradient.
@@ -228,7 +228,10 @@ class Tracer(TorchFunctionMode):
             return self.unknown(func, args, kwargs, found)  # slices: expand or generic only
         rule = RULES.get(func)
         if rule is not None:
-            return rule(self, func, args, kwargs)
+            try:
+                return rule(self, func, args, kwargs)
+            except Decline:
+                pass
         return self.unknown(func, args, kwargs, found)
 
     def find_params(self, args: Sequence[Any], kwargs: dict[str, Any]) -> list[Tensor]:
@@ -271,11 +274,24 @@ class Tracer(TorchFunctionMode):
                 visit(a)
         return out, batched
 
-    def is_trainable(self, t: Any) -> bool:
-        """Whether ``t`` is a trainable parameter tracked by the engine."""
-        return isinstance(t, Tensor) and id(t) in self.engine._trainable
+    # ------------------------------------------------------ the Recorder
+    @property
+    def site(self) -> Site:
+        """The context of the call being routed (the :class:`Recorder` contract)."""
+        eng, top = self.engine, (self.stack[-1] if self.stack else None)
+        return Site(
+            batch_size=eng._batch_size,
+            batch_dim=0 if eng.batch_first else 1,
+            batch_first=eng.batch_first,
+            module_path=top.path if top is not None else "<model>",
+            module=top.module if top is not None else None,
+            module_args=top.args if top is not None else (),
+            module_kwargs=top.kwargs if top is not None else {},
+            trainable=eng._trainable,
+            batch_token=self.batch_token,
+            call_batched=self.rule_batched,
+        )
 
-    # ------------------------------------------------------------ rule helpers
     @property
     def batch_dim(self) -> int:
         """Batch dimension of sequence-shaped activations (0 or 1)."""
@@ -285,18 +301,6 @@ class Tracer(TorchFunctionMode):
     def batch_size(self) -> int:
         """Batch size of the forward in progress."""
         return self.engine._batch_size
-
-    def prefer_ghost(self, seq_len: int, in_features: int, out_features: int) -> bool:
-        """The engine's cost-model decision for a factored layer of these shapes."""
-        mode = self.engine.mode
-        if self.engine._pass2:
-            return True
-        if mode == "per_sample":
-            return False
-        return prefer_ghost(
-            seq_len, in_features, out_features, self.engine.cost_objective,
-            reuse_for_sum=mode != "ghost",
-        )
 
     def module_path(self) -> str:
         """Path of the innermost running module (for error messages)."""
@@ -336,26 +340,6 @@ class Tracer(TorchFunctionMode):
             if t.requires_grad:
                 t.register_hook(cap.hook(i))
         return out
-
-    def check_batch(self, t: Tensor, dim: int, what: str) -> None:
-        """Refuse an activation that does not carry the batch along ``dim``."""
-        if (t.dim() > dim and t.shape[dim] == self.batch_size and not self.rule_batched
-                and not self.carries_batch(t)):
-            raise UnsupportedModuleError(
-                f"In module `{self.module_path()}`, {what} has shape {tuple(t.shape)} but does "
-                "not derive from the model's batched inputs: it is the same for every example "
-                f"(its dimension {dim} only happens to equal the batch size {self.batch_size}). "
-                "swiftdp cannot attribute this parameter use to examples. Compute it from the "
-                "batch (e.g. expand position ids to the batch), or freeze the parameter."
-            )
-        if t.dim() <= dim or t.shape[dim] != self.batch_size:
-            raise UnsupportedModuleError(
-                f"In module `{self.module_path()}`, {what} has shape {tuple(t.shape)}, whose "
-                f"dimension {dim} should be the batch of size {self.batch_size}. swiftdp needs "
-                "every layer to see the batch along one dimension; pass batch_first="
-                f"{not self.engine.batch_first} if the model is not batch_first="
-                f"{self.engine.batch_first}, or keep the batch dimension through the model."
-            )
 
     # ----------------------------------------------------------- fallbacks
     def generic_call_for(self, p: Tensor) -> ModuleCall | None:
@@ -451,7 +435,7 @@ def _expand_builder(
     p: Tensor, padded_shape: torch.Size, bd: int, used_shape: torch.Size,
     region: tuple[slice, ...] | None,
 ) -> Builder:
-    def build(grads: list[Tensor | None]) -> list[Contribution]:
+    def build(grads: Sequence[Tensor | None], policy: Policy) -> list[Contribution]:
         g = grads[0]
         if g is None:
             return []

@@ -31,6 +31,7 @@ References:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -38,11 +39,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from swiftdp.clipping.contributions import Contribution, LinearFactors, PerSampleGrads
-from swiftdp.layers.linear import as_sequence, linear_use, raise_unbatched
-from swiftdp.layers.registry import bind, register
+from swiftdp.layers._common import bind, check_batch, raise_unbatched
+from swiftdp.layers.linear import as_sequence, linear_use
 
 if TYPE_CHECKING:
-    from swiftdp.clipping.tracer import Tracer
+    from swiftdp.clipping.contract import Policy, Recorder
 
 _NAMES = (
     "query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight",
@@ -60,7 +61,7 @@ _DEFAULTS: dict[str, Any] = {
 
 
 def project(
-    tr: Tracer,
+    rec: Recorder,
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
@@ -70,8 +71,8 @@ def project(
     """``F.linear(x, weight[w_rows], bias[b_rows])`` captured as a linear use.
 
     Args:
-        tr: the active tracer.
-        x: input with its batch at ``tr.batch_dim`` (``(..., d)``).
+        rec: the active tracer.
+        x: input with its batch at ``rec.site.batch_dim`` (``(..., d)``).
         weight: the full weight parameter (or a frozen tensor).
         bias: the full bias parameter, or ``None``.
         w_rows: the rows of ``weight`` used (``None``: all); the use is
@@ -82,11 +83,11 @@ def project(
         The projection, with the layout of ``x``.
     """
     if w_rows is None and b_rows is None:
-        return linear_use(tr, x, weight, bias)
-    w_t = tr.is_trainable(weight)
-    b_t = bias is not None and tr.is_trainable(bias)
-    bd = tr.batch_dim
-    tr.check_batch(x, bd, "the input of an attention projection")
+        return linear_use(rec, x, weight, bias)
+    w_t = rec.site.is_trainable(weight)
+    b_t = bias is not None and rec.site.is_trainable(bias)
+    bd = rec.site.batch_dim
+    check_batch(rec.site, x, bd, "the input of an attention projection")
     w = weight.detach() if w_t else weight
     w = w if w_rows is None else w[w_rows]
     b = None
@@ -97,7 +98,7 @@ def project(
     def run() -> Tensor:
         return F.linear(x, w, b)
 
-    def build(grads: list[Tensor | None]) -> list[Contribution]:
+    def build(grads: Sequence[Tensor | None], policy: Policy) -> list[Contribution]:
         g = grads[0]
         if g is None:
             return []
@@ -106,21 +107,21 @@ def project(
         if w_t:
             a3 = as_sequence(x.detach(), bd)
             t, d, p = a3.shape[1], a3.shape[2], g3.shape[2]
-            out.append(LinearFactors(weight, a3, g3, ghost=tr.prefer_ghost(t, d, p),
+            out.append(LinearFactors(weight, a3, g3, ghost=policy.factored(t, d, p),
                                      region=None if w_rows is None else (w_rows,)))
         if b_t:
             assert bias is not None
             out.append(PerSampleGrads(bias, g3.sum(1), region=None if b_rows is None else (b_rows,)))
         return out
 
-    return tr.track(run, [x], [weight if w_t else None, bias if b_t else None], build)
+    return rec.track(run, [x], [weight if w_t else None, bias if b_t else None], build)
 
 
-def per_example_copy(tr: Tracer, p: Tensor, batch: int) -> Tensor:
+def per_example_copy(rec: Recorder, p: Tensor, batch: int) -> Tensor:
     """``p`` of shape ``(1, 1, E)`` repeated as ``(B, 1, E)``; its gradient is per example.
 
     Args:
-        tr: the active tracer.
+        rec: the active tracer.
         p: ``bias_k`` or ``bias_v``.
         batch: the batch size ``B``.
 
@@ -128,15 +129,15 @@ def per_example_copy(tr: Tracer, p: Tensor, batch: int) -> Tensor:
         One copy of ``p`` per example, ``(B, 1, E)``.
     """
     flat = p.reshape(1, 1, p.shape[-1])
-    if not tr.is_trainable(p):
+    if not rec.site.is_trainable(p):
         return flat.expand(batch, 1, -1)
     pd = flat.detach()
 
-    def build(grads: list[Tensor | None]) -> list[Contribution]:
+    def build(grads: Sequence[Tensor | None], policy: Policy) -> list[Contribution]:
         g = grads[0]
         return [] if g is None else [PerSampleGrads(p, g.reshape(g.shape[0], *p.shape))]
 
-    return tr.track(lambda: pd.repeat(batch, 1, 1), [], [p], build)
+    return rec.track(lambda: pd.repeat(batch, 1, 1), [], [p], build)
 
 
 def float_mask(mask: Tensor | None, dtype: torch.dtype, name: str) -> Tensor | None:
@@ -148,8 +149,7 @@ def float_mask(mask: Tensor | None, dtype: torch.dtype, name: str) -> Tensor | N
     return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
 
 
-@register(F.multi_head_attention_forward)
-def mha_rule(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def mha_rule(rec: Recorder, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Rule for ``torch.nn.functional.multi_head_attention_forward`` (training path).
 
     Raises:
@@ -159,8 +159,8 @@ def mha_rule(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any
     a = bind(_NAMES, args, kwargs, _DEFAULTS)
     query = a["query"]
     if query.dim() != 3:
-        raise_unbatched(tr, query)
-    tr.check_batch(query, 1, "the query of multi-head attention (time-major inside the module)")
+        raise_unbatched(rec.site, query)
+    check_batch(rec.site, query, 1, "the query of multi-head attention (time-major inside the module)")
     L, B, E = query.shape
     H = int(a["num_heads"])
     hd = E // H
@@ -168,13 +168,13 @@ def mha_rule(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any
         raise AssertionError(f"was expecting embedding dimension of {a['embed_dim_to_check']}, but got {E}")
     if hd * H != E:
         raise AssertionError(f"embed_dim {E} not divisible by num_heads {H}")
-    bd = tr.batch_dim
+    bd = rec.site.batch_dim
 
     def by_head(t: Tensor) -> Tensor:  # engine layout (…, E) → (B, H, S, hd)
         return _split(t if bd == 0 else t.transpose(0, 1), H)
 
-    q, k, v = (by_head(t) for t in _in_projections(tr, a, E))
-    k, v, extra = _extend_keys(tr, a, k, v)
+    q, k, v = (by_head(t) for t in _in_projections(rec, a, E))
+    k, v, extra = _extend_keys(rec, a, k, v)
     mask, is_causal = _mask(a, L, a["key"].shape[0], k.shape[2], extra, B, H, query.dtype)
     dropout_p = float(a["dropout_p"]) if a["training"] else 0.0
     weights: Tensor | None = None
@@ -190,7 +190,7 @@ def mha_rule(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any
     else:
         ctx = F.scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal)
     ctx = ctx.transpose(1, 2).reshape(B, L, E)
-    out = linear_use(tr, ctx if bd == 0 else ctx.transpose(0, 1), a["out_proj_weight"], a["out_proj_bias"])
+    out = linear_use(rec, ctx if bd == 0 else ctx.transpose(0, 1), a["out_proj_weight"], a["out_proj_bias"])
     # Stock memory layout ((L, B, E) contiguous), so that what follows (dropout masks
     # included) behaves exactly as after the stock function.
     return (out.transpose(0, 1).contiguous() if bd == 0 else out), weights
@@ -201,10 +201,10 @@ def _split(t: Tensor, heads: int) -> Tensor:
     return t.unflatten(-1, (heads, t.shape[-1] // heads)).transpose(1, 2)
 
 
-def _in_projections(tr: Tracer, a: dict[str, Any], E: int) -> tuple[Tensor, Tensor, Tensor]:
+def _in_projections(rec: Recorder, a: dict[str, Any], E: int) -> tuple[Tensor, Tensor, Tensor]:
     """``q, k, v`` projected as in ``_in_projection(_packed)``, batch at the engine's batch dim."""
     query, key, value = a["query"], a["key"], a["value"]
-    bd = tr.batch_dim
+    bd = rec.site.batch_dim
 
     def layout(t: Tensor) -> Tensor:  # (S, B, ·) → batch at the engine's batch dim
         return t.transpose(0, 1) if bd == 0 else t
@@ -217,23 +217,23 @@ def _in_projections(tr: Tracer, a: dict[str, Any], E: int) -> tuple[Tensor, Tens
     if a["use_separate_proj_weight"]:
         rows: tuple[slice | None, ...] = thirds if bias is not None else (None, None, None)
         names = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
-        q, k, v = (project(tr, x, a[n], bias, None, r)
+        q, k, v = (project(rec, x, a[n], bias, None, r)
                    for x, n, r in zip((xq, xk, xv), names, rows, strict=True))
         return q, k, v
     if key is not value and key.shape != value.shape:
         raise AssertionError(f"key shape {key.shape} does not match value shape {value.shape}")
     if query is key and key is value:  # self-attention: the packed weight at once
-        q, k, v = project(tr, xq, w, bias).unflatten(-1, (3, E)).unbind(-2)
+        q, k, v = project(rec, xq, w, bias).unflatten(-1, (3, E)).unbind(-2)
     elif key is value:  # encoder-decoder attention: rows [0, E) and [E, 3E)
-        q = project(tr, xq, w, bias, thirds[0], thirds[0])
+        q = project(rec, xq, w, bias, thirds[0], thirds[0])
         rest = slice(E, 3 * E)
-        k, v = project(tr, xk, w, bias, rest, rest).unflatten(-1, (2, E)).unbind(-2)
+        k, v = project(rec, xk, w, bias, rest, rest).unflatten(-1, (2, E)).unbind(-2)
     else:
-        q, k, v = (project(tr, x, w, bias, r, r) for x, r in zip((xq, xk, xv), thirds, strict=True))
+        q, k, v = (project(rec, x, w, bias, r, r) for x, r in zip((xq, xk, xv), thirds, strict=True))
     return q, k, v
 
 
-def _extend_keys(tr: Tracer, a: dict[str, Any], k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, int]:
+def _extend_keys(rec: Recorder, a: dict[str, Any], k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, int]:
     """``bias_k``/``bias_v``, ``static_k``/``static_v`` and ``add_zero_attn`` on ``(B, H, S, hd)`` keys and values.
 
     Returns:
@@ -244,8 +244,8 @@ def _extend_keys(tr: Tracer, a: dict[str, Any], k: Tensor, v: Tensor) -> tuple[T
     if a["bias_k"] is not None and a["bias_v"] is not None:
         if a["static_k"] is not None or a["static_v"] is not None:
             raise AssertionError("bias cannot be added to static key or value.")
-        k = torch.cat([k, _split(per_example_copy(tr, a["bias_k"], B), H)], 2)
-        v = torch.cat([v, _split(per_example_copy(tr, a["bias_v"], B), H)], 2)
+        k = torch.cat([k, _split(per_example_copy(rec, a["bias_k"], B), H)], 2)
+        v = torch.cat([v, _split(per_example_copy(rec, a["bias_v"], B), H)], 2)
         extra += 1
     elif a["bias_k"] is not None or a["bias_v"] is not None:
         raise AssertionError("bias_k and bias_v must be both set or both None")

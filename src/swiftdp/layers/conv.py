@@ -31,6 +31,7 @@ References:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from swiftdp.clipping.contract import Decline
 from swiftdp.clipping.contributions import (
     U64,
     Contribution,
@@ -48,10 +50,10 @@ from swiftdp.clipping.contributions import (
     weighted_sum_error,
 )
 from swiftdp.errors import UnsupportedModuleError
-from swiftdp.layers.registry import bind, register
+from swiftdp.layers._common import bind, check_batch
 
 if TYPE_CHECKING:
-    from swiftdp.clipping.tracer import Tracer
+    from swiftdp.clipping.contract import Policy, Recorder
 
 _NDIM = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
 _ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -386,32 +388,16 @@ class ConvFactors(Contribution):
         return v, gamma(n, U64) * self.mass() * other.mass()
 
 
-def _ghost_beats_conv_instantiation(tr: Tracer, positions: int, d: int, p: int) -> bool:
-    """Conv-specific correction of the generic time rule.
-
-    Instantiating a conv's per-example gradients costs about twice the
-    ``T p d`` arithmetic of the generic model (im2col plus many small
-    matmuls, measured on CPU for ResNet-18's 8×8 and 4×4 stages), while the
-    ghost side's clipped sum is one efficient native weight-gradient kernel.
-    So ghost wins whenever ``T (d + p) <= p d``.
-    """
-    eng = tr.engine
-    if eng.mode == "per_sample" or eng.cost_objective != "time":
-        return False
-    return positions * (d + p) <= p * d
-
-
-def _refuse_unbatched(tr: Tracer, x: Tensor, n: int) -> None:
+def _refuse_unbatched(rec: Recorder, x: Tensor, n: int) -> None:
     raise UnsupportedModuleError(
-        f"In module `{tr.module_path()}`, a {n}d convolution got an input of shape "
+        f"In module `{rec.site.module_path}`, a {n}d convolution got an input of shape "
         f"{tuple(x.shape)}, without a batch dimension (expected (B, C, {n} spatial dims)). "
         "Per-example clipping needs batched inputs: add the batch dimension, e.g. "
         "`x.unsqueeze(0)`."
     )
 
 
-@register(torch.conv1d, torch.conv2d, torch.conv3d)
-def conv_rule(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def conv_rule(rec: Recorder, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Rule for ``torch.conv{1,2,3}d`` (also ``F.conv{1,2,3}d`` and ``nn.Conv{1,2,3}d``).
 
     Raises:
@@ -422,24 +408,24 @@ def conv_rule(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
     n = _NDIM[func]
     a = bind(_ARGS, args, kwargs, _DEFAULTS)
     x, weight, bias = a["input"], a["weight"], a["bias"]
-    if tr.is_trainable(x):  # a parameter fed as the input: exact generic rule
-        return tr.unknown(func, args, kwargs, tr.find_params(args, kwargs))
+    if rec.site.is_trainable(x):  # a parameter fed as the input: exact generic rule
+        raise Decline
     if x.dim() != n + 2:
-        _refuse_unbatched(tr, x, n)
-    tr.check_batch(x, 0, f"the input of a {n}d convolution")
-    w_t = tr.is_trainable(weight)
-    b_t = bias is not None and tr.is_trainable(bias)
+        _refuse_unbatched(rec, x, n)
+    check_batch(rec.site, x, 0, f"the input of a {n}d convolution")
+    w_t = rec.site.is_trainable(weight)
+    b_t = bias is not None and rec.site.is_trainable(bias)
     wd = weight.detach() if w_t else weight
     bdt = bias.detach() if (bias is not None and b_t) else bias
     stride, padding, dilation, groups = a["stride"], a["padding"], a["dilation"], a["groups"]
     xd = x.detach()
     version = xd._version
-    path = tr.module_path()
+    path = rec.site.module_path
 
     def run() -> Tensor:
         return func(x, wd, bdt, stride, padding, dilation, groups)
 
-    def build(grads: list[Tensor | None]) -> list[Contribution]:
+    def build(grads: Sequence[Tensor | None], policy: Policy) -> list[Contribution]:
         g = grads[0]
         if g is None:
             return []
@@ -458,13 +444,11 @@ def conv_rule(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
             positions = math.prod(g.shape[2:])
             d = weight.shape[1] * math.prod(spec.kernel)
             p = weight.shape[0] // groups
-            ghost = tr.prefer_ghost(positions, d, p)
-            if not ghost and _ghost_beats_conv_instantiation(tr, positions, d, p):
-                ghost = True
+            ghost = policy.factored_conv(positions, d, p)
             out.append(ConvFactors(weight, xe, gw, spec, ghost=ghost))
         if b_t:
             assert bias is not None
             out.append(PerSampleGrads(bias, g.sum(tuple(range(2, g.dim())))))
         return out
 
-    return tr.track(run, [x], [weight if w_t else None, bias if b_t else None], build)
+    return rec.track(run, [x], [weight if w_t else None, bias if b_t else None], build)

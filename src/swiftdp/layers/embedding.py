@@ -35,6 +35,7 @@ References:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -52,11 +53,10 @@ from swiftdp.clipping.contributions import (
     weighted_sum_error,
 )
 from swiftdp.errors import UnsupportedModuleError
-from swiftdp.layers.linear import raise_unbatched
-from swiftdp.layers.registry import bind, register
+from swiftdp.layers._common import bind, check_batch, raise_unbatched
 
 if TYPE_CHECKING:
-    from swiftdp.clipping.tracer import Tracer
+    from swiftdp.clipping.contract import Policy, Recorder
 
 # Cost of one element of a scatter, gather or sort relative to one
 # multiply-add of a batched matmul (measured order of magnitude on CPU).
@@ -311,7 +311,7 @@ class EmbeddingGrads(Contribution):
 
 # ------------------------------------------------------------------------ rules
 def embedding_use(
-    tr: Tracer,
+    rec: Recorder,
     idx: Tensor,
     weight: Tensor,
     padding_idx: int | None,
@@ -323,8 +323,8 @@ def embedding_use(
     """Look up ``weight`` rows at ``idx`` and capture the use for clipping.
 
     Args:
-        tr: the active tracer.
-        idx: integer indices, batched along ``tr.batch_dim`` (dim 0 when 1-D).
+        rec: the active tracer.
+        idx: integer indices, batched along ``rec.site.batch_dim`` (dim 0 when 1-D).
         weight: the table ``(V, d)``, a trainable parameter.
         padding_idx: row that receives no gradient (non-negative), or ``None``.
         max_norm: must be ``None`` (see Raises).
@@ -342,11 +342,12 @@ def embedding_use(
             no noise covers), ``sparse=True`` (sparse gradients), an unbatched
             or wrongly batched index.
     """
-    _refuse_options(tr, max_norm, scale_grad_by_freq, sparse)
+    _refuse_options(rec, max_norm, scale_grad_by_freq, sparse)
     if idx.dim() < 1:
-        raise_unbatched(tr, idx)
-    bd = tr.batch_dim if idx.dim() >= 2 else 0
-    _check_batched_indices(tr, idx, bd)
+        raise_unbatched(rec.site, idx)
+    bd = rec.site.batch_dim if idx.dim() >= 2 else 0
+    _check_batched_indices(rec, idx, bd)
+    check_batch(rec.site, idx, bd, "the embedding's indices")
     wd = weight.detach()
     V = int(weight.shape[0])
     pad = padding_idx
@@ -354,7 +355,7 @@ def embedding_use(
     def run() -> Tensor:
         return F.embedding(idx, wd, pad)
 
-    def build(grads: list[Tensor | None]) -> list[Contribution]:
+    def build(grads: Sequence[Tensor | None], policy: Policy) -> list[Contribution]:
         g = grads[0]
         if g is None:
             return []
@@ -367,29 +368,29 @@ def embedding_use(
         if pad is not None:
             g3 = g3.masked_fill((i2 == pad).unsqueeze(2), 0.0)
         method = choose_norm_method(
-            B, i2.shape[1], V, g3.shape[2], objective=tr.engine.cost_objective,
-            allow_pairs=tr.engine.mode != "per_sample",
+            B, i2.shape[1], V, g3.shape[2], objective=policy.cost_objective,
+            allow_pairs=policy.allow_pairs,
         )
         return [EmbeddingGrads(weight, i2, g3, method=method)]
 
-    return tr.track(run, [idx], [weight], build)
+    return rec.track(run, [idx], [weight], build)
 
 
-def _check_batched_indices(tr: Tracer, idx: Tensor, bd: int) -> None:
-    if idx.shape[bd] != tr.batch_size:
+def _check_batched_indices(rec: Recorder, idx: Tensor, bd: int) -> None:
+    if idx.shape[bd] != rec.site.batch_size:
         raise UnsupportedModuleError(
-            f"In module `{tr.module_path()}`, the embedding got indices of shape "
+            f"In module `{rec.site.module_path}`, the embedding got indices of shape "
             f"{tuple(idx.shape)}, whose dimension {bd} should be the batch of size "
-            f"{tr.batch_size}. Indices shared by the whole batch (a position lookup such as "
+            f"{rec.site.batch_size}. Indices shared by the whole batch (a position lookup such as "
             "`pos_emb(torch.arange(T))`) give one gradient for all examples, which cannot be "
             "clipped per example: expand them to the batch (`pos_emb(positions.expand(B, T))`) "
             "or add an nn.Parameter position table to the activations. If the model is "
-            f"sequence-first, pass batch_first={not tr.engine.batch_first}."
+            f"sequence-first, pass batch_first={not rec.site.batch_first}."
         )
 
 
-def _refuse_options(tr: Tracer, max_norm: Any, scale_grad_by_freq: bool, sparse: bool) -> None:
-    where = f"In module `{tr.module_path()}`, the embedding"
+def _refuse_options(rec: Recorder, max_norm: Any, scale_grad_by_freq: bool, sparse: bool) -> None:
+    where = f"In module `{rec.site.module_path}`, the embedding"
     if scale_grad_by_freq:
         raise UnsupportedModuleError(
             f"{where} has scale_grad_by_freq=True: each row's gradient is divided by how often "
@@ -411,8 +412,7 @@ def _refuse_options(tr: Tracer, max_norm: Any, scale_grad_by_freq: bool, sparse:
         )
 
 
-@register(F.embedding)
-def embedding_rule(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def embedding_rule(rec: Recorder, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Rule for ``torch.nn.functional.embedding``."""
     a = bind(
         ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"),
@@ -421,29 +421,28 @@ def embedding_rule(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[st
          "sparse": False},
     )
     weight = a["weight"]
-    if not tr.is_trainable(weight):
+    if not rec.site.is_trainable(weight):
         return func(*args, **kwargs)
     pad = a["padding_idx"]
     if pad is not None and pad < 0:
         pad = int(weight.shape[0]) + pad
     return embedding_use(
-        tr, a["input"], weight, pad, max_norm=a["max_norm"],
+        rec, a["input"], weight, pad, max_norm=a["max_norm"],
         scale_grad_by_freq=bool(a["scale_grad_by_freq"]), sparse=bool(a["sparse"]),
     )
 
 
-@register(torch.embedding)
-def torch_embedding_rule(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def torch_embedding_rule(rec: Recorder, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Rule for ``torch.embedding(weight, indices, padding_idx=-1, ...)`` (negative: none)."""
     a = bind(
         ("weight", "indices", "padding_idx", "scale_grad_by_freq", "sparse"), args, kwargs,
         {"padding_idx": -1, "scale_grad_by_freq": False, "sparse": False},
     )
     weight = a["weight"]
-    if not tr.is_trainable(weight):
+    if not rec.site.is_trainable(weight):
         return func(*args, **kwargs)
     pad = a["padding_idx"]
     return embedding_use(
-        tr, a["indices"], weight, pad if pad is not None and pad >= 0 else None,
+        rec, a["indices"], weight, pad if pad is not None and pad >= 0 else None,
         scale_grad_by_freq=bool(a["scale_grad_by_freq"]), sparse=bool(a["sparse"]),
     )

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch.nn.functional as F
@@ -16,8 +16,8 @@ from swiftdp.clipping.contributions import Contribution, LinearFactors, PerSampl
 from swiftdp.errors import UnsupportedModuleError
 
 if TYPE_CHECKING:
-    from swiftdp.clipping.tracer import Tracer
-from swiftdp.layers.registry import bind, register
+    from swiftdp.clipping.contract import Policy, Recorder
+from swiftdp.layers._common import bind, check_batch, raise_unbatched
 
 
 def as_sequence(t: Tensor, batch_dim: int) -> Tensor:
@@ -30,7 +30,7 @@ def as_sequence(t: Tensor, batch_dim: int) -> Tensor:
 
 
 def linear_use(
-    tr: Tracer,
+    rec: Recorder,
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
@@ -39,7 +39,7 @@ def linear_use(
     """Run ``F.linear(x, weight, bias)`` and capture it for clipping.
 
     Args:
-        tr: the active tracer.
+        rec: the active tracer.
         x: input ``(..., d)``.
         weight: ``(p, d)``; captured when it is a trainable parameter.
         bias: ``(p,)`` or ``None``; captured when trainable.
@@ -48,22 +48,22 @@ def linear_use(
     Returns:
         The output, identical to ``F.linear``'s.
     """
-    w_t = tr.is_trainable(weight)
-    b_t = bias is not None and tr.is_trainable(bias)
+    w_t = rec.site.is_trainable(weight)
+    b_t = bias is not None and rec.site.is_trainable(bias)
     if x.dim() < 2:
-        raise_unbatched(tr, x)
-    bd = tr.batch_dim if x.dim() >= 3 else 0
-    tr.check_batch(x, bd, "the input of a linear layer")
+        raise_unbatched(rec.site, x)
+    bd = rec.site.batch_dim if x.dim() >= 3 else 0
+    check_batch(rec.site, x, bd, "the input of a linear layer")
     xd = x.detach()
     version = xd._version
-    path = tr.module_path()
+    path = rec.site.module_path
     wd = weight.detach() if w_t else weight
     bdt = bias.detach() if (bias is not None and b_t) else bias
 
     def run() -> Tensor:
         return F.linear(x, wd, bdt) if compute is None else compute()
 
-    def build(grads: list[Tensor | None]) -> list[Contribution]:
+    def build(grads: Sequence[Tensor | None], policy: Policy) -> list[Contribution]:
         g = grads[0]
         if g is None:
             return []
@@ -78,25 +78,16 @@ def linear_use(
                 )
             a3 = as_sequence(xd, bd)
             t, d, p = a3.shape[1], a3.shape[2], g3.shape[2]
-            out.append(LinearFactors(weight, a3, g3, ghost=tr.prefer_ghost(t, d, p)))
+            out.append(LinearFactors(weight, a3, g3, ghost=policy.factored(t, d, p)))
         if b_t:
             assert bias is not None
             out.append(PerSampleGrads(bias, g3.sum(1)))
         return out
 
-    return tr.track(run, [x], [weight if w_t else None, bias if b_t else None], build)
+    return rec.track(run, [x], [weight if w_t else None, bias if b_t else None], build)
 
 
-def raise_unbatched(tr: Tracer, x: Tensor) -> None:
-    """Refuse an input without a batch dimension."""
-    raise UnsupportedModuleError(
-        f"In module `{tr.module_path()}`, a layer got an input of shape {tuple(x.shape)} "
-        "without a batch dimension. Per-example clipping needs batched inputs."
-    )
-
-
-@register(F.linear)
-def linear_rule(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def linear_rule(rec: Recorder, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Rule for ``torch.nn.functional.linear``."""
     a = bind(("input", "weight", "bias"), args, kwargs, {"bias": None})
-    return linear_use(tr, a["input"], a["weight"], a["bias"])
+    return linear_use(rec, a["input"], a["weight"], a["bias"])

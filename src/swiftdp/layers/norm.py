@@ -25,15 +25,14 @@ from torch import Tensor
 
 from swiftdp.clipping.contributions import Contribution, PerSampleGrads
 from swiftdp.errors import UnsupportedModuleError
-from swiftdp.layers.linear import raise_unbatched
-from swiftdp.layers.registry import bind, register
+from swiftdp.layers._common import bind, check_batch, raise_unbatched
 
 if TYPE_CHECKING:
-    from swiftdp.clipping.tracer import Tracer
+    from swiftdp.clipping.contract import Policy, Recorder
 
 
 def affine_use(
-    tr: Tracer,
+    rec: Recorder,
     x: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
@@ -44,7 +43,7 @@ def affine_use(
     """Run a normalisation ``x̂ ⊙ weight + bias`` and capture its affine parameters.
 
     Args:
-        tr: the active tracer.
+        rec: the active tracer.
         x: the input.
         weight: scale, captured when it is a trainable parameter.
         bias: shift, captured when it is a trainable parameter.
@@ -58,12 +57,12 @@ def affine_use(
     Returns:
         The op's output, identical to the native op's.
     """
-    w_t = weight is not None and tr.is_trainable(weight)
-    b_t = bias is not None and tr.is_trainable(bias)
+    w_t = weight is not None and rec.site.is_trainable(weight)
+    b_t = bias is not None and rec.site.is_trainable(bias)
     wd = weight.detach() if (weight is not None and w_t) else weight
     bdt = bias.detach() if (bias is not None and b_t) else bias
 
-    def build(grads: list[Tensor | None]) -> list[Contribution]:
+    def build(grads: Sequence[Tensor | None], policy: Policy) -> list[Contribution]:
         g = grads[0]
         if g is None:
             return []
@@ -77,23 +76,23 @@ def affine_use(
         return out
 
     params = [weight if w_t else None, bias if b_t else None]
-    return tr.track(lambda: compute(wd, bdt), [x], params, build)
+    return rec.track(lambda: compute(wd, bdt), [x], params, build)
 
 
-def _trailing(tr: Tracer, x: Tensor, shape: Sequence[int], what: str) -> Callable[[Tensor], Tensor]:
+def _trailing(rec: Recorder, x: Tensor, shape: Sequence[int], what: str) -> Callable[[Tensor], Tensor]:
     """Reduction for parameters over the trailing ``shape`` dims (LayerNorm, RMSNorm)."""
     if x.dim() < 1:
-        raise_unbatched(tr, x)
+        raise_unbatched(rec.site, x)
     k = len(shape)
-    bd = tr.batch_dim if x.dim() >= 3 else 0
+    bd = rec.site.batch_dim if x.dim() >= 3 else 0
     if x.dim() - k <= bd:
         raise UnsupportedModuleError(
-            f"In module `{tr.module_path()}`, {what} normalises over the last {k} dimension(s) "
+            f"In module `{rec.site.module_path}`, {what} normalises over the last {k} dimension(s) "
             f"of an input of shape {tuple(x.shape)}, which include the batch dimension {bd}: "
             "the statistics mix the examples of the batch. Normalise over feature dimensions "
             "only (normalized_shape must not cover the batch)."
         )
-    tr.check_batch(x, bd, f"the input of {what}")
+    check_batch(rec.site, x, bd, f"the input of {what}")
     lead = tuple(d for d in range(x.dim() - k) if d != bd)
 
     def reduce(t: Tensor) -> Tensor:
@@ -104,11 +103,11 @@ def _trailing(tr: Tracer, x: Tensor, shape: Sequence[int], what: str) -> Callabl
     return reduce
 
 
-def _channels(tr: Tracer, x: Tensor, what: str) -> Callable[[Tensor], Tensor]:
+def _channels(rec: Recorder, x: Tensor, what: str) -> Callable[[Tensor], Tensor]:
     """Reduction for per-channel parameters of ``(N, C, *spatial)`` inputs (GroupNorm, InstanceNorm)."""
     if x.dim() < 2:
-        raise_unbatched(tr, x)
-    tr.check_batch(x, 0, f"the input of {what} (layout (N, C, *))")
+        raise_unbatched(rec.site, x)
+    check_batch(rec.site, x, 0, f"the input of {what} (layout (N, C, *))")
     spatial = tuple(range(2, x.dim()))
 
     def reduce(t: Tensor) -> Tensor:
@@ -117,53 +116,49 @@ def _channels(tr: Tracer, x: Tensor, what: str) -> Callable[[Tensor], Tensor]:
     return reduce
 
 
-@register(F.layer_norm)
-def layer_norm_rule(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def layer_norm_rule(rec: Recorder, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Rule for ``torch.nn.functional.layer_norm`` (``bias`` optional)."""
     a = bind(("input", "normalized_shape", "weight", "bias", "eps"), args, kwargs,
              {"weight": None, "bias": None, "eps": 1e-5})
     x, shape, eps = a["input"], tuple(a["normalized_shape"]), a["eps"]
-    reduce = _trailing(tr, x, shape, "a layer norm")
+    reduce = _trailing(rec, x, shape, "a layer norm")
     return affine_use(
-        tr, x, a["weight"], a["bias"],
+        rec, x, a["weight"], a["bias"],
         lambda w, b: F.layer_norm(x, shape, w, b, eps),
         lambda t: F.layer_norm(t, shape, None, None, eps),
         reduce,
     )
 
 
-@register(F.rms_norm)
-def rms_norm_rule(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def rms_norm_rule(rec: Recorder, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Rule for ``torch.nn.functional.rms_norm`` (``eps=None``: ``torch.finfo(dtype).eps``)."""
     a = bind(("input", "normalized_shape", "weight", "eps"), args, kwargs,
              {"weight": None, "eps": None})
     x, shape, eps = a["input"], tuple(a["normalized_shape"]), a["eps"]
-    reduce = _trailing(tr, x, shape, "an RMS norm")
+    reduce = _trailing(rec, x, shape, "an RMS norm")
     return affine_use(
-        tr, x, a["weight"], None,
+        rec, x, a["weight"], None,
         lambda w, b: F.rms_norm(x, shape, w, eps),
         lambda t: F.rms_norm(t, shape, None, eps),
         reduce,
     )
 
 
-@register(F.group_norm)
-def group_norm_rule(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def group_norm_rule(rec: Recorder, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Rule for ``torch.nn.functional.group_norm`` (per-channel affine)."""
     a = bind(("input", "num_groups", "weight", "bias", "eps"), args, kwargs,
              {"weight": None, "bias": None, "eps": 1e-5})
     x, groups, eps = a["input"], a["num_groups"], a["eps"]
-    reduce = _channels(tr, x, "a group norm")
+    reduce = _channels(rec, x, "a group norm")
     return affine_use(
-        tr, x, a["weight"], a["bias"],
+        rec, x, a["weight"], a["bias"],
         lambda w, b: F.group_norm(x, groups, w, b, eps),
         lambda t: F.group_norm(t, groups, None, None, eps),
         reduce,
     )
 
 
-@register(F.instance_norm)
-def instance_norm_rule(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def instance_norm_rule(rec: Recorder, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Rule for ``torch.nn.functional.instance_norm`` (per-channel affine).
 
     Raises:
@@ -182,13 +177,13 @@ def instance_norm_rule(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dic
     use_stats, momentum, eps = bool(a["use_input_stats"]), a["momentum"], a["eps"]
     if use_stats and (rm is not None or rv is not None):
         raise UnsupportedModuleError(
-            f"In module `{tr.module_path()}`, an instance norm updates running statistics "
+            f"In module `{rec.site.module_path}`, an instance norm updates running statistics "
             "(track_running_stats=True in training mode): they are averaged over the private "
             "batch and released with the model without noise, which breaks differential "
             "privacy. Use track_running_stats=False (training then uses per-example statistics "
             "anyway)."
         )
-    reduce = _channels(tr, x, "an instance norm")
+    reduce = _channels(rec, x, "an instance norm")
     if use_stats:
         def normalize(t: Tensor) -> Tensor:
             return F.instance_norm(t, None, None, None, None, True, 0.0, eps)
@@ -205,7 +200,7 @@ def instance_norm_rule(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dic
         return F.instance_norm(x, rm, rv, w, b, use_stats, momentum, eps)
 
     return affine_use(
-        tr, x, a["weight"], a["bias"],
+        rec, x, a["weight"], a["bias"],
         compute,
         normalize,
         reduce,

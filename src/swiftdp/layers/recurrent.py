@@ -33,6 +33,7 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -45,10 +46,10 @@ from torch.nn.utils.rnn import PackedSequence
 
 from swiftdp.clipping.contributions import Contribution, LinearFactors, PerSampleGrads
 from swiftdp.errors import UnsupportedModuleError
-from swiftdp.layers.registry import bind, register
+from swiftdp.layers._common import bind
 
 if TYPE_CHECKING:
-    from swiftdp.clipping.tracer import Tracer
+    from swiftdp.clipping.contract import Policy, Recorder, Site
 
 _KINDS = {torch.lstm: "lstm", torch.gru: "gru", torch.rnn_tanh: "tanh", torch.rnn_relu: "relu"}
 _PADDED = ("input", "hx", "params", "has_biases", "num_layers", "dropout", "train",
@@ -99,11 +100,11 @@ def _parse(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
     )
 
 
-def _unsorted_indices(tr: Tracer) -> Tensor | None:
+def _unsorted_indices(rec: Recorder) -> Tensor | None:
     """The permutation back to the caller's batch order of a module's packed input."""
-    if tr.stack and isinstance(tr.stack[-1].module, nn.RNNBase):
-        call = tr.stack[-1]
-        inp = call.args[0] if call.args else call.kwargs.get("input")
+    site = rec.site
+    if isinstance(site.module, nn.RNNBase):
+        inp = site.module_args[0] if site.module_args else site.module_kwargs.get("input")
         if isinstance(inp, PackedSequence):
             return inp.unsorted_indices
     return None
@@ -125,8 +126,7 @@ def _native(c: _Call, t: Tensor, valid: Tensor | None) -> Tensor:
     return t.transpose(0, 1) if c.batch_first else t
 
 
-@register(torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu)
-def rnn_rule(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def rnn_rule(rec: Recorder, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Rule for the fused recurrent ops behind ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN``.
 
     Raises:
@@ -135,12 +135,12 @@ def rnn_rule(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any
     """
     c = _parse(func, args, kwargs)
     B = c.hx[0].shape[1]
-    if B != tr.batch_size:
+    if B != rec.site.batch_size:
         where = "the packed input" if c.batch_sizes is not None else (
             f"the input of shape {tuple(c.x.shape)} (batch_first={c.batch_first})")
         raise UnsupportedModuleError(
-            f"In module `{tr.module_path()}`, {where} of the recurrent layer has {B} sequences, "
-            f"but the batch has {tr.batch_size} examples. Give the layer the whole batch "
+            f"In module `{rec.site.module_path}`, {where} of the recurrent layer has {B} sequences, "
+            f"but the batch has {rec.site.batch_size} examples. Give the layer the whole batch "
             "(batch_first as set on the module; GradClipper's batch_first must match the "
             "layout of the model's inputs), with one sequence per example."
         )
@@ -148,18 +148,18 @@ def rnn_rule(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any
     if c.batch_sizes is not None:
         bs = c.batch_sizes.to(c.x.device)
         valid = torch.arange(B, device=bs.device).unsqueeze(0) < bs.unsqueeze(1)
-    unsorted = _unsorted_indices(tr) if c.batch_sizes is not None else None
-    det = [p.detach() if tr.is_trainable(p) else p for p in c.params]
+    unsorted = _unsorted_indices(rec) if c.batch_sizes is not None else None
+    det = [p.detach() if rec.site.is_trainable(p) else p for p in c.params]
     drop = c.dropout if c.train and c.layers > 1 else 0.0
     x, D = c.x, c.dirs
     states: list[tuple[Tensor, ...]] = []
     for layer in range(c.layers):
         spec = _Spec(c, layer, det, valid)
         mine = [p for d in range(D) for p in c.weights(layer, d).values()
-                if p is not None and tr.is_trainable(p)]
+                if p is not None and rec.site.is_trainable(p)]
         # A scalar probe whose gradient arrives right after the layer's backward.
         zero = partial(torch.zeros, (), dtype=x.dtype, device=x.device)
-        probe = tr.track(zero, [], mine, _builder(tr, spec, unsorted))
+        probe = rec.track(zero, [], mine, _builder(rec.site, spec, unsorted))
         hx = [h[layer * D:(layer + 1) * D] for h in c.hx]
         res = _Layer.apply(spec, probe, x, *hx)
         states.append(res[1:])
@@ -187,8 +187,8 @@ class _Spec:
     stash: list[Factors] | None = field(default=None)
 
 
-def _builder(tr: Tracer, spec: _Spec, unsorted: Tensor | None) -> Any:
-    def build(grads: list[Tensor | None]) -> list[Contribution]:
+def _builder(site: Site, spec: _Spec, unsorted: Tensor | None) -> Any:
+    def build(grads: Sequence[Tensor | None], policy: Policy) -> list[Contribution]:
         stash, spec.stash = spec.stash, None
         if grads[0] is None or stash is None:
             return []
@@ -197,14 +197,14 @@ def _builder(tr: Tracer, spec: _Spec, unsorted: Tensor | None) -> Any:
             w = spec.call.weights(spec.layer, d)
             for name, (a, g) in factors.items():
                 p = w[name]
-                if p is None or not tr.is_trainable(p):
+                if p is None or not site.is_trainable(p):
                     continue
                 g = _batch_major(g, unsorted)
                 if a is None:
                     out.append(PerSampleGrads(p, g.sum(1)))
                 else:
                     a = _batch_major(a, unsorted)
-                    out.append(LinearFactors(p, a, g, ghost=tr.prefer_ghost(a.shape[1], a.shape[2], g.shape[2])))
+                    out.append(LinearFactors(p, a, g, ghost=policy.factored(a.shape[1], a.shape[2], g.shape[2])))
         return out
 
     return build
