@@ -71,7 +71,15 @@ class Site:
 
     def carries_batch(self, t: Any) -> bool:
         """Whether ``t`` derives from the model's batched inputs (tracked, not guessed)."""
-        return self.call_batched or getattr(t, "_swiftdp_batch", None) is self.batch_token
+        return self.call_batched or self.batch_dim_of(t) is not False
+
+    def batch_dim_of(self, t: Any) -> int | bool | None:
+        """The tracked batch dimension of ``t``: an int, ``None`` (unknown) or ``False``
+        (``t`` does not derive from the batch)."""
+        m = getattr(t, "_swiftdp_batch", None)
+        if m is None or m[0] is not self.batch_token:
+            return False
+        return m[1]  # type: ignore[no-any-return]
 
 
 class Policy(Protocol):

@@ -311,6 +311,7 @@ class GradClipper:
         self._contribs = []
         self._uses = {}
         self._tracer.views.clear()
+        self._tracer.captures = []
         self._tracer.batch_token = object()
         self._names = None
         self._batch_size = _batch_size(args, kwargs, 0 if self.batch_first else 1)
@@ -432,7 +433,7 @@ class GradClipper:
             if isinstance(t, Tensor) and t.dim() > 0:
                 d = bd if t.dim() > max(bd, 1) else 0
                 if t.shape[d] == batch:
-                    tr.mark_batched(t)
+                    tr.mark_batched(t, d)
 
     def _policy(self) -> ModePolicy:
         """The mode's choices for the rules' builds (the second ghost pass forms sums only)."""

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 def capture_module_output(engine: GradClipper, call: ModuleCall, output: Any) -> Any:
     """Hook the outputs of a module call marked generic; returns the (possibly new) output."""
     tr = engine._tracer
+    _absorb_inner_captures(tr, call)
     engine._generic_params[call.call_id] = set(call.generic)
     leaves, spec = pytree.tree_flatten(output)
     idx = [i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.is_floating_point()]
@@ -48,6 +49,26 @@ def capture_module_output(engine: GradClipper, call: ModuleCall, output: Any) ->
     for j, i in enumerate(idx):
         leaves[i].register_hook(cap.hook(j))
     return pytree.tree_unflatten(leaves, spec) if changed else None
+
+
+def _absorb_inner_captures(tr: Any, call: ModuleCall) -> None:
+    """Make generic every parameter of a capture inside ``call`` that shares one with it.
+
+    Such a capture is cancelled (its generic parameters are recomputed by
+    ``call``), so its other parameters (the bias next to a weight the parent
+    also uses) must be recomputed by ``call`` too, or they would lose their
+    gradient.
+    """
+    gen = call.generic
+    changed = True
+    while changed:
+        changed = False
+        for cap in tr.captures:
+            if call.call_id in cap.call_ids and not cap.param_ids.isdisjoint(gen.keys()):
+                for p in cap.params:
+                    if id(p) not in gen:
+                        gen[id(p)] = p
+                        changed = True
 
 
 def _builder(

@@ -31,6 +31,7 @@ from torch.nn.utils.parametrize import ParametrizationList
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from swiftdp.clipping import batchdim
 from swiftdp.clipping.contract import Build, Decline, Policy, Site
 from swiftdp.clipping.contributions import Contribution, PerSampleGrads
 from swiftdp.errors import UnsupportedModuleError
@@ -104,6 +105,8 @@ class Capture:
         self.grads: list[Tensor | None] = [None] * n_outputs
         self.build = build
         self.param_ids = {id(p) for p in params}
+        self.params = list(params)
+        tracer.captures.append(self)
         uses = tracer.engine._uses
         for pid in self.param_ids:
             uses[pid] = uses.get(pid, 0) + 1
@@ -133,6 +136,9 @@ class Tracer(TorchFunctionMode):
         # Whether the op a rule is running for has a batched input (the
         # tensors a composite rule derives from it inside are not marked).
         self.rule_batched = False
+        # Every capture of the forward in progress (a generic module call
+        # takes over the parameters of the captures inside it).
+        self.captures: list[Capture] = []
         # Detached slices of trainable parameters (``self.pos[:, :t]``):
         # id -> (view, parameter, region). Reset at every forward.
         self.views: dict[int, tuple[Tensor, Tensor, tuple[slice, ...]]] = {}
@@ -149,31 +155,28 @@ class Tracer(TorchFunctionMode):
             kwargs = {}
         if self.engine._suspended:
             return func(*args, **kwargs)
-        found, batched = self.scan(args, kwargs)
+        found, src = self.scan(args, kwargs)
         if not torch.is_grad_enabled():  # no gradient: only the batch tracking goes on
             out = func(*args, **kwargs)
-            if batched:
-                self._mark_outputs(func, args, kwargs, out)
+            if src is not None:
+                self._mark_outputs(func, args, kwargs, out, src)
             return out
         if found:
-            prev, self.rule_batched = self.rule_batched, batched
+            prev, self.rule_batched = self.rule_batched, src is not None
             try:
                 out = self.call_with_params(func, args, kwargs, found)
             finally:
                 self.rule_batched = prev
         else:
             out = func(*args, **kwargs)
-        if batched:
-            self._mark_outputs(func, args, kwargs, out)
+        if src is not None:
+            self._mark_outputs(func, args, kwargs, out, src)
         return out
 
     # ----------------------------------------------------- batch tracking
-    def mark_batched(self, t: Tensor) -> None:
-        """Record that ``t`` carries the batch (a model input, or derived from one)."""
-        try:
-            t._swiftdp_batch = self.batch_token  # type: ignore[attr-defined]
-        except (AttributeError, RuntimeError):  # tensors that take no attributes
-            pass
+    def mark_batched(self, t: Tensor, dim: int | None) -> None:
+        """Record that ``t`` carries the batch along ``dim`` (a model input, or derived)."""
+        batchdim.mark(t, self.batch_token, dim)
 
     def carries_batch(self, t: Any) -> bool:
         """Whether ``t`` derives from the model's batched inputs in this forward.
@@ -182,24 +185,25 @@ class Tracer(TorchFunctionMode):
         does not derive from the inputs (a position table, a relative-position
         index) is not batched even when a dimension happens to equal ``B``.
         """
-        return getattr(t, "_swiftdp_batch", None) is self.batch_token
+        return batchdim.read(t, self.batch_token)[0]
 
     def _mark_outputs(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-                      out: Any) -> None:
-        if isinstance(out, Tensor):
-            self.mark_batched(out)
-        elif isinstance(out, (list, tuple)):
-            for t in _flat(out):
-                if isinstance(t, Tensor):
-                    self.mark_batched(t)
+                      out: Any, src: tuple[Tensor, int | None]) -> None:
+        x, d = src
+        outs = [out] if isinstance(out, Tensor) else (
+            [t for t in _flat(out) if isinstance(t, Tensor)] if isinstance(out, (list, tuple))
+            else [])
+        for t in outs:
+            self.mark_batched(t, batchdim.out_dim(func, args, kwargs, x, d, t))
         # An in-place op writes batched values into its first argument.
         name = getattr(func, "__name__", "")
         if (name.endswith("_") and not name.startswith("__")) or name in _SETITEM:
-            if args and isinstance(args[0], Tensor):
-                self.mark_batched(args[0])
+            if args and isinstance(args[0], Tensor) and args[0] is not x:
+                self.mark_batched(args[0], None if not outs or outs[0] is not args[0]
+                                  else batchdim.read(args[0], self.batch_token)[1])
         o = kwargs.get("out")
-        if isinstance(o, Tensor):
-            self.mark_batched(o)
+        if isinstance(o, Tensor) and not any(o is t for t in outs):
+            self.mark_batched(o, None)
 
     def base_param(self, t: Tensor) -> Tensor:
         """The parameter behind ``t`` (itself, or the parameter a recorded slice views)."""
@@ -219,6 +223,11 @@ class Tracer(TorchFunctionMode):
     ) -> Any:
         generic_here = [p for p in found if self.generic_call_for(self.base_param(p)) is not None]
         if generic_here:
+            if len(generic_here) < len(found):
+                # Mixed with parameters no generic call owns yet: the whole op
+                # goes generic, so nothing of it keeps an autograd edge or is
+                # left out of the recomputation.
+                return self._mark_generic(func, args, kwargs, found)
             return func(*detach_in(args, generic_here), **detach_in(kwargs, generic_here))
         if self.stack and isinstance(self.stack[-1].module, ParametrizationList):
             # A parametrization computing a weight from its underlying
@@ -238,18 +247,20 @@ class Tracer(TorchFunctionMode):
         """Trainable parameters and recorded parameter slices anywhere in the arguments."""
         return self.scan(args, kwargs)[0]
 
-    def scan(self, args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[list[Tensor], bool]:
+    def scan(self, args: Sequence[Any], kwargs: dict[str, Any]
+             ) -> tuple[list[Tensor], tuple[Tensor, int | None] | None]:
         """The one argument walk of the engine, at any nesting depth.
 
         Positional and keyword arguments, nested lists, tuples and dicts.
 
         Returns:
-            ``(params, batched)``: the trainable parameters and recorded
-            parameter slices found, and whether any argument carries the batch.
+            ``(params, src)``: the trainable parameters and recorded parameter
+            slices found, and the first argument carrying the batch with its
+            batch dimension (``None`` when no argument carries it).
         """
         trainable, views, token = self.engine._trainable, self.views, self.batch_token
         out: list[Tensor] = []
-        batched = False
+        batched: tuple[Tensor, int | None] | None = None
 
         def visit(x: Any) -> None:
             nonlocal batched
@@ -258,8 +269,10 @@ class Tracer(TorchFunctionMode):
                 if (i in trainable and trainable[i] is x) or (i in views and views[i][0] is x):
                     if not any(x is o for o in out):
                         out.append(x)
-                elif not batched and getattr(x, "_swiftdp_batch", None) is token:
-                    batched = True
+                elif batched is None:
+                    m = getattr(x, batchdim.ATTR, None)
+                    if m is not None and m[0] is token:
+                        batched = (x, m[1])
             elif isinstance(x, (list, tuple)):
                 for y in x:
                     visit(y)
@@ -365,6 +378,9 @@ class Tracer(TorchFunctionMode):
                 out = p.detach()[args[1]]
                 self.views[id(out)] = (out, p, region)
                 return out
+        if _mutates(func, kwargs):
+            # Running it to inspect the result would apply it twice.
+            return self._mark_generic(func, args, kwargs, found)
         with torch.no_grad():
             ref = func(*args, **kwargs)
         if not any(isinstance(t, Tensor) for t in pytree.tree_leaves(ref)):
@@ -381,7 +397,7 @@ class Tracer(TorchFunctionMode):
     ) -> Tensor | None:
         bd = self.batch_dim if ref.dim() >= 3 else 0
         B = self.batch_size
-        if ref.dim() <= bd or ref.shape[bd] != B:
+        if ref.dim() <= bd or ref.shape[bd] != B or not self._batch_at(args, kwargs, bd, ref):
             return None
         leaves: dict[int, tuple[Tensor, Tensor, torch.Size]] = {}
         regions: dict[int, tuple[slice, ...] | None] = {}
@@ -407,6 +423,20 @@ class Tracer(TorchFunctionMode):
                           [base], tuple(c.call_id for c in self.stack))
             leaf.register_hook(cap.hook(0))
         return out
+
+    def _batch_at(self, args: tuple[Any, ...], kwargs: dict[str, Any], bd: int, ref: Tensor) -> bool:
+        """Whether every batched operand has its batch at ``ref``'s dimension ``bd`` (and one has)."""
+        seen = False
+        for t in _flat((args, kwargs)):
+            if not isinstance(t, Tensor):
+                continue
+            carries, d = batchdim.read(t, self.batch_token)
+            if not carries:
+                continue
+            if d is None or d + ref.dim() - t.dim() != bd:
+                return False
+            seen = True
+        return seen
 
     def _mark_generic(
         self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -446,6 +476,17 @@ def _expand_builder(
         return [PerSampleGrads(p, g.reshape(g.shape[0], *used_shape), region=region)]
 
     return build
+
+
+def _mutates(func: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether ``func`` writes into one of its arguments (in-place op or ``out=``)."""
+    name = getattr(func, "__name__", "")
+    if "out" in kwargs and kwargs["out"] is not None:
+        return True
+    if name.startswith("__"):
+        return name in _SETITEM or (name.startswith("__i") and name not in ("__index__", "__int__",
+                                                                            "__invert__", "__iter__"))
+    return name.endswith("_")
 
 
 def _slice_region(index: Any, shape: torch.Size) -> tuple[slice, ...] | None:

@@ -1,0 +1,91 @@
+"""Where the batch is: tracked from the model's inputs through every op.
+
+Each tensor derived from the model's batched inputs during a forward carries a
+mark ``(token, dim)``: the forward's token and the dimension that indexes the
+examples (``None`` when an op made it unknown, e.g. a reshape that merged the
+batch with another dimension). Marks are propagated by the dispatcher for
+every torch function, with the dimension followed through the ops that move
+it (transpose, permute, movedim, unsqueeze, squeeze, ``.T``/``.mT``) and by
+alignment for the rest; nothing is guessed from a size alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+ATTR = "_swiftdp_batch"
+
+
+def mark(t: Tensor, token: object, dim: int | None) -> None:
+    """Record that ``t`` carries the batch along ``dim`` (``None``: unknown)."""
+    try:
+        setattr(t, ATTR, (token, dim))
+    except (AttributeError, RuntimeError):  # tensors that take no attributes
+        pass
+
+
+def read(t: Any, token: object) -> tuple[bool, int | None]:
+    """``(carries, dim)`` of ``t`` for this forward's ``token``."""
+    m = getattr(t, ATTR, None)
+    if m is None or m[0] is not token:
+        return False, None
+    return True, m[1]
+
+
+def _norm(d: Any, n: int) -> int | None:
+    return int(d) + n if isinstance(d, int) and d < 0 else (int(d) if isinstance(d, int) else None)
+
+
+def out_dim(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], x: Tensor,
+            d: int | None, out: Tensor) -> int | None:
+    """The batch dimension of ``out``, computed from input ``x``'s (``d``) through ``func``."""
+    if d is None or out.dim() == 0:
+        return None
+    name = getattr(func, "__name__", "")
+    if name == "__get__":
+        name = getattr(getattr(func, "__self__", None), "__name__", "")
+    n = x.dim()
+    rest = args[1:] if args and args[0] is x else args
+    if name in ("transpose", "swapaxes", "swapdims", "transpose_"):
+        a = _norm(rest[0] if rest else kwargs.get("dim0"), n)
+        b = _norm(rest[1] if len(rest) > 1 else kwargs.get("dim1"), n)
+        return b if d == a else a if d == b else d
+    if name in ("t", "t_") or (name == "T" and n == 2):
+        return 1 - d if n == 2 else d
+    if name == "T":
+        return n - 1 - d
+    if name == "mT":
+        return n - 1 if d == n - 2 else n - 2 if d == n - 1 else d
+    if name == "permute":
+        dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+        dims = [_norm(k, n) for k in dims]
+        return dims.index(d) if d in dims else None
+    if name in ("movedim", "moveaxis"):
+        src, dst = (rest[0], rest[1]) if len(rest) > 1 else (kwargs.get("source"), kwargs.get("destination"))
+        srcs = [_norm(k, n) for k in (src if isinstance(src, (list, tuple)) else [src])]
+        dsts = [_norm(k, n) for k in (dst if isinstance(dst, (list, tuple)) else [dst])]
+        order = [k for k in range(n) if k not in srcs]
+        placed: list[int | None] = [None] * n
+        for s_, t_ in zip(srcs, dsts, strict=False):
+            if t_ is not None and 0 <= t_ < n:
+                placed[t_] = s_
+        it = iter(order)
+        final = [p if p is not None else next(it) for p in placed]
+        return final.index(d) if d in final else None
+    if name in ("unsqueeze", "unsqueeze_"):
+        k = _norm(rest[0] if rest else kwargs.get("dim"), n + 1)
+        return d + 1 if k is not None and k <= d else d
+    # Everything else: the batch keeps its place when the leading dimensions
+    # up to it are unchanged (elementwise ops, matmuls, reshapes of the tail),
+    # or its place from the right when shapes broadcast.
+    if out.dim() > d and out.shape[: d + 1] == x.shape[: d + 1]:
+        return d
+    r = d + out.dim() - n
+    if 0 <= r < out.dim() and out.shape[r:] == x.shape[d:] and r != d:
+        return r
+    if name in ("squeeze", "squeeze_") and out.dim() < n:
+        kept = [k for k in range(n) if not (x.shape[k] == 1 and k != d)]
+        return kept.index(d) if out.dim() == len(kept) else None
+    return None
