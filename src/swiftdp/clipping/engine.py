@@ -56,9 +56,10 @@ from swiftdp.clipping.contributions import (
     param_weighted_sum,
 )
 from swiftdp.clipping.cost import CostObjective, ModePolicy
+from swiftdp.clipping.escapes import ParameterGuard
 from swiftdp.clipping.loss_check import check_loss
 from swiftdp.clipping.tracer import Capture, ModuleCall, Tracer
-from swiftdp.errors import GradientEscapeError, UnsupportedModuleError
+from swiftdp.errors import UnsupportedModuleError
 
 Mode = Literal["bk", "ghost", "per_sample", "nanobatch"]
 MODES: tuple[str, ...] = ("bk", "ghost", "per_sample", "nanobatch")
@@ -169,7 +170,7 @@ class GradClipper:
         # Escape guard: a hook on every trainable parameter that fires when
         # autograd accumulates into it. Every use the engine routes is
         # detached, so any firing is a gradient that bypassed clipping.
-        self._guards: dict[int, tuple[Tensor, Any]] = {}
+        self._guard = ParameterGuard(model, self._name_of)
         self._hooked_modules: set[int] = set()
         self._session_root: nn.Module | None = None
         self._forward_id = 0
@@ -218,22 +219,11 @@ class GradClipper:
             )
 
     def _refresh_params(self) -> dict[int, Tensor]:
-        """Enumerate the trainable parameters now; guard any new one against escapes."""
-        trainable: dict[int, Tensor] = {
-            id(p): p for p in self.model.parameters() if p.requires_grad}
-        guards = self._guards
-        for pid, p in trainable.items():
-            g = guards.get(pid)
-            if g is None or g[0] is not p:
-                guards[pid] = (p, p.register_post_accumulate_grad_hook(self._escaped))
-        if len(guards) > len(trainable):  # hooks on parameters no longer in the model
-            for pid in [k for k in guards if k not in trainable]:
-                if guards[pid][0].requires_grad:
-                    continue  # frozen-then-removed or still alive elsewhere: keep guarding
-                guards.pop(pid)[1].remove()
-        if len(self._hooked_modules) < sum(1 for _ in self.model.modules()):
-            self._hook_modules()
+        """Enumerate the trainable parameters now (each guarded against escapes)."""
+        trainable, added = self._guard.refresh()
+        if added:  # new parameters may come with new modules
             self._names = None
+            self._hook_modules()
         return trainable
 
     def trainable_parameters(self) -> list[Tensor]:
@@ -241,23 +231,9 @@ class GradClipper:
         self._trainable = self._refresh_params()
         return list(self._trainable.values())
 
-    def _escaped(self, p: Tensor) -> None:
-        """Post-accumulate hook: autograd delivered a gradient the engine did not clip."""
-        p.grad = None
+    def _name_of(self, p: Tensor) -> str:
         self._names = None
-        name = self._param_names().get(id(p), "<a parameter no longer in the model>")
-        module = name.rpartition(".")[0] or "<model>"
-        raise GradientEscapeError(
-            f"Parameter `{name}` (module `{module}`) received a gradient from autograd that "
-            "did not pass through swiftdp's per-example clipping; it was discarded, nothing "
-            "was applied. Every use of a trainable parameter must happen inside a call of "
-            "the model itself, `model(x)`. Common causes: calling `model.forward(x)` or a "
-            "submodule's forward from outside the model, using the parameter in the loss, a "
-            "hook added after the engine, a custom autograd.Function, or activation "
-            "checkpointing (torch.utils.checkpoint, not supported yet). Call `model(x)`, move "
-            "the computation into the model's forward, or freeze the parameter with "
-            "`requires_grad_(False)`."
-        )
+        return self._param_names().get(id(p), "<a parameter no longer in the model>")
 
     def add_probe(self, probe: Any) -> None:
         """Keep ``probe`` (anything with ``remove()``) attached for the engine's lifetime."""
@@ -273,9 +249,7 @@ class GradClipper:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        for _, h in self._guards.values():
-            h.remove()
-        self._guards.clear()
+        self._guard.remove()
         self._hooked_modules.clear()
 
     @property
