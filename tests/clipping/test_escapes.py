@@ -266,3 +266,21 @@ def test_a_batch_free_tensor_whose_size_equals_the_batch_is_not_taken_as_batched
     with pytest.raises(UnsupportedModuleError, match="`rel`"):
         _loss(model(x)).backward()
     clipper.remove()
+
+
+def test_a_batch_moved_to_another_dimension_is_refused_not_misattributed():
+    # (B, T, d) transposed to (T, B, d) with T == B: dimension 0 has the batch's
+    # size but indexes time steps; a size check alone would clip per time step.
+    class Transposed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x.transpose(0, 1))
+
+    model = Transposed().double()
+    clipper = swiftdp.GradClipper(model, C, loss_reduction="sum")
+    with pytest.raises(UnsupportedModuleError, match="batch at dimension 1"):
+        _loss(model(torch.randn(4, 4, 3, dtype=torch.float64))).backward()
+    clipper.remove()

@@ -47,6 +47,14 @@ def check_batch(site: Site, t: Tensor, dim: int, what: str) -> None:
             "attribute this parameter use to examples. Compute it from the batch (e.g. expand "
             "position ids to the batch), or freeze the parameter."
         )
+    tracked = site.batch_dim_of(t)
+    if tracked is not False and tracked is not None and tracked != dim and t.shape[dim] == batch:
+        raise UnsupportedModuleError(
+            f"In module `{site.module_path}`, {what} has shape {tuple(t.shape)} with the batch "
+            f"at dimension {tracked} (tracked from the model's inputs), but the layer reads "
+            f"dimension {dim} as the batch. Move the batch back (e.g. undo the transpose), or "
+            f"pass batch_first={not site.batch_first} if the model is sequence-first."
+        )
     if t.dim() <= dim or t.shape[dim] != batch:
         raise UnsupportedModuleError(
             f"In module `{site.module_path}`, {what} has shape {tuple(t.shape)}, whose "
