@@ -308,6 +308,7 @@ class GradClipper:
         if self._root_active:  # inner recursive call
             return self._module_post(module, args, kwargs, output)
         self._session_root = None
+        self._tracer.captures = []  # only needed during the forward; they hold activations
         if self.mode == "nanobatch":
             a, kw = self._root_args
             self._root_args = ((), {})

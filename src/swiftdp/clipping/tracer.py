@@ -397,7 +397,12 @@ class Tracer(TorchFunctionMode):
     ) -> Tensor | None:
         bd = self.batch_dim if ref.dim() >= 3 else 0
         B = self.batch_size
-        if ref.dim() <= bd or ref.shape[bd] != B or not self._batch_at(args, kwargs, bd, ref):
+        if ref.dim() <= bd or ref.shape[bd] != B:
+            return None
+        # The batch must line up with the other operands' tracked batch. An
+        # explicit `p.expand(B, ...)` (a cls token) has no other operand: it
+        # is taken as a broadcast to the batch.
+        if not (self._batch_at(args, kwargs, bd, ref) or func is Tensor.expand):
             return None
         leaves: dict[int, tuple[Tensor, Tensor, torch.Size]] = {}
         regions: dict[int, tuple[slice, ...] | None] = {}
