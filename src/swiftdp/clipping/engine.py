@@ -308,7 +308,6 @@ class GradClipper:
         if self._root_active:  # inner recursive call
             return self._module_post(module, args, kwargs, output)
         self._session_root = None
-        self._tracer.captures = []  # only needed during the forward; they hold activations
         if self.mode == "nanobatch":
             a, kw = self._root_args
             self._root_args = ((), {})
@@ -319,6 +318,7 @@ class GradClipper:
             new_out = self._module_post(module, args, kwargs, output)
         finally:
             self._tracer.stack.clear()
+            self._tracer.captures = []  # needed during the forward only; they hold activations
             self._tracer.__exit__(None, None, None)
         out = output if new_out is None else new_out
         if self.mode == "ghost":
