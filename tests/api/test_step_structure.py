@@ -88,11 +88,22 @@ def test_accumulating_over_two_logical_batches_is_refused():
     F.cross_entropy(dp.model(x), y).backward()
     with pytest.raises(StepStructureError, match="max_physical_batch_size"):
         next(it)
-    # the same through two iterators: refused at the second backward
-    x2, y2 = next(iter(dp.data_loader))
+    # the same through a second iterator (a new epoch): refused at the draw too
     with pytest.raises(StepStructureError, match="max_physical_batch_size"):
-        F.cross_entropy(dp.model(x2), y2).backward()
+        next(iter(dp.data_loader))
     assert dp.steps == 0
+
+
+def test_a_batch_already_stepped_cannot_be_stepped_again():
+    dp, _, _, _ = _setup()
+    x, y = next(iter(dp.data_loader))
+    F.cross_entropy(dp.model(x), y).backward()
+    dp.optimizer.step()
+    with pytest.raises(StepStructureError, match="already"):
+        F.cross_entropy(dp.model(x), y).backward()
+    with pytest.raises(StepStructureError, match="already"):
+        dp.optimizer.step()
+    assert dp.steps == 1
 
 
 def test_a_drawn_batch_must_be_stepped_before_the_next_is_drawn():

@@ -363,15 +363,16 @@ def test_probe_runs_once_per_input_signature_and_again_when_the_shape_changes():
     assert counter.calls == 11
     with torch.no_grad():
         model(torch.randn(3, 6, 6))
+    assert counter.calls == 12  # no probe without gradient
     model.eval()
     _step(model, torch.randn(3, 6, 6))
-    assert counter.calls == 13  # no probe outside training forwards
+    assert counter.calls == 13 + 3  # eval mode is probed too (private training without dropout)
     model.train()
     _step(model, torch.randn(1, 5, 6))
-    assert counter.calls == 14  # a batch of one cannot mix
+    assert counter.calls == 17  # a batch of one cannot mix
     _step(model, torch.randn(4, 5, 6))
-    assert counter.calls == 15 + 3  # ... so the next batch of that shape is probed
-    assert len(check.probed) == 3  # (B, 6), (B, 4, 6), (B, 5, 6)
+    assert counter.calls == 18 + 3  # ... so the next batch of that shape is probed
+    assert len(check.probed) == 4  # (B, 6), (B, 4, 6), (B, 6, 6), (B, 5, 6)
     clipper.remove()
     check.remove()
 

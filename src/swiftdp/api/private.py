@@ -76,10 +76,9 @@ class DPDataLoader:
         """
         self.steps_in_epoch = 0
         st = self.step_state
-        first = True
         for batch in self.loader:
             k = st.drawn
-            if not first and st.stepped != k - 1:
+            if st.stepped != k - 1:
                 raise StepStructureError(
                     "dp.data_loader was asked for its next batch, but optimizer.step() "
                     "was not called for the previous one. Every batch it draws must end "
@@ -88,7 +87,6 @@ class DPDataLoader:
                     "the accountant does not analyse. To accumulate gradients over several "
                     "batches, pass max_physical_batch_size= to make_private instead."
                 )
-            first = False
             st.drawn = k + 1
             self.steps_in_epoch += 1
             if self.max_physical_batch_size is None:

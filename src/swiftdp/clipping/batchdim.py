@@ -18,10 +18,15 @@ from torch import Tensor
 ATTR = "_swiftdp_batch"
 
 
-def mark(t: Tensor, token: object, dim: int | None) -> None:
-    """Record that ``t`` carries the batch along ``dim`` (``None``: unknown)."""
+def mark(t: Tensor, token: object, dim: int | None, virtual: bool = False) -> None:
+    """Record that ``t`` carries the batch along ``dim`` (``None``: unknown).
+
+    ``virtual``: the batch dimension was made by broadcasting a parameter to
+    the batch size (``cls.expand(B, ...)``), not by the data; it is per-example
+    only as long as each row meets its own example (see :func:`check_virtual`).
+    """
     try:
-        setattr(t, ATTR, (token, dim))
+        setattr(t, ATTR, (token, dim, virtual))
     except (AttributeError, RuntimeError):  # tensors that take no attributes
         pass
 
@@ -32,6 +37,42 @@ def read(t: Any, token: object) -> tuple[bool, int | None]:
     if m is None or m[0] is not token:
         return False, None
     return True, m[1]
+
+
+def is_virtual(t: Any, token: object) -> bool:
+    """Whether ``t``'s batch dimension comes only from a parameter broadcast to the batch."""
+    m = getattr(t, ATTR, None)
+    return m is not None and m[0] is token and m[2]
+
+
+def check_virtual(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                  operands: list[tuple[Tensor, int | None, bool]], outs: list[Tensor]) -> bool:
+    """For an op with an operand whose batch is virtual: the rows must stay aligned.
+
+    Every batched operand's batch must land on one and the same known output
+    dimension; otherwise the broadcast parameter's rows would be credited to
+    examples they do not belong to (a reduction over them, a transpose
+    against the data's batch).
+
+    Returns:
+        Whether the output's batch is virtual too (no operand carries real data).
+
+    Raises:
+        UnsupportedModuleError: the rows do not stay aligned.
+    """
+    from swiftdp.errors import UnsupportedModuleError
+
+    for o in outs:
+        dims = {out_dim(func, args, kwargs, x, d, o) for x, d, _ in operands}
+        if len(dims) != 1 or None in dims:
+            raise UnsupportedModuleError(
+                f"`{getattr(func, '__name__', func)}` combines a parameter broadcast to the "
+                "batch (e.g. `p.expand(B, ...)`) in a way that does not keep one row per "
+                "example (it reduces over the batch or moves it against the data's batch), "
+                "so swiftdp cannot credit the parameter's gradient to examples. Use the "
+                "parameter without expanding it to the batch."
+            )
+    return all(v for _, _, v in operands)
 
 
 def _norm(d: Any, n: int) -> int | None:

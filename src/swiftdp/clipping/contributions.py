@@ -514,13 +514,17 @@ def param_weighted_sum(
             (one check per step) passes it with ``detect=False``.
 
     Returns:
-        The clipped sum, shaped and typed like ``param``.
+        The clipped sum, shaped like ``param``, in at least float32.
     """
     if dropped is None and detect:
         dropped = dropped_examples(weights)
+    # Kept in at least float32: a low-precision parameter dtype is applied only
+    # after the noise (rounding before it would depend on every example).
+    acc = torch.promote_types(param.dtype, torch.float32)
     if len(uses) == 1 and uses[0].region is None:
-        return uses[0].weighted_sum(weights, dropped).reshape(param.shape).to(param.dtype)
-    out = torch.zeros_like(param)
+        s = uses[0].weighted_sum(weights, dropped).reshape(param.shape)
+        return s.to(torch.promote_types(s.dtype, acc))
+    out = torch.zeros(param.shape, dtype=acc, device=param.device)
     for c in uses:
         s = c.weighted_sum(weights, dropped).to(out.dtype)
         if c.region is None:

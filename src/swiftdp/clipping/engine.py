@@ -276,6 +276,8 @@ class GradClipper:
             return
         self._session_root = module
         self._forward_id += 1
+        # Filled during a backward only: a leftover is from an aborted one.
+        self._forwards_seen = set()
         self._sessions += 1
         self._trainable = self._refresh_params()
         # Contributions only exist during a backward; leftovers mean the last

@@ -126,7 +126,9 @@ class IndependenceCheck:
         self._depth += 1
         if self._depth > 1 or self._probing:  # a recursive root call, or our own probe
             return
-        if not (module.training and torch.is_grad_enabled()) or _suspended(self.clipper):
+        # Any forward with gradient is probed, in eval mode too: a model can be
+        # trained privately with dropout off.
+        if not torch.is_grad_enabled() or _suspended(self.clipper):
             return
         leaves, spec = pytree.tree_flatten((args, kwargs))
         # The batch size is left out of the signature: Poisson sampling changes
@@ -440,27 +442,33 @@ class _RngState:
 
 
 class _Buffers:
-    """Every buffer's object and a copy of its value, to put back after each probe run."""
+    """Every buffer's and parameter's object and a copy of its value, put back after each run.
+
+    Parameters are state too: a forward that writes into one (a data-dependent
+    initialisation, an embedding's ``max_norm`` renormalisation of a frozen
+    table) releases data outside the noised gradient exactly like a buffer.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self.names: list[str] = []
-        self._entries: list[tuple[nn.Module, str, Tensor, Tensor]] = []
+        self._entries: list[tuple[dict[str, Any], str, Tensor, Tensor]] = []
         for mpath, m in model.named_modules():
-            for local, buf in m._buffers.items():
-                if buf is not None:
-                    self.names.append(f"{mpath}.{local}" if mpath else local)
-                    self._entries.append((m, local, buf, buf.detach().clone()))
+            for table in (m._buffers, m._parameters):
+                for local, buf in table.items():
+                    if buf is not None:
+                        self.names.append(f"{mpath}.{local}" if mpath else local)
+                        self._entries.append((table, local, buf, buf.detach().clone()))
 
     def values(self) -> list[Tensor | None]:
-        """Copies of the buffers' current values (``None`` where one was deleted)."""
+        """Copies of the current values (``None`` where one was deleted)."""
         out: list[Tensor | None] = []
-        for m, local, _, _ in self._entries:
-            cur = m._buffers.get(local)
+        for table, local, _, _ in self._entries:
+            cur = table.get(local)
             out.append(None if cur is None else cur.detach().clone())
         return out
 
     def restore(self) -> None:
         with torch.no_grad():
-            for m, local, buf, saved in self._entries:
-                m._buffers[local] = buf  # a forward may have rebound the name
+            for table, local, buf, saved in self._entries:
+                table[local] = buf  # a forward may have rebound the name
                 buf.copy_(saved)

@@ -174,9 +174,9 @@ class Tracer(TorchFunctionMode):
         return out
 
     # ----------------------------------------------------- batch tracking
-    def mark_batched(self, t: Tensor, dim: int | None) -> None:
+    def mark_batched(self, t: Tensor, dim: int | None, virtual: bool = False) -> None:
         """Record that ``t`` carries the batch along ``dim`` (a model input, or derived)."""
-        batchdim.mark(t, self.batch_token, dim)
+        batchdim.mark(t, self.batch_token, dim, virtual)
 
     def carries_batch(self, t: Any) -> bool:
         """Whether ``t`` derives from the model's batched inputs in this forward.
@@ -189,12 +189,22 @@ class Tracer(TorchFunctionMode):
 
     def _mark_outputs(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                       out: Any, src: tuple[Tensor, int | None]) -> None:
-        x, d = src
+        x, d = src[0], src[1]
         outs = [out] if isinstance(out, Tensor) else (
             [t for t in _flat(out) if isinstance(t, Tensor)] if isinstance(out, (list, tuple))
             else [])
+        virtual = False
+        if len(src) > 2:  # an operand's batch is a parameter broadcast to it: rows must align
+            token = self.batch_token
+            operands = []
+            for t in _flat((args, kwargs)):
+                if isinstance(t, Tensor):
+                    carries, dt = batchdim.read(t, token)
+                    if carries:
+                        operands.append((t, dt, batchdim.is_virtual(t, token)))
+            virtual = batchdim.check_virtual(func, args, kwargs, operands, outs)
         for t in outs:
-            self.mark_batched(t, batchdim.out_dim(func, args, kwargs, x, d, t))
+            self.mark_batched(t, batchdim.out_dim(func, args, kwargs, x, d, t), virtual)
         # An in-place op writes batched values into its first argument.
         name = getattr(func, "__name__", "")
         if (name.endswith("_") and not name.startswith("__")) or name in _SETITEM:
@@ -261,6 +271,7 @@ class Tracer(TorchFunctionMode):
         trainable, views, token = self.engine._trainable, self.views, self.batch_token
         out: list[Tensor] = []
         batched: tuple[Tensor, int | None] | None = None
+        virtual: list[Tensor] = []
 
         def visit(x: Any) -> None:
             nonlocal batched
@@ -269,10 +280,13 @@ class Tracer(TorchFunctionMode):
                 if (i in trainable and trainable[i] is x) or (i in views and views[i][0] is x):
                     if not any(x is o for o in out):
                         out.append(x)
-                elif batched is None:
+                else:
                     m = getattr(x, batchdim.ATTR, None)
                     if m is not None and m[0] is token:
-                        batched = (x, m[1])
+                        if batched is None:
+                            batched = (x, m[1])
+                        if m[2]:
+                            virtual.append(x)
             elif isinstance(x, (list, tuple)):
                 for y in x:
                     visit(y)
@@ -285,6 +299,8 @@ class Tracer(TorchFunctionMode):
         if kwargs:
             for a in kwargs.values():
                 visit(a)
+        if virtual and batched is not None:
+            batched = (batched[0], batched[1], True)  # type: ignore[assignment]
         return out, batched
 
     # ------------------------------------------------------ the Recorder
@@ -400,9 +416,11 @@ class Tracer(TorchFunctionMode):
         if ref.dim() <= bd or ref.shape[bd] != B:
             return None
         # The batch must line up with the other operands' tracked batch. An
-        # explicit `p.expand(B, ...)` (a cls token) has no other operand: it
-        # is taken as a broadcast to the batch.
-        if not (self._batch_at(args, kwargs, bd, ref) or func is Tensor.expand):
+        # explicit `p.expand(B, ...)` (a cls token) has no other operand: its
+        # output's batch is marked virtual, and every later op must keep its
+        # rows aligned with the examples (checked in _mark_outputs).
+        explicit = func is Tensor.expand and not self._any_batched(args, kwargs)
+        if not (explicit or self._batch_at(args, kwargs, bd, ref)):
             return None
         leaves: dict[int, tuple[Tensor, Tensor, torch.Size]] = {}
         regions: dict[int, tuple[slice, ...] | None] = {}
@@ -427,7 +445,13 @@ class Tracer(TorchFunctionMode):
             cap = Capture(self, 1, _expand_builder(base, padded_shape, bd, p.shape, region),
                           [base], tuple(c.call_id for c in self.stack))
             leaf.register_hook(cap.hook(0))
+        if explicit:
+            self.mark_batched(out, bd, virtual=True)
         return out
+
+    def _any_batched(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        return any(isinstance(t, Tensor) and batchdim.read(t, self.batch_token)[0]
+                   for t in _flat((args, kwargs)))
 
     def _batch_at(self, args: tuple[Any, ...], kwargs: dict[str, Any], bd: int, ref: Tensor) -> bool:
         """Whether every batched operand has its batch at ``ref``'s dimension ``bd`` (and one has)."""

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterable
+from typing import Any
 
 import torch
-from torch import Tensor
 
 
 class SecureGenerator(torch.Generator):
@@ -83,7 +83,7 @@ def reseed_from_os_entropy(generator: torch.Generator) -> None:
     generator.manual_seed(secrets.randbits(63))
 
 
-def add_gaussian_noise(params: Iterable[Tensor], std: float, generator: torch.Generator) -> None:
+def add_gaussian_noise(params: Iterable[Any], std: float, generator: torch.Generator) -> None:
     """Add ``N(0, std²)`` to every coordinate of each parameter's ``.grad`` (in place).
 
     A parameter without ``.grad`` gets one (the noise alone). Noise is drawn on
@@ -91,7 +91,8 @@ def add_gaussian_noise(params: Iterable[Tensor], std: float, generator: torch.Ge
     the same on every device.
 
     Args:
-        params: the trainable parameters.
+        params: the trainable parameters (or anything with ``grad``, ``shape``
+            and ``dtype``: the optimizer passes float32 accumulators).
         std: the noise standard deviation (σ · sensitivity).
         generator: the library's noise generator.
     """

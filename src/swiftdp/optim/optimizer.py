@@ -57,6 +57,19 @@ _ACCUMULATE_HINT = (
 )
 
 
+class _Accumulator:
+    """One parameter's clipped sum in at least float32, noised before any cast."""
+
+    __slots__ = ("dtype", "grad", "shape")
+
+    def __init__(self, p: Tensor, clipped_sum: Tensor | None) -> None:
+        self.dtype = torch.promote_types(p.dtype, torch.float32)
+        self.shape = p.shape
+        self.grad: Tensor | None = (
+            torch.zeros(p.shape, dtype=self.dtype, device=p.device) if clipped_sum is None
+            else clipped_sum.to(torch.promote_types(clipped_sum.dtype, torch.float32)).clone())
+
+
 @dataclass(frozen=True)
 class Stamp:
     """Which batch ``dp.data_loader`` handed out last.
@@ -117,6 +130,7 @@ class DPOptimizer(torch.optim.Optimizer):
     _settings: PrivacySettings
     _trainable: Callable[[], list[Tensor]]
     _verified_steps: int
+    _verified_sigma: float | None
     _sums: dict[int, Tensor]
     _sum_params: dict[int, Tensor]
     _chunks_seen: set[int]
@@ -151,12 +165,19 @@ class DPOptimizer(torch.optim.Optimizer):
         # made only of (noise_multiplier, sample_rate) steps: ε grows with the
         # number of steps, so any count up to it is within budget too.
         set_(self, "_verified_steps", 0)
+        set_(self, "_verified_sigma", None)  # the σ that count was verified for
         # The private accumulator of the logical step in progress.
         set_(self, "_sums", {})
         set_(self, "_sum_params", {})
         set_(self, "_chunks_seen", set())
         set_(self, "_logical", None)
         set_(self, "_in_step", False)
+        if getattr(optimizer, "_swiftdp_wrapped", False):
+            raise StepStructureError(
+                "This optimizer is already wrapped by make_private (a DPOptimizer steps it). "
+                "Build a new optimizer for a new private run."
+            )
+        optimizer._swiftdp_wrapped = True  # type: ignore[attr-defined]
         set_(self, "_guard", optimizer.register_step_pre_hook(self._refuse_direct_step))
 
     # ------------------------------------------------ one source of σ and C
@@ -222,6 +243,12 @@ class DPOptimizer(torch.optim.Optimizer):
                 "A backward pass ran on a batch that did not come from dp.data_loader (no "
                 "batch of it is current). Iterate dp.data_loader, not the original loader: "
                 "the accounting assumes its Poisson-sampled batches."
+            )
+        if stamp.logical <= self.step_state.stepped:
+            raise StepStructureError(
+                "A backward pass on a batch that optimizer.step() already consumed: each "
+                "logical batch dp.data_loader draws is stepped once. Draw the next batch "
+                "from dp.data_loader."
             )
         if result.forwards != 1:
             raise StepStructureError(
@@ -319,12 +346,14 @@ class DPOptimizer(torch.optim.Optimizer):
             return
         upcoming = self.accountant.total_steps + 1
         homogeneous = self._homogeneous()
-        if homogeneous and upcoming <= self._verified_steps:
+        sigma = self.noise_multiplier
+        if homogeneous and sigma == self._verified_sigma and upcoming <= self._verified_steps:
             return
         eps = self.epsilon_after_next_step()
         if eps <= target:
             if homogeneous:
-                self._verified_steps = upcoming
+                object.__setattr__(self, "_verified_steps", upcoming)
+                object.__setattr__(self, "_verified_sigma", sigma)
             return
         raise PrivacyBudgetExceededError(
             f"The next step would spend epsilon={eps:.4f} > target_epsilon={target} "
@@ -350,7 +379,8 @@ class DPOptimizer(torch.optim.Optimizer):
         fresh = type(self.accountant)(self.accountant.mechanism)
         eps = fresh.epsilon_after(self.noise_multiplier, s.sample_rate, steps, s.delta)
         if s.target_epsilon is not None and eps <= s.target_epsilon and not self.accountant.history:
-            self._verified_steps = steps
+            object.__setattr__(self, "_verified_steps", steps)
+            object.__setattr__(self, "_verified_sigma", self.noise_multiplier)
         return eps
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -375,6 +405,11 @@ class DPOptimizer(torch.optim.Optimizer):
             raise StepStructureError(
                 "optimizer.step() was called with no batch of dp.data_loader current. Draw "
                 "each step's batch from dp.data_loader and call step() once after its backward."
+            )
+        if stamp.logical <= self.step_state.stepped:
+            raise StepStructureError(
+                "optimizer.step() was called again for a logical batch it already stepped. "
+                "Draw the next batch from dp.data_loader; every batch is stepped once."
             )
         if self._logical is not None and self._logical != stamp.logical:
             self._discard()
@@ -408,23 +443,26 @@ class DPOptimizer(torch.optim.Optimizer):
         for p in self.params:
             if id(p) not in trainable_ids:
                 p.grad = None  # frozen since make_private: not updated
-        for p in params:
-            sm = sums.get(id(p))
-            p.grad = torch.zeros_like(p) if sm is None else sm.to(p.dtype)
-        add_gaussian_noise(params, s.noise_std(), self.generator)
-        for p in params:
-            assert p.grad is not None
-            p.grad.div_(s.expected_batch_size)
+        # The clipped sums stay in at least float32 until the noise is in: a
+        # rounding to a low-precision parameter dtype (bf16) before the noise
+        # would depend on every example, outside the sensitivity bound.
+        accs = [_Accumulator(p, sums.get(id(p))) for p in params]
+        add_gaussian_noise(accs, s.noise_std(), self.generator)
+        for p, acc in zip(params, accs, strict=True):
+            assert acc.grad is not None
+            p.grad = acc.grad.div_(s.expected_batch_size).to(p.dtype)
         self._discard()
-        object.__setattr__(self, "_in_step", True)
-        try:
-            out = self.original_optimizer.step()
-        finally:
-            object.__setattr__(self, "_in_step", False)
+        # The noised gradient now sits in p.grad: from here on it counts as
+        # released, so the step is accounted before the wrapped optimizer runs
+        # (if it raises, the batch is still consumed and accounted).
         self.accountant.step(s.noise_multiplier, s.sample_rate, 1)
         self.step_state.stepped = stamp.logical
         object.__setattr__(self, "steps_taken", self.steps_taken + 1)
-        return out
+        object.__setattr__(self, "_in_step", True)
+        try:
+            return self.original_optimizer.step()
+        finally:
+            object.__setattr__(self, "_in_step", False)
 
     def _check_optimizer_params(self) -> None:
         """Refuse optimizer parameters the engine does not clip (they would move unclipped)."""
