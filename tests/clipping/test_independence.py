@@ -369,9 +369,11 @@ def test_probe_runs_once_per_input_signature_and_again_when_the_shape_changes():
     assert counter.calls == 13 + 3  # eval mode is probed too (private training without dropout)
     model.train()
     _step(model, torch.randn(1, 5, 6))
-    assert counter.calls == 17  # a batch of one cannot mix
+    assert counter.calls == 17 + 2  # a batch of one: state written from the data only
+    _step(model, torch.randn(1, 5, 6))
+    assert counter.calls == 20  # ... once per signature
     _step(model, torch.randn(4, 5, 6))
-    assert counter.calls == 18 + 3  # ... so the next batch of that shape is probed
+    assert counter.calls == 21 + 3  # the first larger batch of that shape gets the full probe
     assert len(check.probed) == 4  # (B, 6), (B, 4, 6), (B, 6, 6), (B, 5, 6)
     clipper.remove()
     check.remove()

@@ -175,13 +175,6 @@ def test_the_noised_gradient_of_a_failed_inner_step_is_accounted():
     assert not released or dp.steps == 1, "a noisy release sits in p.grad, unaccounted"
 
 
-@pytest.mark.xfail(strict=True, raises=NOT_FIXED, reason=(
-    "DPDataLoader.__iter__ resets steps_in_epoch to 0, and checkpoint.load() restores the "
-    "sampler to position s without telling the loader; the next save passes "
-    "steps_consumed=steps_in_epoch (counted from the resume) to the sampler, so after "
-    "resume at s=1 and 2 steps the checkpoint records position 2 instead of 3 and the "
-    "next resume replays an already-used Poisson batch (seeded mode); when "
-    "steps_in_epoch < s the save is refused with InvalidArgumentError instead"))
 def test_a_second_checkpoint_after_a_mid_epoch_resume_replays_no_batch(tmp_path):
     N = 30
     X = torch.arange(N, dtype=F64).view(-1, 1).repeat(1, 3)
@@ -312,12 +305,6 @@ class _RunningMean(nn.Module):
         return x - self.mu
 
 
-@pytest.mark.xfail(strict=True, raises=NOT_FIXED, reason=(
-    "IndependenceCheck._pre returns for batch < 2 ('a batch of one cannot show mixing: "
-    "probe later'), and the buffer check lives inside that probe; with "
-    "max_physical_batch_size=1 every forward has B=1, so a buffer updated from the "
-    "private data (refused at B>=2) is never checked and is released in state_dict "
-    "un-noised. Run the buffer part of the probe for B=1 too"))
 def test_data_dependent_buffer_is_refused_with_physical_batch_size_one():
     X, Y = _data(n=16)
     m = nn.Sequential(_RunningMean(4), nn.Linear(4, 2)).double()

@@ -74,9 +74,13 @@ class DPDataLoader:
                 an empty one included: skipping steps is not what the
                 accountant analyses).
         """
-        self.steps_in_epoch = 0
         st = self.step_state
-        for batch in self.loader:
+        batches = iter(self.loader)
+        # Counted from where the sampler's epoch resumes (> 0 after a mid-epoch
+        # resume), so that a later checkpoint records the true position.
+        sampler = getattr(self.loader, "poisson_sampler", None)
+        self.steps_in_epoch = sampler.iteration_start if sampler is not None else 0
+        for batch in batches:
             k = st.drawn
             if st.stepped != k - 1:
                 raise StepStructureError(

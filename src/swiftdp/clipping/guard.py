@@ -108,6 +108,7 @@ class IndependenceCheck:
         self.clipper = clipper
         self.batch_dim = check_batch_dim(batch_dim)
         self.probed: dict[Hashable, None] = {}  # an ordered set of signatures
+        self._state_checked: set[Hashable] = set()  # signatures probed at a batch of one
         self._depth = 0
         self._probing = False
         self._handles = [
@@ -136,7 +137,15 @@ class IndependenceCheck:
         batch = _batch_size(leaves, self.batch_dim)
         sig = (spec, tuple(_leaf_signature(x, _input_axis(x, batch, self.batch_dim))
                            for x in leaves))
-        if sig in self.probed or batch < 2:  # a batch of one cannot show mixing: probe later
+        if sig in self.probed or batch < 1:
+            return
+        if batch == 1:
+            # A batch of one cannot show mixing between examples, but it can show
+            # state written from the data (buffers, parameters): checked once per
+            # signature; the full probe waits for a larger batch of that signature.
+            if sig not in self._state_checked:
+                self.check(args, kwargs)
+                self._state_checked.add(sig)
             return
         self.check(args, kwargs)
         self.probed[sig] = None
@@ -161,7 +170,7 @@ class IndependenceCheck:
         leaves, spec = pytree.tree_flatten((args, kwargs))
         batch = _batch_size(leaves, self.batch_dim)
         axes = [_input_axis(x, batch, self.batch_dim) for x in leaves]
-        if batch < 2 or all(a is None for a in axes):
+        if batch < 1 or all(a is None for a in axes):
             return
         probe = _Probe(self.model, spec, leaves, axes, batch)
         self._probing = True
@@ -325,7 +334,9 @@ def _unchanged(a: Any, b: Any, j: int | None, batch: int) -> bool:
     axes = [] if j is None else [d for d in range(a.dim()) if a.shape[d] == batch]
     if not axes:
         return _close(a, b)
-    keep = torch.tensor([i for i in range(batch) if i != j], device=a.device)
+    if batch == 1:
+        return True  # no other example to compare
+    keep = torch.tensor([i for i in range(batch) if i != j], device=a.device, dtype=torch.long)
     return any(_close(a.index_select(d, keep), b.index_select(d, keep)) for d in axes)
 
 

@@ -193,6 +193,11 @@ class PoissonBatchSampler(Sampler[list[int]]):
         """Returns ``num_steps``, the number of batches in a full epoch."""
         return self.num_steps
 
+    @property
+    def iteration_start(self) -> int:
+        """The position in the epoch where the last ``iter()`` started (> 0 after a resume)."""
+        return self._iteration_start
+
     def __iter__(self) -> Iterator[list[int]]:
         """Starts an epoch (or finishes a loaded one) and iterates its batches.
 
