@@ -136,6 +136,7 @@ class Tracer(TorchFunctionMode):
         # Whether the op a rule is running for has a batched input (the
         # tensors a composite rule derives from it inside are not marked).
         self.rule_batched = False
+        self._site: Site | None = None  # the routed call's context, built on first use
         # Every capture of the forward in progress (a generic module call
         # takes over the parameters of the captures inside it).
         self.captures: list[Capture] = []
@@ -163,10 +164,11 @@ class Tracer(TorchFunctionMode):
             return out
         if found:
             prev, self.rule_batched = self.rule_batched, src is not None
+            prev_site, self._site = self._site, None
             try:
                 out = self.call_with_params(func, args, kwargs, found)
             finally:
-                self.rule_batched = prev
+                self.rule_batched, self._site = prev, prev_site
         else:
             out = func(*args, **kwargs)
         if src is not None:
@@ -307,8 +309,10 @@ class Tracer(TorchFunctionMode):
     @property
     def site(self) -> Site:
         """The context of the call being routed (the :class:`Recorder` contract)."""
+        if self._site is not None:
+            return self._site
         eng, top = self.engine, (self.stack[-1] if self.stack else None)
-        return Site(
+        self._site = Site(
             batch_size=eng._batch_size,
             batch_dim=0 if eng.batch_first else 1,
             batch_first=eng.batch_first,
@@ -320,6 +324,7 @@ class Tracer(TorchFunctionMode):
             batch_token=self.batch_token,
             call_batched=self.rule_batched,
         )
+        return self._site
 
     @property
     def batch_dim(self) -> int:
