@@ -67,7 +67,7 @@ class _Accumulator:
         self.shape = p.shape
         self.grad: Tensor | None = (
             torch.zeros(p.shape, dtype=self.dtype, device=p.device) if clipped_sum is None
-            else clipped_sum.to(torch.promote_types(clipped_sum.dtype, torch.float32)).clone())
+            else clipped_sum.to(torch.promote_types(clipped_sum.dtype, torch.float32)))
 
 
 @dataclass(frozen=True)
@@ -436,10 +436,10 @@ class DPOptimizer(torch.optim.Optimizer):
             )
         self.check_budget()
         s = self.settings
-        self._check_optimizer_params()
         sums = self._sums
         params = list(self._sum_params.values()) if sums else self._trainable()
         trainable_ids = {id(p) for p in params}
+        self._check_optimizer_params(trainable_ids)
         for p in self.params:
             if id(p) not in trainable_ids:
                 p.grad = None  # frozen since make_private: not updated
@@ -464,9 +464,8 @@ class DPOptimizer(torch.optim.Optimizer):
         finally:
             object.__setattr__(self, "_in_step", False)
 
-    def _check_optimizer_params(self) -> None:
+    def _check_optimizer_params(self, tracked: set[int]) -> None:
         """Refuse optimizer parameters the engine does not clip (they would move unclipped)."""
-        tracked = {id(p) for p in self._trainable()}
         for group in self.original_optimizer.param_groups:
             for p in group["params"]:
                 if p.requires_grad and id(p) not in tracked and p.grad is not None:
