@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 from torch import Tensor, nn
 
+from swiftdp.clipping import batchdim
 from swiftdp.clipping.contributions import Contribution
 
 
@@ -76,10 +77,8 @@ class Site:
     def batch_dim_of(self, t: Any) -> int | bool | None:
         """The tracked batch dimension of ``t``: an int, ``None`` (unknown) or ``False``
         (``t`` does not derive from the batch)."""
-        m = getattr(t, "_swiftdp_batch", None)
-        if m is None or m[0] is not self.batch_token:
-            return False
-        return m[1]  # type: ignore[no-any-return]
+        carries, dim = batchdim.read(t, self.batch_token)
+        return dim if carries else False
 
 
 class Policy(Protocol):

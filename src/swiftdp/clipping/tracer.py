@@ -180,15 +180,6 @@ class Tracer(TorchFunctionMode):
         """Record that ``t`` carries the batch along ``dim`` (a model input, or derived)."""
         batchdim.mark(t, self.batch_token, dim, virtual)
 
-    def carries_batch(self, t: Any) -> bool:
-        """Whether ``t`` derives from the model's batched inputs in this forward.
-
-        Tracked through every op, never guessed from a size: a tensor that
-        does not derive from the inputs (a position table, a relative-position
-        index) is not batched even when a dimension happens to equal ``B``.
-        """
-        return batchdim.read(t, self.batch_token)[0]
-
     def _mark_outputs(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                       out: Any, src: tuple[Tensor, int | None]) -> None:
         x, d = src[0], src[1]
