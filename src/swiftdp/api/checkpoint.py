@@ -2,7 +2,7 @@
 
 A checkpoint holds the model, the optimizer, the accountant's history, the
 sampler's position, the privacy settings and a fingerprint of the training
-data (:func:`dataset_fingerprint`).
+data (:func:`~swiftdp.api.fingerprint.dataset_fingerprint`, re-exported here).
 
 The noise generator, and what a checkpoint reveals:
 
@@ -38,27 +38,29 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import random
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from swiftdp.accounting import PrivacyAccountant
+from swiftdp.api.fingerprint import FINGERPRINT_SAMPLE, FULL_FINGERPRINT_LIMIT, dataset_fingerprint
 from swiftdp.errors import CheckpointError, InvalidArgumentError
 from swiftdp.io import atomic_torch_save, atomic_write
 from swiftdp.optim.noise import is_secure, reseed_from_os_entropy
 from swiftdp.optim.optimizer import DPOptimizer
 from swiftdp.settings import PrivacySettings
 
-__all__ = [  # atomic_write / atomic_torch_save: re-exported, they now live in swiftdp.io
+# Re-exported: atomic_write / atomic_torch_save live in swiftdp.io; dataset_fingerprint and
+# its limits in swiftdp.api.fingerprint.
+__all__ = [
+    "FINGERPRINT_SAMPLE",
     "FORMAT",
+    "FULL_FINGERPRINT_LIMIT",
     "HEADER_SIZE",
     "VERSION",
     "Run",
@@ -76,10 +78,6 @@ FORMAT = "swiftdp-checkpoint"
 VERSION = 2
 HEADER_SIZE = 256
 """Bytes of the JSON header in front of the payload (newline included)."""
-FULL_FINGERPRINT_LIMIT = 65_536
-"""Datasets up to this many examples are fingerprinted example by example."""
-FINGERPRINT_SAMPLE = 8_192
-"""Examples hashed (at fixed pseudo-random indices, plus the size) for larger datasets."""
 
 # σ is not matched: a noise schedule changes it during the run; the checkpoint's
 # σ (in the optimizer state) and σ history (in the accountant) are restored.
@@ -327,47 +325,6 @@ def run_dataset_fingerprint(run: Run) -> str:
     return cached
 
 
-def dataset_fingerprint(dataset: Any) -> str:
-    """A SHA-256 over a map-style dataset's size and examples, in order.
-
-    Every example ``dataset[i]`` is serialised stably: tensors and numpy
-    arrays as dtype, shape and raw bytes (on the CPU); numbers, strings and
-    ``None`` by ``repr``; dicts, lists and tuples element by element; objects
-    with ``__array__`` (PIL images) as arrays. Other objects count only by
-    their type. Random transforms are made repeatable: torch's, numpy's and
-    Python's global generators are seeded with 0 while the examples are read,
-    and restored afterwards (the training streams are not disturbed).
-
-    Datasets up to :data:`FULL_FINGERPRINT_LIMIT` examples are hashed in full
-    (the 4,000 mnist5k training examples take about 0.1 s, 65,536 MNIST-sized
-    tensors about 2 s, once per run). Larger ones hash the size and
-    :data:`FINGERPRINT_SAMPLE` examples at fixed pseudo-random indices, so
-    that a first checkpoint of an ImageNet-sized folder does not read every
-    image; a change confined to unsampled examples is then not detected.
-
-    Args:
-        dataset: a map-style dataset (``len`` and ``dataset[i]``).
-
-    Returns:
-        ``"sha256:<64 hex digits>"``.
-    """
-    n = len(dataset)
-    if n <= FULL_FINGERPRINT_LIMIT:
-        indices: list[int] = list(range(n))
-    else:
-        indices = sorted({
-            int.from_bytes(hashlib.sha256(b"swiftdp-fingerprint-%d" % j).digest()[:8], "big") % n
-            for j in range(FINGERPRINT_SAMPLE)
-        })
-    h = hashlib.sha256()
-    _update(h, "swiftdp-dataset/1", f"n={n} hashed={len(indices)}".encode())
-    with _fixed_global_generators():
-        for i in indices:
-            _update(h, "index", str(i).encode())
-            _hash_value(h, dataset[i])
-    return "sha256:" + h.hexdigest()
-
-
 # -- the envelope ----------------------------------------------------------------------
 
 
@@ -490,59 +447,3 @@ def _check_model(path: Path, model: nn.Module, saved: Any) -> None:
             f"Checkpoint `{path}` does not match the model (missing {missing}, unexpected "
             f"{unexpected}, shapes {shapes}). Build the same model as the run that wrote it."
         )
-
-
-# -- dataset fingerprint -------------------------------------------------------------------
-
-
-def _update(h: Any, tag: str, data: bytes) -> None:
-    h.update(tag.encode() + b"\0" + len(data).to_bytes(8, "little") + data)
-
-
-def _hash_value(h: Any, value: Any) -> None:
-    if isinstance(value, Tensor):
-        t = value.detach()
-        t = (t.to_dense() if t.layout != torch.strided else t).cpu().resolve_conj().resolve_neg()
-        t = t.contiguous().reshape(-1)
-        _update(h, f"tensor {t.dtype} {tuple(value.shape)}", t.view(torch.uint8).numpy().tobytes())
-    elif isinstance(value, np.ndarray | np.generic):
-        a = np.ascontiguousarray(value)
-        if a.dtype == object:
-            _update(h, f"object-array {a.shape}", b"")
-            for item in a.ravel():
-                _hash_value(h, item)
-        else:
-            _update(h, f"ndarray {a.dtype.str} {a.shape}", a.tobytes())
-    elif value is None or isinstance(value, bool | int | float | complex | str):
-        _update(h, type(value).__name__, repr(value).encode())
-    elif isinstance(value, bytes | bytearray):
-        _update(h, "bytes", bytes(value))
-    elif isinstance(value, Mapping):
-        _update(h, f"mapping {len(value)}", b"")
-        for key, item in value.items():
-            _hash_value(h, key)
-            _hash_value(h, item)
-    elif isinstance(value, list | tuple):
-        _update(h, f"sequence {len(value)}", b"")
-        for item in value:
-            _hash_value(h, item)
-    elif hasattr(value, "__array__") or hasattr(value, "__array_interface__"):
-        _update(h, f"array-like {type(value).__qualname__}", b"")
-        _hash_value(h, np.asarray(value))
-    else:
-        _update(h, f"object {type(value).__module__}.{type(value).__qualname__}", b"")
-
-
-@contextmanager
-def _fixed_global_generators() -> Iterator[None]:
-    """Seed torch's (CPU), numpy's and Python's global generators with 0; restore them after."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):  # restores the CPU generator; CUDA's is not used
-        torch.default_generator.manual_seed(0)
-        random.seed(0)
-        np.random.seed(0)
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
