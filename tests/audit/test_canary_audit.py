@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import swiftdp.clipping.engine as engine_mod
+import swiftdp.clipping.step as step_mod
 import swiftdp.optim.optimizer as optimizer_mod
 from swiftdp.audit import audit_gaussian_step, epsilon_lower_bound
 
@@ -29,6 +29,6 @@ def test_audit_catches_noise_ten_times_too_small(monkeypatch):
 
 
 def test_audit_catches_missing_clipping(monkeypatch):
-    monkeypatch.setattr(engine_mod, "clip_factors", lambda norms, c, style, **kw: norms.new_ones(norms.shape))
+    monkeypatch.setattr(step_mod, "clip_factors", lambda norms, c, style, **kw: norms.new_ones(norms.shape))
     r = audit_gaussian_step(noise_multiplier=1.0, trials=250)
     assert r.violated, r

@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 import swiftdp
 from support.oracle import reference_clipped_sum
@@ -183,21 +182,27 @@ def test_parameter_nested_in_a_keyword_list_is_found_and_clipped_exactly(mode):
     _assert_exact(model, ref, lambda m, x: m(x), _x(), mode)
 
 
-@pytest.mark.parametrize("reentrant", [True, False])
-def test_activation_checkpointing_is_refused_clearly(reentrant):
+def test_a_module_run_inside_a_backward_outside_checkpointing_is_refused():
+    # Activation checkpointing is exact (tests/clipping/test_checkpointing.py);
+    # any other forward inside a backward pass would train outside its step.
     class M(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.a = nn.Linear(3, 3)
-            self.b = nn.Linear(3, 3)
-            self.c = nn.Linear(3, 2)
+            self.b = nn.Linear(3, 2)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.c(checkpoint(self.b, self.a(x), use_reentrant=reentrant))
+            h = self.a(x)
+            h.register_hook(self._rerun)
+            return self.b(h)
+
+        def _rerun(self, g: torch.Tensor) -> None:
+            with torch.enable_grad():
+                self.b(g).sum().backward()
 
     model = M().double()
     clipper = swiftdp.GradClipper(model, C, loss_reduction="sum")
-    with pytest.raises(UnsupportedModuleError, match="checkpointing"):
+    with pytest.raises(UnsupportedModuleError, match="inside a backward pass"):
         _loss(model(_x())).backward()
     clipper.remove()
 

@@ -9,15 +9,12 @@ backward passes over the (retained) model graph.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.autograd import Function
 from torch.utils import _pytree as pytree
-
-if TYPE_CHECKING:
-    from swiftdp.clipping.engine import GradClipper
 
 OutputsBackward = Callable[[list[Tensor], list[Tensor]], None]
 
@@ -45,13 +42,17 @@ class _Boundary(Function):
         return None, None, None
 
 
-def wrap_outputs(engine: GradClipper, output: Any, callback: OutputsBackward) -> Any:
-    """Route the gradient of every output tensor that requires grad through ``callback``."""
+def wrap_outputs(anchor: Tensor, output: Any, callback: OutputsBackward) -> Any:
+    """Route the gradient of every output tensor that requires grad through ``callback``.
+
+    ``anchor`` is a leaf that requires grad, so the node exists even when no
+    output carries a graph of its own.
+    """
     leaves, spec = pytree.tree_flatten(output)
     idx = [i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.requires_grad]
     if not idx:
         return output
-    new = _Boundary.apply(callback, [leaves[i] for i in idx], engine._tracer.anchor)
+    new = _Boundary.apply(callback, [leaves[i] for i in idx], anchor)
     for j, i in enumerate(idx):
         leaves[i] = new[j]
     return pytree.tree_unflatten(leaves, spec)

@@ -29,8 +29,8 @@ References:
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -46,43 +46,24 @@ from swiftdp.checks import (
     check_module_options,
     check_no_batch_mixing,
 )
-from swiftdp.clipping import generic, nanobatch
+from swiftdp.clipping import generic, nanobatch, recompute
 from swiftdp.clipping.boundary import wrap_outputs
-from swiftdp.clipping.clip_fns import ClippingStyle, clip_factors, nonfinite_examples
-from swiftdp.clipping.contributions import (
-    Contribution,
-    NormOnly,
-    param_sq_norms,
-    param_weighted_sum,
-)
-from swiftdp.clipping.cost import CostObjective, ModePolicy
+from swiftdp.clipping.clip_fns import ClippingStyle
+from swiftdp.clipping.cost import CostObjective
 from swiftdp.clipping.escapes import ParameterGuard
 from swiftdp.clipping.loss_check import check_loss
-from swiftdp.clipping.tracer import Capture, ModuleCall, Tracer
-from swiftdp.errors import UnsupportedModuleError
+from swiftdp.clipping.step import BackwardResult, ForwardToken, Sink, Step
+from swiftdp.clipping.tracer import ModuleCall, Tracer
+from swiftdp.errors import InvalidArgumentError, UnsupportedModuleError
+
+__all__ = ["MODES", "BackwardResult", "GradClipper", "LossReduction", "Mode", "Sink"]
 
 Mode = Literal["bk", "ghost", "per_sample", "nanobatch"]
 MODES: tuple[str, ...] = ("bk", "ghost", "per_sample", "nanobatch")
 LossReduction = Literal["mean", "sum"]
 
-
-@dataclass(frozen=True)
-class BackwardResult:
-    """What one backward pass produced, handed to the engine's sink.
-
-    Attributes:
-        sums: ``(parameter, Σ_i c_i g_i)`` for every trainable parameter of the
-            step (zeros for a parameter no example reached).
-        batch_size: the batch size of the forward that was differentiated.
-        forwards: how many forward passes of the model fed this backward.
-    """
-
-    sums: list[tuple[Tensor, Tensor]]
-    batch_size: int
-    forwards: int
-
-
-Sink = Callable[[BackwardResult], None]
+# States of a module call in flight (GradClipper._root_active).
+_OFF, _FORWARD, _JOIN, _REPLAY = 0, 1, 2, 3
 
 
 class GradClipper:
@@ -149,38 +130,25 @@ class GradClipper:
         self.last_norms: Tensor | None = None
         self.last_clip_factors: Tensor | None = None
 
-        self._tracer = Tracer(self)
-        self._trainable: dict[int, Tensor] = {}
-        self._names: dict[int, str] | None = None
-        self._batch_size = 0
-        self._root_active: list[bool] = []
-        self._root_args: tuple[tuple[Any, ...], dict[str, Any]] = ((), {})
-        self._suspended = False
-        self._contribs: list[Contribution] = []
-        self._generic_params: dict[int, set[int]] = {}
-        self._captures_pending: list[Capture] = []
-        self._queued = False
-        self._generation = 0
-        self._pass2 = False
-        self._pass2_weights: Tensor | None = None
-        self._pass2_sums: dict[int, tuple[Tensor, Tensor]] = {}
-        self._uses: dict[int, int] = {}
-        self._handles: list[Any] = []
         self._sink: Sink = sink if sink is not None else _add_to_grads
-        # Escape guard: a hook on every trainable parameter that fires when
-        # autograd accumulates into it. Every use the engine routes is
-        # detached, so any firing is a gradient that bypassed clipping.
-        self._guard = ParameterGuard(model, self._name_of)
-        self._hooked_modules: set[int] = set()
+        self._tracer = Tracer(self)
+        # The step in progress: created at the first forward after the last
+        # delivery, dropped when its backward delivers (see clipping/step.py).
+        self._step: Step | None = None
+        self._last_step: weakref.ref[Step] | None = None
+        # Hook bookkeeping: one entry per module call in flight (_OFF,
+        # _FORWARD, or a checkpoint recomputation), and the call that began it.
+        self._root_active: list[int] = []
         self._session_root: nn.Module | None = None
-        self._forward_id = 0
-        self._forwards_seen: set[int] = set()
-        self._sessions = 0  # forwards since the last backward
-        self._last_outputs: list[Tensor] = []
+        self._suspended = False
+        self._handles: list[Any] = []
+        self._hooked_modules: set[int] = set()
+        self._names: dict[int, str] | None = None
         self._loss_checked: set[Any] = set()
-        self._reduction_override: str | None = None
-        self._ignore_grads = False
-        self._dropped: Tensor | None = None
+        # Escape guard: a hook on every trainable parameter that fires when
+        # autograd delivers a gradient to it. Every use the engine routes is
+        # detached, so any such gradient bypassed clipping.
+        self._guard = ParameterGuard(model, self._name_of, lambda: self._suspended)
         self._attach()
         self._refresh_params()
 
@@ -228,12 +196,11 @@ class GradClipper:
 
     def trainable_parameters(self) -> list[Tensor]:
         """The model's trainable parameters now (each guarded against escapes)."""
-        self._trainable = self._refresh_params()
-        return list(self._trainable.values())
+        return list(self._refresh_params().values())
 
     def _name_of(self, p: Tensor) -> str:
         self._names = None
-        return self._param_names().get(id(p), "<a parameter no longer in the model>")
+        return self.param_names().get(id(p), "<a parameter no longer in the model>")
 
     def add_probe(self, probe: Any) -> None:
         """Keep ``probe`` (anything with ``remove()``) attached for the engine's lifetime."""
@@ -254,85 +221,217 @@ class GradClipper:
 
     @property
     def _tracing(self) -> bool:
-        return bool(self._root_active) and self._root_active[0] and self.mode != "nanobatch"
+        return bool(self._root_active) and self._root_active[0] != _OFF and self.mode != "nanobatch"
 
     def _root_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self._root_active:  # a recursive call of the root module
-            self._root_active.append(False)
+            self._root_active.append(_OFF)
             if self._tracing and not self._suspended:
                 self._push(module, "<model>", args, kwargs)
-                self._root_active[-1] = True
+                self._root_active[-1] = _FORWARD
             return
         active = not self._suspended and torch.is_grad_enabled()
         if active and _in_backward():
-            raise UnsupportedModuleError(
-                f"Module `{self._module_path(module)}` is run inside a backward pass "
-                "(activation checkpointing such as torch.utils.checkpoint or "
-                "gradient_checkpointing_enable() recomputes it there). swiftdp does not "
-                "support activation checkpointing yet: turn it off for private training."
-            )
-        self._root_active.append(active)
+            self._begin_recompute(module, args, kwargs)
+            return
+        self._root_active.append(_FORWARD if active else _OFF)
         if not active:
             return
         self._session_root = module
-        self._forward_id += 1
-        # Filled during a backward only: a leftover is from an aborted one.
-        self._forwards_seen = set()
-        self._sessions += 1
-        self._trainable = self._refresh_params()
-        # Contributions only exist during a backward; leftovers mean the last
-        # backward raised, so start clean.
-        self._queued = False
-        self._captures_pending = []
-        self._contribs = []
-        self._uses = {}
-        self._tracer.views.clear()
-        self._tracer.captures = []
-        self._tracer.batch_token = object()
+        step = self._step
+        if step is None or step.started:  # leftovers of a backward that raised are dropped
+            step = self._new_step()
+        trainable = self._refresh_params()
+        batch = _batch_size(args, kwargs, 0 if self.batch_first else 1)
+        token = step.begin_forward(trainable, batch, (args, kwargs))
         self._names = None
-        self._batch_size = _batch_size(args, kwargs, 0 if self.batch_first else 1)
-        self._root_args = (args, kwargs)
         if self.mode == "nanobatch":
             check_module_options(module)  # no tracer in this mode: check modules here
             return
+        self._tracer.begin(step, token)
         self._mark_inputs(args, kwargs)
         self._tracer.__enter__()
         self._push(module, "<model>", args, kwargs)
+
+    def _new_step(self) -> Step:
+        step = self._step = Step(self, self._on_deliver)
+        self._last_step = weakref.ref(step)
+        return step
+
+    def _on_deliver(self, step: Step, result: BackwardResult) -> None:
+        if self._step is step:
+            self._step = None  # the step is over: the next forward begins a new one
+        self._sink(result)
 
     def _root_post(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ) -> Any:
         if not self._root_active:
             return None
-        active = self._root_active.pop()
-        if not active:
+        state = self._root_active.pop()
+        if state == _OFF:
             return None
+        if state != _FORWARD:
+            return self._end_recompute(module, args, kwargs, output)
         if self._root_active:  # inner recursive call
             return self._module_post(module, args, kwargs, output)
         self._session_root = None
+        step = self._step
+        assert step is not None
         if self.mode == "nanobatch":
-            a, kw = self._root_args
-            self._root_args = ((), {})
-            self._check_single_forward()
-            return self._record_outputs(
-                wrap_outputs(self, output, nanobatch.make_backward(self, module, a, kw)))
+            a, kw = step.root_args
+            step.end_forward()
+            self._check_single_forward(step)
+            return self._record_outputs(step, wrap_outputs(
+                self._tracer.anchor, output, nanobatch.make_backward(self, step, module, a, kw)))
         try:
             new_out = self._module_post(module, args, kwargs, output)
         finally:
             self._tracer.stack.clear()
-            self._tracer.captures = []  # needed during the forward only; they hold activations
+            step.end_forward()  # the capture list holds activations: the forward is over
             self._tracer.__exit__(None, None, None)
         out = output if new_out is None else new_out
         if self.mode == "ghost":
-            self._check_single_forward()
-            return self._record_outputs(wrap_outputs(self, out, self._ghost_backward))
-        self._record_outputs(out)
+            self._check_single_forward(step)
+            return self._record_outputs(
+                step, wrap_outputs(self._tracer.anchor, out, step.ghost_backward))
+        self._record_outputs(step, out)
         return new_out
 
-    def _record_outputs(self, output: Any) -> Any:
+    # ------------------------------------------------- activation checkpointing
+    def _begin_recompute(self, module: nn.Module, args: tuple[Any, ...],
+                         kwargs: dict[str, Any]) -> None:
+        """A module run inside a backward pass: a checkpoint's recomputation, or refused."""
+        kind = recompute.kind()
+        path = self._module_path(module)
+        if kind is None:
+            raise UnsupportedModuleError(
+                f"Module `{path}` is run inside a backward pass (from a backward hook?), "
+                "outside activation checkpointing. Its gradients would not be clipped with "
+                "the examples of their step: run the model in the forward pass only."
+            )
+        if self.mode == "nanobatch":  # each example is recomputed alone, engine suspended
+            self._root_active.append(_OFF)
+            return
+        token = recompute.token_of((args, kwargs), _live_token)
+        step = token.step if isinstance(token, ForwardToken) else None
+        if step is None:
+            # No input carries the batch: the original forward routed the call
+            # without one too. Replaying only refills autograd's activations.
+            step = self._step or (self._last_step() if self._last_step else None)
+        if kind == "join" or step is None:
+            raise UnsupportedModuleError(
+                f"Module `{path}` is recomputed by activation checkpointing "
+                "(use_reentrant=True) whose first run swiftdp did not trace (the checkpoint "
+                "was called outside the model's forward), so its gradients cannot be clipped "
+                "with their examples. Call the checkpoint inside the model's forward, or use "
+                "use_reentrant=False."
+            )
+        self._root_active.append(_REPLAY)
+        self._session_root = module
+        self._tracer.begin_recompute(step, token if isinstance(token, ForwardToken) else None,
+                                     "replay")
+        self._tracer.__enter__()
+        self._push(module, path, args, kwargs)
+
+    def _wrap_replay(self, frame: Any) -> None:
+        """Make a non-reentrant checkpoint's rerun a replay of its first run (once per frame)."""
+        if getattr(frame, "_swiftdp_replay", False):
+            return
+        tr = self._tracer
+        step, token = tr.step, tr.batch_token
+        if step is None or not isinstance(token, ForwardToken):
+            return
+        frame._swiftdp_replay = True
+        fn, stack = frame.recompute_fn, tr.snapshot_stack()
+
+        def run(*inputs: Any) -> Any:
+            if self._suspended:
+                return fn(*inputs)
+            self._root_active.append(_REPLAY)
+            self._tracer.begin_recompute(step, token, "replay", stack)
+            self._tracer.__enter__()
+            try:
+                return fn(*inputs)
+            finally:
+                self._tracer.__exit__(None, None, None)
+                self._tracer.end_recompute()
+                self._root_active.pop()
+
+        frame.recompute_fn = run
+
+    def _wrap_reentrant(self, module: nn.Module, path: str) -> None:
+        """Join the reruns of the reentrant checkpoints in progress to this step.
+
+        Called at a module call without gradients inside a traced forward:
+        each enclosing ``CheckpointFunction`` not wrapped yet gets its
+        function wrapped, so that its rerun in the backward is traced as part
+        of this step, with its inputs marked as the first run's were and the
+        trainable parameters passed to it used as themselves.
+
+        Raises:
+            UnsupportedModuleError: no input of the checkpoint requires grad,
+                so torch would never rerun it and ``module``'s trainable
+                parameters would get no gradient.
+        """
+        tr = self._tracer
+        step, token = tr.step, tr.batch_token
+        if step is None or not isinstance(token, ForwardToken):
+            return
+        for ctx, args in recompute.reentrant_contexts():
+            if getattr(ctx, "_swiftdp_joined", False):
+                continue
+            if not any(isinstance(a, Tensor) and a.requires_grad for a in args):
+                if any(id(p) in step.trainable for p in module.parameters(recurse=False)):
+                    raise UnsupportedModuleError(
+                        f"Module `{path}` runs inside torch.utils.checkpoint(use_reentrant=True) "
+                        "and none of the checkpoint's inputs requires grad, so torch never "
+                        "recomputes it and its trainable parameters would get no gradient "
+                        "(torch warns the same). Use use_reentrant=False, or make the input "
+                        "require grad (Hugging Face: model.enable_input_require_grads())."
+                    )
+                continue
+            ctx._swiftdp_joined = True
+            params = {i: a for i, a in enumerate(args)
+                      if isinstance(a, Tensor) and step.trainable.get(id(a)) is a}
+            ctx.run_function = self._joined(ctx.run_function, step, token,
+                                            recompute.marks_of(args), params)
+
+    def _joined(self, fn: Callable[..., Any], step: Step, token: ForwardToken,
+                marks: list[Any], params: dict[int, Tensor]) -> Callable[..., Any]:
+        def run(*inputs: Any) -> Any:
+            if self._suspended or not torch.is_grad_enabled() or not _in_backward():
+                return fn(*inputs)
+            recompute.restore_marks(inputs, marks)
+            if params:  # the parameter itself, routed and clipped, not a detached copy
+                inputs = tuple(params.get(i, x) for i, x in enumerate(inputs))
+            self._root_active.append(_JOIN)
+            self._tracer.begin_recompute(step, token, "join")
+            step.ensure_finalize()  # on the outer backward, not the checkpoint's nested one
+            self._tracer.__enter__()
+            try:
+                return fn(*inputs)
+            finally:
+                self._tracer.__exit__(None, None, None)
+                self._tracer.end_recompute()
+                self._root_active.pop()
+
+        return run
+
+    def _end_recompute(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> Any:
+        try:
+            return self._module_post(module, args, kwargs, output)
+        finally:
+            self._session_root = None
+            self._tracer.__exit__(None, None, None)
+            self._tracer.end_recompute()
+
+    def _record_outputs(self, step: Step, output: Any) -> Any:
         """Remember the forward's output tensors (for the per-example loss check)."""
-        self._last_outputs = [t for t in pytree.tree_leaves(output)
-                              if isinstance(t, Tensor) and t.requires_grad]
+        step.outputs = [t for t in pytree.tree_leaves(output)
+                        if isinstance(t, Tensor) and t.requires_grad]
         return output
 
     # ------------------------------------------------------ per-example loss
@@ -353,32 +452,33 @@ class GradClipper:
             losses: shape ``(B,)``, the batch of the last forward; or a scalar.
 
         Raises:
-            InvalidArgumentError: ``losses`` is neither ``(B,)`` nor a scalar.
+            InvalidArgumentError: ``losses`` is neither ``(B,)`` nor a scalar, or
+                no forward ran since the last backward.
             ExampleMixingError: an example's loss depends on another example.
         """
-        outs, bd = self._last_outputs, (0 if self.batch_first else 1)
-        sig = (tuple(losses.shape), tuple(_shape_without(t, bd, self._batch_size) for t in outs))
+        step = self._step
+        if step is None:
+            raise InvalidArgumentError(
+                "backward(losses) needs the forward of these losses: call the model first "
+                "(no forward ran since the last backward)."
+            )
+        outs, bd = step.outputs, (0 if self.batch_first else 1)
+        sig = (tuple(losses.shape), tuple(_shape_without(t, bd, step.batch_size) for t in outs))
         if sig not in self._loss_checked:
-            with self._ignoring_grads():
-                check_loss(losses, outs, self._batch_size, bd)
+            step.ignore_grads = True
+            try:
+                check_loss(losses, outs, step.batch_size, bd)
+            finally:
+                step.ignore_grads = False
             self._loss_checked.add(sig)
         if losses.dim() == 0:
             losses.backward()
             return
-        self._reduction_override = "sum"
+        step.reduction_override = "sum"
         try:
             losses.sum().backward()
         finally:
-            self._reduction_override = None
-
-    @contextlib.contextmanager
-    def _ignoring_grads(self) -> Iterator[None]:
-        prev = self._ignore_grads
-        self._ignore_grads = True
-        try:
-            yield
-        finally:
-            self._ignore_grads = prev
+            step.reduction_override = None
 
     def _make_pre(self, path: str) -> Callable[..., None]:
         def pre(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -388,8 +488,17 @@ class GradClipper:
                 if not self._suspended and torch.is_grad_enabled():
                     self._root_pre(module, args, kwargs)
                 return
-            if self._tracing and not self._suspended and torch.is_grad_enabled():
-                self._push(module, path, args, kwargs)
+            if self._tracing and not self._suspended:
+                if torch.is_grad_enabled():
+                    if self._root_active[0] == _FORWARD:
+                        # Inside a non-reentrant checkpoint's first run?
+                        frame = recompute.checkpoint_frame()
+                        if frame is not None:
+                            self._wrap_replay(frame)
+                    self._push(module, path, args, kwargs)
+                elif self._root_active[0] in (_FORWARD, _JOIN):
+                    # No gradient here: maybe reentrant checkpointing's first run.
+                    self._wrap_reentrant(module, path)
 
         return pre
 
@@ -405,21 +514,17 @@ class GradClipper:
 
     def _mark_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Mark the model's inputs that carry the batch: batch tracking starts there."""
-        bd, batch, tr = 0 if self.batch_first else 1, self._batch_size, self._tracer
+        bd, batch, tr = 0 if self.batch_first else 1, self._tracer.batch_size, self._tracer
         for t in pytree.tree_leaves((args, kwargs)):
             if isinstance(t, Tensor) and t.dim() > 0:
                 d = bd if t.dim() > max(bd, 1) else 0
                 if t.shape[d] == batch:
                     tr.mark_batched(t, d)
 
-    def _policy(self) -> ModePolicy:
-        """The mode's choices for the rules' builds (the second ghost pass forms sums only)."""
-        return ModePolicy(self.mode, self.cost_objective, second_pass=self._pass2)
-
-    def _check_single_forward(self) -> None:
+    def _check_single_forward(self, step: Step) -> None:
         """Ghost and nanobatch modes clip at their own output node: one forward per backward."""
-        if self._sessions > 1:
-            self._sessions = 0
+        if step.forwards > 1:
+            self._step = None
             raise UnsupportedModuleError(
                 f"mode={self.mode!r} needs the model called once per backward pass, through "
                 "`model(x)`, but this is its second forward (or a second submodule called "
@@ -446,147 +551,9 @@ class GradClipper:
         call = tr.stack.pop()
         if not call.generic:
             return None
-        return generic.capture_module_output(self, call, output)
+        return generic.capture_module_output(self, tr, call, output)
 
-    # --------------------------------------------------------------- backward
-    def _receive(self, cap: Capture, index: int, grad: Tensor) -> None:
-        """Output-gradient hook: store the gradient; build contributions once complete."""
-        if self._ignore_grads:  # the library's own loss check, not a training backward
-            return
-        if cap.generation != self._generation:
-            cap.generation = self._generation
-            cap.grads = [None] * len(cap.grads)
-            cap.seen = 0
-            if self._cancelled(cap):
-                cap.seen = -1
-                return
-            self._captures_pending.append(cap)
-            self._forwards_seen.add(cap.forward_id)
-        if cap.seen < 0:
-            return
-        cap.grads[index] = grad
-        cap.seen += 1
-        if not self._queued and self.mode in ("bk", "per_sample"):
-            self._queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._finalize)
-        if cap.seen == len(cap.grads):  # complete: build now, free what is not needed
-            self._captures_pending.remove(cap)
-            self._contribs.extend(self._build(cap))
-
-    def _build(self, cap: Capture) -> list[Contribution]:
-        out = cap.build(cap.grads, self._policy())
-        cap.grads = [None] * len(cap.grads)
-        if self._pass2:
-            # Ghost clipping, second pass: reduce each use to its clipped sum at
-            # once (the weighted sum is linear, so uses simply add up).
-            w = self._pass2_weights
-            assert w is not None
-            for c in out:
-                s = param_weighted_sum(c.param, [c], w, self._dropped, detect=False)
-                prev = self._pass2_sums.get(id(c.param))
-                self._pass2_sums[id(c.param)] = (c.param, s if prev is None else prev[1] + s)
-            return []
-        for c in out:
-            c.sq_norms()
-        if self.mode == "ghost" and not self._pass2:
-            # First pass: a parameter used once needs only its norms.
-            out = [NormOnly(c) if self._uses.get(id(c.param), 0) <= 1 else c for c in out]
-        return out
-
-    def _cancelled(self, cap: Capture) -> bool:
-        for cid in cap.call_ids:
-            ids = self._generic_params.get(cid)
-            if ids and cap.param_ids & ids:
-                return True
-        return False
-
-    def _collect(self) -> list[Contribution]:
-        for cap in self._captures_pending:
-            self._contribs.extend(self._build(cap))
-        self._captures_pending = []
-        out, self._contribs = self._contribs, []
-        return out
-
-    def _norms(self, by_param: dict[int, list[Contribution]]) -> Tensor | None:
-        sq: Tensor | None = None
-        for uses in by_param.values():
-            s = param_sq_norms(uses)
-            sq = s if sq is None else sq + s.to(sq.dtype)
-        return sq
-
-    def _scale(self, batch: int) -> float:
-        reduction = self._reduction_override or self.loss_reduction
-        return float(batch) if reduction == "mean" else 1.0
-
-    def _clip(self, sq: Tensor) -> tuple[Tensor, float]:
-        scale = self._scale(sq.shape[0])
-        norms = sq.clamp(min=0).sqrt() * scale
-        # One check per step: examples with a non-finite norm get factor 0 and
-        # are left out of every clipped sum exactly (one example must never
-        # be able to poison the update).
-        self._dropped = nonfinite_examples(norms)
-        c = clip_factors(norms, self.max_grad_norm, self.clipping, warn_nonfinite=False)
-        self.last_norms, self.last_clip_factors = norms.detach(), c.detach()
-        return c, scale
-
-    def _finalize(self) -> None:
-        """End of the backward pass: norms → clip factors → clipped sums to the sink."""
-        self._queued = False
-        self._generation += 1
-        by_param = _group(self._collect())
-        self._generic_params.clear()
-        sq = self._norms(by_param)
-        sums: dict[int, Tensor] = {}
-        if sq is not None:
-            c, scale = self._clip(sq)
-            weights = c * scale
-            for pid, uses in by_param.items():
-                sums[pid] = param_weighted_sum(uses[0].param, uses, weights, self._dropped,
-                                               detect=False)
-        self._deliver(sums)
-
-    def _deliver(self, sums: dict[int, Tensor]) -> None:
-        """Hand one backward's clipped sums (zeros where none) to the sink."""
-        forwards = len(self._forwards_seen)
-        self._forwards_seen = set()
-        self._sessions = 0
-        out = [
-            (p, sums[pid].detach() if pid in sums else torch.zeros_like(p))
-            for pid, p in self._trainable.items()
-        ]
-        self._sink(BackwardResult(out, self._batch_size, forwards))
-
-    def _ghost_backward(self, outs: list[Tensor], grads: list[Tensor]) -> None:
-        """Ghost clipping: one backward for the norms, a second for the clipped sums.
-
-        The second pass replays the same output gradients; each layer forms
-        its clipped sum ``Σ_i w_i G_i`` as soon as its gradient arrives and
-        frees everything else, so no layer's factors outlive its backward.
-        """
-        self._generation += 1
-        torch.autograd.backward(outs, grads, retain_graph=True)
-        sq = self._norms(_group(self._collect()))
-        if sq is None:
-            self._generic_params.clear()
-            self._deliver({})
-            return
-        c, scale = self._clip(sq)
-        self._generation += 1
-        self._pass2 = True
-        self._pass2_weights = (c * scale).detach()
-        self._pass2_sums = {}
-        try:
-            torch.autograd.backward(outs, grads)
-            self._collect()
-            sums = self._pass2_sums
-        finally:
-            self._pass2 = False
-            self._pass2_weights = None
-            self._pass2_sums = {}
-            self._generic_params.clear()
-        self._deliver({pid: total for pid, (_, total) in sums.items()})
-
-    def _param_names(self) -> dict[int, str]:
+    def param_names(self) -> dict[int, str]:
         if self._names is None:
             self._names = {id(p): n for n, p in self.model.named_parameters()}
         return self._names
@@ -613,13 +580,6 @@ class GradClipper:
         self.remove()
 
 
-def _group(contribs: list[Contribution]) -> dict[int, list[Contribution]]:
-    by: dict[int, list[Contribution]] = {}
-    for c in contribs:
-        by.setdefault(id(c.param), []).append(c)
-    return by
-
-
 def _add_to_grads(result: BackwardResult) -> None:
     """The default sink: add each clipped sum to ``p.grad`` (the low-level contract)."""
     for p, s in result.sums:
@@ -633,6 +593,10 @@ def _add_to_grads(result: BackwardResult) -> None:
 def _shape_without(t: Tensor, bd: int, batch: int) -> tuple[int, ...]:
     d = bd if t.dim() > max(bd, 1) else 0
     return tuple(-1 if i == d and n == batch else n for i, n in enumerate(t.shape))
+
+
+def _live_token(token: object) -> bool:
+    return isinstance(token, ForwardToken) and token.step is not None
 
 
 def _in_backward() -> bool:

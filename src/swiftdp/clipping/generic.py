@@ -20,18 +20,21 @@ from torch.utils import _pytree as pytree
 
 from swiftdp.clipping.contract import Policy
 from swiftdp.clipping.contributions import Contribution, PerSampleGrads
-from swiftdp.clipping.tracer import Capture, ModuleCall, _Source
+from swiftdp.clipping.tracer import Capture, ModuleCall, Tracer, _Source
 from swiftdp.errors import UnsupportedModuleError
 
 if TYPE_CHECKING:
     from swiftdp.clipping.engine import GradClipper
 
 
-def capture_module_output(engine: GradClipper, call: ModuleCall, output: Any) -> Any:
+def capture_module_output(engine: GradClipper, tracer: Tracer, call: ModuleCall,
+                          output: Any) -> Any:
     """Hook the outputs of a module call marked generic; returns the (possibly new) output."""
-    tr = engine._tracer
-    _absorb_inner_captures(tr, call)
-    engine._generic_params[call.call_id] = set(call.generic)
+    tr = tracer
+    step = tr.step
+    assert step is not None
+    _absorb_inner_captures(step.captures, call)
+    step.generic_params[call.call_id] = set(call.generic)
     leaves, spec = pytree.tree_flatten(output)
     idx = [i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.is_floating_point()]
     if not idx:
@@ -44,14 +47,15 @@ def capture_module_output(engine: GradClipper, call: ModuleCall, output: Any) ->
             changed = True
     names = {id(p): n for n, p in call.module.named_parameters()}
     params = {names[pid]: p for pid, p in call.generic.items()}
-    cap = Capture(tr, len(idx), _builder(engine, call, params, idx), list(params.values()),
+    cap = Capture(tr, len(idx), _builder(engine, step.batch_size, call, params, idx),
+                  list(params.values()),
                   tuple(c.call_id for c in tr.stack))
     for j, i in enumerate(idx):
         leaves[i].register_hook(cap.hook(j))
     return pytree.tree_unflatten(leaves, spec) if changed else None
 
 
-def _absorb_inner_captures(tr: Any, call: ModuleCall) -> None:
+def _absorb_inner_captures(captures: list[Capture], call: ModuleCall) -> None:
     """Make generic every parameter of a capture inside ``call`` that shares one with it.
 
     Such a capture is cancelled (its generic parameters are recomputed by
@@ -63,7 +67,7 @@ def _absorb_inner_captures(tr: Any, call: ModuleCall) -> None:
     changed = True
     while changed:
         changed = False
-        for cap in tr.captures:
+        for cap in captures:
             if call.call_id in cap.call_ids and not cap.param_ids.isdisjoint(gen.keys()):
                 for p in cap.params:
                     if id(p) not in gen:
@@ -72,11 +76,11 @@ def _absorb_inner_captures(tr: Any, call: ModuleCall) -> None:
 
 
 def _builder(
-    engine: GradClipper, call: ModuleCall, params: dict[str, Tensor], out_idx: list[int]
+    engine: GradClipper, batch: int, call: ModuleCall, params: dict[str, Tensor],
+    out_idx: list[int],
 ) -> Any:
     module, args, kwargs = call.module, call.args, call.kwargs
     bd0 = 0 if engine.batch_first else 1
-    batch = engine._batch_size
 
     def build(grads: Sequence[Tensor | None], policy: Policy) -> list[Contribution]:
         leaves, spec = pytree.tree_flatten((args, kwargs))
@@ -109,8 +113,7 @@ def _builder(
             res = pull(cot)[0]
             return tuple(res[k] for k in params)
 
-        engine._suspended = True
-        try:
+        with engine.suspended():
             try:
                 per = vmap(one, in_dims=(dims, gdims), randomness="same")(batched, gs)
             except Exception:  # ops without batching rules: loop over examples
@@ -132,8 +135,6 @@ def _builder(
                         ) from e
                 per = tuple(torch.stack(col) for col in zip(*rows, strict=True)) if rows else tuple(
                     p.new_zeros((0, *p.shape)) for p in params.values())
-        finally:
-            engine._suspended = False
         return [PerSampleGrads(p, g) for p, g in zip(params.values(), per, strict=True)]
 
     return build

@@ -19,6 +19,7 @@ from swiftdp.clipping.clip_fns import clip_factors, nonfinite_examples
 if TYPE_CHECKING:
     from swiftdp.clipping.boundary import OutputsBackward
     from swiftdp.clipping.engine import GradClipper
+    from swiftdp.clipping.step import Step
 
 
 def slice_example(tree: Any, i: int, batch: int, bd: int) -> Any:
@@ -37,21 +38,22 @@ def slice_example(tree: Any, i: int, batch: int, bd: int) -> Any:
 
 
 def make_backward(
-    engine: GradClipper, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    engine: GradClipper, step: Step, module: nn.Module, args: tuple[Any, ...],
+    kwargs: dict[str, Any],
 ) -> OutputsBackward:
     """Build the boundary callback that recomputes and clips example by example."""
     bd = 0 if engine.batch_first else 1
 
     def backward(outs: list[Tensor], grads: list[Tensor]) -> None:
         del outs
-        params = list(engine._trainable.values())
-        batch = engine._batch_size
-        scale = engine._scale(batch)
+        step.started = True
+        params = list(step.trainable.values())
+        batch = step.batch_size
+        scale = step.scale(batch)
         sums = [torch.zeros_like(p) for p in params]
         norms = []
         factors = []
-        engine._suspended = True
-        try:
+        with engine.suspended():
             for i in range(batch):
                 a_i = slice_example(args, i, batch, bd)
                 k_i = slice_example(kwargs, i, batch, bd)
@@ -70,13 +72,11 @@ def make_backward(
                 for s, g in zip(sums, flat, strict=True):
                     # a non-finite example has c = 0 and is left out exactly (0 · NaN = NaN)
                     s.add_(torch.where(c > 0, g * c.to(g.dtype), 0.0))
-        finally:
-            engine._suspended = False
         if norms:
             nonfinite_examples(torch.stack(norms))  # one warning for the step, with the count
             engine.last_norms = torch.stack(norms).to(params[0].dtype if params else torch.float32)
             engine.last_clip_factors = torch.stack(factors).to(engine.last_norms.dtype)
-        engine._forwards_seen.add(engine._forward_id)
-        engine._deliver({id(p): s for p, s in zip(params, sums, strict=True)})
+        step.forwards_seen.add(step.forwards)
+        step.deliver({id(p): s for p, s in zip(params, sums, strict=True)})
 
     return backward

@@ -12,9 +12,12 @@ forward. Each torch function that receives a trainable parameter is routed:
 3. else to the *generic* rule: the innermost running module that contains the
    parameter is recomputed per example with ``torch.func`` (slower, exact).
 
-No parameter use can escape: every op that touches a trainable parameter
-passes through here, and the parameter is detached wherever it is used, so
-``param.grad`` is written by the engine alone.
+The parameter is detached wherever it is used, so ``param.grad`` is written
+by the engine alone; a use that does not pass through here (a custom
+``autograd.Function``, code outside the forward) would accumulate a gradient
+into the parameter, and the escape guard (:mod:`.escapes`) refuses it. The
+tracer's per-forward state (batch token, parameter slices, captures) is the
+step's (:mod:`.step`).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from swiftdp.layers import RULES
 
 if TYPE_CHECKING:
     from swiftdp.clipping.engine import GradClipper
+    from swiftdp.clipping.step import ForwardToken, Step
 
 Builder = Build
 
@@ -91,7 +95,7 @@ class ModuleCall:
 
 
 class Capture:
-    """A use of parameters whose output gradients are awaited."""
+    """A use of parameters whose output gradients are awaited (by its step alone)."""
 
     def __init__(
         self,
@@ -101,23 +105,32 @@ class Capture:
         params: Sequence[Tensor],
         call_ids: tuple[int, ...],
     ) -> None:
-        self.engine = tracer.engine
+        step = tracer.step
+        assert step is not None
+        self.step = step
         self.grads: list[Tensor | None] = [None] * n_outputs
         self.build = build
         self.param_ids = {id(p) for p in params}
         self.params = list(params)
-        tracer.captures.append(self)
-        uses = tracer.engine._uses
-        for pid in self.param_ids:
-            uses[pid] = uses.get(pid, 0) + 1
+        step.captures.append(self)
+        # A checkpoint's replay only refills autograd's activations: its
+        # graph is never differentiated, and the original's uses were counted.
+        self.inert = step.recompute == "replay"
+        if step.recompute is None:
+            for pid in self.param_ids:
+                step.count_use(pid)
         self.call_ids = call_ids
-        self.forward_id = tracer.engine._forward_id
+        token = tracer.batch_token
+        self.forward_index = getattr(token, "index", 0)
         self.seen = 0
         self.generation = -1
 
     def hook(self, index: int) -> Callable[[Tensor], None]:
+        step = self.step
+
         def fn(grad: Tensor) -> None:
-            self.engine._receive(self, index, grad)
+            if not self.inert:
+                step.receive(self, index, grad)
 
         return fn
 
@@ -131,18 +144,52 @@ class Tracer(TorchFunctionMode):
         self.anchor = torch.zeros((), requires_grad=True)
         self.stack: list[ModuleCall] = []
         self._ids = itertools.count()
-        # A fresh token per forward: tensors marked with it carry the batch.
+        # The step of the forward in progress, and the forward's token:
+        # tensors marked with it carry the batch.
+        self.step: Step | None = None
         self.batch_token: object = object()
+        self.trainable: dict[int, Tensor] = {}
+        self._saved: list[tuple[Any, ...]] = []
         # Whether the op a rule is running for has a batched input (the
         # tensors a composite rule derives from it inside are not marked).
         self.rule_batched = False
         self._site: Site | None = None  # the routed call's context, built on first use
-        # Every capture of the forward in progress (a generic module call
-        # takes over the parameters of the captures inside it).
-        self.captures: list[Capture] = []
         # Detached slices of trainable parameters (``self.pos[:, :t]``):
-        # id -> (view, parameter, region). Reset at every forward.
+        # id -> (view, parameter, region); the step's, reset at every forward.
         self.views: dict[int, tuple[Tensor, Tensor, tuple[slice, ...]]] = {}
+
+    def begin(self, step: Step, token: ForwardToken) -> None:
+        """Route the forward that ``step`` just began, its batch marked with ``token``."""
+        self.step, self.batch_token = step, token
+        self.trainable, self.views = step.trainable, step.views
+
+    def begin_recompute(self, step: Step, token: ForwardToken | None, kind: str,
+                        stack: list[ModuleCall] | None = None) -> None:
+        """Route a checkpoint's recomputation for ``step`` (see :mod:`.recompute`).
+
+        ``stack``: the module calls that enclosed the first run (a replay
+        routes exactly as the first run did).
+        """
+        self._saved.append((self.step, self.batch_token, self.trainable, self.views,
+                            self.stack, step.captures, step.recompute))
+        self.step, self.batch_token = step, (token if token is not None
+                                             else step.token or object())
+        self.trainable, self.views = step.trainable, step.views
+        self.stack = list(stack) if stack else []
+        step.captures, step.recompute = [], kind
+
+    def snapshot_stack(self) -> list[ModuleCall]:
+        """The module calls in progress, as they are now (for a later replay)."""
+        return [ModuleCall(c.module, c.path, c.call_id, c.args, c.kwargs, dict(c.generic))
+                for c in self.stack]
+
+    def end_recompute(self) -> None:
+        """The recomputation returned: back to the state before it."""
+        step = self.step
+        (self.step, self.batch_token, self.trainable, self.views, self.stack,
+         captures, kind) = self._saved.pop()
+        if step is not None:
+            step.captures, step.recompute = captures, kind
 
     # ------------------------------------------------------------------ dispatch
     def __torch_function__(
@@ -154,10 +201,16 @@ class Tracer(TorchFunctionMode):
     ) -> Any:
         if kwargs is None:
             kwargs = {}
-        if self.engine._suspended:
+        if self.engine.is_suspended:
             return func(*args, **kwargs)
         found, src = self.scan(args, kwargs)
         if not torch.is_grad_enabled():  # no gradient: only the batch tracking goes on
+            step = self.step
+            if found and step is not None and step.recompute is None:
+                # Counted all the same: a reentrant checkpoint recomputes this
+                # use later, with gradients (ghost mode must know it is reused).
+                for p in found:
+                    step.count_use(id(self.base_param(p)))
             out = func(*args, **kwargs)
             if src is not None:
                 self._mark_outputs(func, args, kwargs, out, src)
@@ -261,7 +314,7 @@ class Tracer(TorchFunctionMode):
             slices found, and the first argument carrying the batch with its
             batch dimension (``None`` when no argument carries it).
         """
-        trainable, views, token = self.engine._trainable, self.views, self.batch_token
+        trainable, views, token = self.trainable, self.views, self.batch_token
         out: list[Tensor] = []
         batched: tuple[Tensor, int | None] | None = None
         virtual: list[Tensor] = []
@@ -304,14 +357,14 @@ class Tracer(TorchFunctionMode):
             return self._site
         eng, top = self.engine, (self.stack[-1] if self.stack else None)
         self._site = Site(
-            batch_size=eng._batch_size,
+            batch_size=self.batch_size,
             batch_dim=0 if eng.batch_first else 1,
             batch_first=eng.batch_first,
             module_path=top.path if top is not None else "<model>",
             module=top.module if top is not None else None,
             module_args=top.args if top is not None else (),
             module_kwargs=top.kwargs if top is not None else {},
-            trainable=eng._trainable,
+            trainable=self.trainable,
             batch_token=self.batch_token,
             call_batched=self.rule_batched,
         )
@@ -325,7 +378,7 @@ class Tracer(TorchFunctionMode):
     @property
     def batch_size(self) -> int:
         """Batch size of the forward in progress."""
-        return self.engine._batch_size
+        return self.step.batch_size if self.step is not None else 0
 
     def module_path(self) -> str:
         """Path of the innermost running module (for error messages)."""
@@ -333,7 +386,7 @@ class Tracer(TorchFunctionMode):
 
     def param_name(self, p: Tensor) -> str:
         """Qualified name of a trainable parameter."""
-        return self.engine._param_names().get(id(p), "<unnamed parameter>")
+        return self.engine.param_names().get(id(p), "<unnamed parameter>")
 
     def track(
         self,
@@ -386,7 +439,7 @@ class Tracer(TorchFunctionMode):
         if func is Tensor.__getitem__ and len(found) == 1 and args and args[0] is found[0]:
             p = found[0]
             region = _slice_region(args[1] if len(args) > 1 else None, p.shape)
-            if region is not None and id(p) in self.engine._trainable:
+            if region is not None and id(p) in self.trainable:
                 out = p.detach()[args[1]]
                 self.views[id(out)] = (out, p, region)
                 return out

@@ -1,0 +1,310 @@
+"""One step of the engine: its forward(s), their captures, and the backward that clips.
+
+A :class:`Step` is created by :class:`~swiftdp.clipping.engine.GradClipper` at
+the first root forward after the last step was handed over, and dropped by the
+engine once its backward delivered. Everything that lives for one forward and
+its backward is here — the batch, the captured parameter uses, the per-layer
+contributions, the norms and clip factors — so the long-lived clipper holds
+configuration only, and a backward can only ever combine the examples of the
+forward(s) it differentiates.
+
+Each capture holds its step; an output-gradient hook hands the gradient to
+that step alone (:meth:`Step.receive`). When the backward pass ends
+(:meth:`Step.finalize`, queued on autograd's graph task) the norms over every
+trainable parameter give the clip factors, each parameter's clipped sum is
+formed, and the sums go to the engine's sink as one :class:`BackwardResult`.
+A retained graph may be differentiated again: every pass over it delivers
+its own result (and ``make_private`` refuses the second one).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from swiftdp.clipping.clip_fns import clip_factors, nonfinite_examples
+from swiftdp.clipping.contributions import (
+    Contribution,
+    NormOnly,
+    param_sq_norms,
+    param_weighted_sum,
+)
+from swiftdp.clipping.cost import ModePolicy
+
+if TYPE_CHECKING:
+    from swiftdp.clipping.engine import GradClipper
+    from swiftdp.clipping.tracer import Capture
+
+
+@dataclass(frozen=True)
+class BackwardResult:
+    """What one backward pass produced, handed to the engine's sink.
+
+    Attributes:
+        sums: ``(parameter, Σ_i c_i g_i)`` for every trainable parameter of the
+            step (zeros for a parameter no example reached).
+        batch_size: the batch size of the forward that was differentiated.
+        forwards: how many forward passes of the model fed this backward.
+    """
+
+    sums: list[tuple[Tensor, Tensor]]
+    batch_size: int
+    forwards: int
+
+
+Sink = Callable[[BackwardResult], None]
+
+
+class ForwardToken:
+    """The mark of the tensors derived from one forward's batch.
+
+    Tensors carry it (see :mod:`swiftdp.clipping.batchdim`), so it points to
+    its step weakly: a tensor kept by the user never keeps a step alive.
+    """
+
+    __slots__ = ("__weakref__", "_step", "index")
+
+    def __init__(self, step: Step, index: int) -> None:
+        self._step = weakref.ref(step)
+        self.index = index
+
+    @property
+    def step(self) -> Step | None:
+        """The step of this forward, while it is alive."""
+        return self._step()
+
+
+class Step:
+    """The state of one step: the forward(s) since the last backward, and that backward.
+
+    Args:
+        engine: the clipper, read for its configuration (mode, clipping,
+            threshold, loss reduction) only.
+        deliver: receives each backward's result (the engine forwards it to
+            its sink and drops the step).
+    """
+
+    def __init__(self, engine: GradClipper,
+                 deliver: Callable[[Step, BackwardResult], None]) -> None:
+        self.engine = engine
+        self._on_deliver = deliver
+        self.trainable: dict[int, Tensor] = {}
+        self.batch_size = 0
+        self.forwards = 0  # forwards joined since the step began
+        self.token: ForwardToken | None = None
+        self.root_args: tuple[tuple[Any, ...], dict[str, Any]] = ((), {})
+        # Forward state: the captures of the forward in progress (a generic
+        # module call takes over the parameters of the captures inside it),
+        # detached slices of trainable parameters (id -> (view, parameter,
+        # region)), and how often each parameter is used.
+        self.captures: list[Capture] = []
+        self.views: dict[int, tuple[Tensor, Tensor, tuple[slice, ...]]] = {}
+        self.uses: dict[int, int] = {}
+        self.outputs: list[Tensor] = []
+        # A recomputation of activation checkpointing in progress: "replay"
+        # (non-reentrant: its graph is never differentiated, its captures are
+        # inert) or "join" (reentrant: its captures are this step's).
+        self.recompute: str | None = None
+        # Backward state.
+        self.generic_params: dict[int, set[int]] = {}
+        self.pending: list[Capture] = []
+        self.contribs: list[Contribution] = []
+        self.queued = False
+        self.generation = 0
+        self.started = False
+        self.pass2 = False
+        self.pass2_weights: Tensor | None = None
+        self.pass2_sums: dict[int, tuple[Tensor, Tensor]] = {}
+        self.forwards_seen: set[int] = set()
+        self.dropped: Tensor | None = None
+        self.reduction_override: str | None = None
+        self.ignore_grads = False
+
+    # ---------------------------------------------------------------- forward
+    def begin_forward(self, trainable: dict[int, Tensor], batch_size: int,
+                      args: tuple[tuple[Any, ...], dict[str, Any]]) -> ForwardToken:
+        """Join a new forward to the step; returns the token its batch is marked with."""
+        self.forwards += 1
+        self.trainable = trainable
+        self.batch_size = batch_size
+        self.root_args = args
+        self.views.clear()
+        self.captures = []
+        self.token = ForwardToken(self, self.forwards)
+        return self.token
+
+    def end_forward(self) -> None:
+        """The root forward returned: the capture list is needed during the forward only."""
+        self.captures = []
+        self.root_args = ((), {})
+
+    def count_use(self, pid: int) -> None:
+        """Count one use of a parameter (ghost mode keeps norms only for single uses)."""
+        self.uses[pid] = self.uses.get(pid, 0) + 1
+
+    @property
+    def policy(self) -> ModePolicy:
+        """The mode's choices for the rules' builds (the second ghost pass forms sums only)."""
+        eng = self.engine
+        return ModePolicy(eng.mode, eng.cost_objective, second_pass=self.pass2)
+
+    # --------------------------------------------------------------- backward
+    def ensure_finalize(self) -> None:
+        """Queue :meth:`finalize` at the end of the backward pass running now."""
+        if not self.queued and self.engine.mode in ("bk", "per_sample"):
+            self.queued = True
+            self.started = True
+            torch.autograd.Variable._execution_engine.queue_callback(self.finalize)
+
+    def receive(self, cap: Capture, index: int, grad: Tensor) -> None:
+        """Output-gradient hook: store the gradient; build contributions once complete."""
+        if self.ignore_grads or not torch.autograd._is_checkpoint_valid():
+            # The library's own loss check, or a torch.autograd.grad / backward(inputs=)
+            # pass (FGSM, logging): not a training backward, nothing to deliver.
+            return
+        self.started = True
+        if cap.generation != self.generation:
+            cap.generation = self.generation
+            cap.grads = [None] * len(cap.grads)
+            cap.seen = 0
+            if self._cancelled(cap):
+                cap.seen = -1
+                return
+            self.pending.append(cap)
+            self.forwards_seen.add(cap.forward_index)
+        if cap.seen < 0:
+            return
+        cap.grads[index] = grad
+        cap.seen += 1
+        self.ensure_finalize()
+        if cap.seen == len(cap.grads):  # complete: build now, free what is not needed
+            self.pending.remove(cap)
+            self.contribs.extend(self._build(cap))
+
+    def _build(self, cap: Capture) -> list[Contribution]:
+        out = cap.build(cap.grads, self.policy)
+        cap.grads = [None] * len(cap.grads)
+        if self.pass2:
+            # Ghost clipping, second pass: reduce each use to its clipped sum at
+            # once (the weighted sum is linear, so uses simply add up).
+            w = self.pass2_weights
+            assert w is not None
+            for c in out:
+                s = param_weighted_sum(c.param, [c], w, self.dropped, detect=False)
+                prev = self.pass2_sums.get(id(c.param))
+                self.pass2_sums[id(c.param)] = (c.param, s if prev is None else prev[1] + s)
+            return []
+        for c in out:
+            c.sq_norms()
+        if self.engine.mode == "ghost":
+            # First pass: a parameter used once needs only its norms.
+            out = [NormOnly(c) if self.uses.get(id(c.param), 0) <= 1 else c for c in out]
+        return out
+
+    def _cancelled(self, cap: Capture) -> bool:
+        for cid in cap.call_ids:
+            ids = self.generic_params.get(cid)
+            if ids and cap.param_ids & ids:
+                return True
+        return False
+
+    def _collect(self) -> list[Contribution]:
+        for cap in self.pending:
+            self.contribs.extend(self._build(cap))
+        self.pending = []
+        out, self.contribs = self.contribs, []
+        return out
+
+    def scale(self, batch: int) -> float:
+        """Factor from the captured gradients to per-example ones (``B`` for a mean loss)."""
+        reduction = self.reduction_override or self.engine.loss_reduction
+        return float(batch) if reduction == "mean" else 1.0
+
+    def _clip(self, sq: Tensor) -> tuple[Tensor, float]:
+        eng = self.engine
+        scale = self.scale(sq.shape[0])
+        norms = sq.clamp(min=0).sqrt() * scale
+        # One check per step: examples with a non-finite norm get factor 0 and
+        # are left out of every clipped sum exactly (one example must never
+        # be able to poison the update).
+        self.dropped = nonfinite_examples(norms)
+        c = clip_factors(norms, eng.max_grad_norm, eng.clipping, warn_nonfinite=False)
+        eng.last_norms, eng.last_clip_factors = norms.detach(), c.detach()
+        return c, scale
+
+    def finalize(self) -> None:
+        """End of the backward pass: norms → clip factors → clipped sums to the sink."""
+        self.queued = False
+        self.generation += 1
+        by_param = _group(self._collect())
+        self.generic_params.clear()
+        sq = _norms(by_param)
+        sums: dict[int, Tensor] = {}
+        if sq is not None:
+            c, scale = self._clip(sq)
+            weights = c * scale
+            for pid, uses in by_param.items():
+                sums[pid] = param_weighted_sum(uses[0].param, uses, weights, self.dropped,
+                                               detect=False)
+        self.deliver(sums)
+
+    def deliver(self, sums: dict[int, Tensor]) -> None:
+        """Hand one backward's clipped sums (zeros where none) to the sink."""
+        forwards = len(self.forwards_seen)
+        self.forwards_seen = set()
+        out = [
+            (p, sums[pid].detach() if pid in sums else torch.zeros_like(p))
+            for pid, p in self.trainable.items()
+        ]
+        self._on_deliver(self, BackwardResult(out, self.batch_size, forwards))
+
+    def ghost_backward(self, outs: list[Tensor], grads: list[Tensor]) -> None:
+        """Ghost clipping: one backward for the norms, a second for the clipped sums.
+
+        The second pass replays the same output gradients; each layer forms
+        its clipped sum ``Σ_i w_i G_i`` as soon as its gradient arrives and
+        frees everything else, so no layer's factors outlive its backward.
+        """
+        self.started = True
+        self.generation += 1
+        torch.autograd.backward(outs, grads, retain_graph=True)
+        sq = _norms(_group(self._collect()))
+        if sq is None:
+            self.generic_params.clear()
+            self.deliver({})
+            return
+        c, scale = self._clip(sq)
+        self.generation += 1
+        self.pass2 = True
+        self.pass2_weights = (c * scale).detach()
+        self.pass2_sums = {}
+        try:
+            torch.autograd.backward(outs, grads)
+            self._collect()
+            sums = self.pass2_sums
+        finally:
+            self.pass2 = False
+            self.pass2_weights = None
+            self.pass2_sums = {}
+            self.generic_params.clear()
+        self.deliver({pid: total for pid, (_, total) in sums.items()})
+
+
+def _group(contribs: list[Contribution]) -> dict[int, list[Contribution]]:
+    by: dict[int, list[Contribution]] = {}
+    for c in contribs:
+        by.setdefault(id(c.param), []).append(c)
+    return by
+
+
+def _norms(by_param: dict[int, list[Contribution]]) -> Tensor | None:
+    sq: Tensor | None = None
+    for uses in by_param.values():
+        s = param_sq_norms(uses)
+        sq = s if sq is None else sq + s.to(sq.dtype)
+    return sq
