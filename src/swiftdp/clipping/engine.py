@@ -62,8 +62,7 @@ Mode = Literal["bk", "ghost", "per_sample", "nanobatch"]
 MODES: tuple[str, ...] = ("bk", "ghost", "per_sample", "nanobatch")
 LossReduction = Literal["mean", "sum"]
 
-# States of a module call in flight (GradClipper._root_active).
-_OFF, _FORWARD, _JOIN, _REPLAY = 0, 1, 2, 3
+_OFF, _FORWARD, _JOIN, _REPLAY = recompute.OFF, recompute.FORWARD, recompute.JOIN, recompute.REPLAY
 
 
 class GradClipper:
@@ -139,6 +138,7 @@ class GradClipper:
         # Hook bookkeeping: one entry per module call in flight (_OFF,
         # _FORWARD, or a checkpoint recomputation), and the call that began it.
         self._root_active: list[int] = []
+        self._sessions = recompute.Sessions(self._tracer, self._root_active, lambda: self._suspended)
         self._session_root: nn.Module | None = None
         self._suspended = False
         self._handles: list[Any] = []
@@ -334,90 +334,6 @@ class GradClipper:
         self._tracer.__enter__()
         self._push(module, path, args, kwargs)
 
-    def _wrap_replay(self, frame: Any) -> None:
-        """Make a non-reentrant checkpoint's rerun a replay of its first run (once per frame)."""
-        if getattr(frame, "_swiftdp_replay", False):
-            return
-        tr = self._tracer
-        step, token = tr.step, tr.batch_token
-        if step is None or not isinstance(token, ForwardToken):
-            return
-        frame._swiftdp_replay = True
-        fn, stack = frame.recompute_fn, tr.snapshot_stack()
-
-        def run(*inputs: Any) -> Any:
-            if self._suspended:
-                return fn(*inputs)
-            self._root_active.append(_REPLAY)
-            self._tracer.begin_recompute(step, token, "replay", stack)
-            self._tracer.__enter__()
-            try:
-                return fn(*inputs)
-            finally:
-                self._tracer.__exit__(None, None, None)
-                self._tracer.end_recompute()
-                self._root_active.pop()
-
-        frame.recompute_fn = run
-
-    def _wrap_reentrant(self, module: nn.Module, path: str) -> None:
-        """Join the reruns of the reentrant checkpoints in progress to this step.
-
-        Called at a module call without gradients inside a traced forward:
-        each enclosing ``CheckpointFunction`` not wrapped yet gets its
-        function wrapped, so that its rerun in the backward is traced as part
-        of this step, with its inputs marked as the first run's were and the
-        trainable parameters passed to it used as themselves.
-
-        Raises:
-            UnsupportedModuleError: no input of the checkpoint requires grad,
-                so torch would never rerun it and ``module``'s trainable
-                parameters would get no gradient.
-        """
-        tr = self._tracer
-        step, token = tr.step, tr.batch_token
-        if step is None or not isinstance(token, ForwardToken):
-            return
-        for ctx, args in recompute.reentrant_contexts():
-            if getattr(ctx, "_swiftdp_joined", False):
-                continue
-            if not any(isinstance(a, Tensor) and a.requires_grad for a in args):
-                if any(id(p) in step.trainable for p in module.parameters(recurse=False)):
-                    raise UnsupportedModuleError(
-                        f"Module `{path}` runs inside torch.utils.checkpoint(use_reentrant=True) "
-                        "and none of the checkpoint's inputs requires grad, so torch never "
-                        "recomputes it and its trainable parameters would get no gradient "
-                        "(torch warns the same). Use use_reentrant=False, or make the input "
-                        "require grad (Hugging Face: model.enable_input_require_grads())."
-                    )
-                continue
-            ctx._swiftdp_joined = True
-            params = {i: a for i, a in enumerate(args)
-                      if isinstance(a, Tensor) and step.trainable.get(id(a)) is a}
-            ctx.run_function = self._joined(ctx.run_function, step, token,
-                                            recompute.marks_of(args), params)
-
-    def _joined(self, fn: Callable[..., Any], step: Step, token: ForwardToken,
-                marks: list[Any], params: dict[int, Tensor]) -> Callable[..., Any]:
-        def run(*inputs: Any) -> Any:
-            if self._suspended or not torch.is_grad_enabled() or not _in_backward():
-                return fn(*inputs)
-            recompute.restore_marks(inputs, marks)
-            if params:  # the parameter itself, routed and clipped, not a detached copy
-                inputs = tuple(params.get(i, x) for i, x in enumerate(inputs))
-            self._root_active.append(_JOIN)
-            self._tracer.begin_recompute(step, token, "join")
-            step.ensure_finalize()  # on the outer backward, not the checkpoint's nested one
-            self._tracer.__enter__()
-            try:
-                return fn(*inputs)
-            finally:
-                self._tracer.__exit__(None, None, None)
-                self._tracer.end_recompute()
-                self._root_active.pop()
-
-        return run
-
     def _end_recompute(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ) -> Any:
@@ -494,11 +410,11 @@ class GradClipper:
                         # Inside a non-reentrant checkpoint's first run?
                         frame = recompute.checkpoint_frame()
                         if frame is not None:
-                            self._wrap_replay(frame)
+                            recompute.wrap_replay(self._sessions, frame)
                     self._push(module, path, args, kwargs)
                 elif self._root_active[0] in (_FORWARD, _JOIN):
                     # No gradient here: maybe reentrant checkpointing's first run.
-                    self._wrap_reentrant(module, path)
+                    recompute.wrap_reentrant(self._sessions, module, path)
 
         return pre
 

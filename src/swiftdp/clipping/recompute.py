@@ -26,16 +26,24 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from types import FrameType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.utils.checkpoint as _ckpt
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from swiftdp.clipping import batchdim
+from swiftdp.errors import UnsupportedModuleError
+
+if TYPE_CHECKING:
+    from swiftdp.clipping.step import ForwardToken, Step
+    from swiftdp.clipping.tracer import ModuleCall, Tracer
 
 Kind = Literal["replay", "join"]
+
+# States of a module call in flight (the engine's stack of them).
+OFF, FORWARD, JOIN, REPLAY = 0, 1, 2, 3
 
 _CHECKPOINT_FILE = _ckpt.__file__
 
@@ -122,3 +130,122 @@ def token_of(args: Any, accept: Callable[[object], bool]) -> object | None:
             if m is not None and accept(m[0]):
                 return m[0]
     return None
+
+
+class Sessions:
+    """What a rerun needs of the engine: its tracer, its stack of call states, its suspension.
+
+    Args:
+        tracer: the engine's tracer.
+        states: the engine's stack of module-call states (``OFF``, ``FORWARD``,
+            ``JOIN``, ``REPLAY``), shared and changed in place.
+        suspended: whether the engine is suspended.
+    """
+
+    def __init__(self, tracer: Tracer, states: list[int], suspended: Callable[[], bool]) -> None:
+        self.tracer = tracer
+        self.states = states
+        self.suspended = suspended
+
+    def run(self, state: int, step: Step, token: ForwardToken, kind: Kind,
+            stack: list[ModuleCall] | None, fn: Callable[..., Any], *inputs: Any) -> Any:
+        """Run ``fn`` as a rerun of ``kind`` for ``step``, traced."""
+        tr = self.tracer
+        self.states.append(state)
+        tr.begin_recompute(step, token, kind, stack)
+        if kind == "join":
+            step.ensure_finalize()  # on the outer backward, not the checkpoint's nested one
+        tr.__enter__()
+        try:
+            return fn(*inputs)
+        finally:
+            tr.__exit__(None, None, None)
+            tr.end_recompute()
+            self.states.pop()
+
+    def current(self) -> tuple[Step, ForwardToken] | None:
+        """The step and token of the forward being traced, if any."""
+        from swiftdp.clipping.step import ForwardToken
+
+        tr = self.tracer
+        step, token = tr.step, tr.batch_token
+        if step is None or not isinstance(token, ForwardToken):
+            return None
+        return step, token
+
+
+def wrap_replay(sessions: Sessions, frame: Any) -> None:
+    """Make a non-reentrant checkpoint's rerun a replay of its first run (once per frame).
+
+    The rerun is traced from the module stack the first run began in, so it
+    routes every call as the first run did and autograd gets back the same
+    saved tensors; its captures are inert.
+    """
+    if getattr(frame, "_swiftdp_replay", False):
+        return
+    cur = sessions.current()
+    if cur is None:
+        return
+    step, token = cur
+    frame._swiftdp_replay = True
+    fn, stack = frame.recompute_fn, sessions.tracer.snapshot_stack()
+
+    def run(*inputs: Any) -> Any:
+        if sessions.suspended():
+            return fn(*inputs)
+        return sessions.run(REPLAY, step, token, "replay", stack, fn, *inputs)
+
+    frame.recompute_fn = run
+
+
+def wrap_reentrant(sessions: Sessions, module: nn.Module, path: str) -> None:
+    """Join the reruns of the reentrant checkpoints in progress to the step being traced.
+
+    Called at a module call without gradients inside a traced forward: each
+    enclosing ``CheckpointFunction`` not wrapped yet gets its function
+    wrapped, so that its rerun in the backward is traced as part of this
+    step, with its inputs marked as the first run's were and the trainable
+    parameters passed to it used as themselves (routed and clipped; the
+    checkpoint then returns no gradient for them).
+
+    Raises:
+        UnsupportedModuleError: no input of the checkpoint requires grad, so
+            torch would never rerun it and ``module``'s trainable parameters
+            would get no gradient.
+    """
+    cur = sessions.current()
+    if cur is None:
+        return
+    step, token = cur
+    for ctx, args in reentrant_contexts():
+        if getattr(ctx, "_swiftdp_joined", False):
+            continue
+        if not any(isinstance(a, Tensor) and a.requires_grad for a in args):
+            if any(id(p) in step.trainable for p in module.parameters(recurse=False)):
+                raise UnsupportedModuleError(
+                    f"Module `{path}` runs inside torch.utils.checkpoint(use_reentrant=True) "
+                    "and none of the checkpoint's inputs requires grad, so torch never "
+                    "recomputes it and its trainable parameters would get no gradient "
+                    "(torch warns the same). Use use_reentrant=False, or make the input "
+                    "require grad (Hugging Face: model.enable_input_require_grads())."
+                )
+            continue
+        ctx._swiftdp_joined = True
+        params = {i: a for i, a in enumerate(args)
+                  if isinstance(a, Tensor) and step.trainable.get(id(a)) is a}
+        ctx.run_function = _joined(sessions, ctx.run_function, step, token, marks_of(args),
+                                   params)
+
+
+def _joined(sessions: Sessions, fn: Callable[..., Any], step: Step, token: ForwardToken,
+            marks: list[Any], params: dict[int, Tensor]) -> Callable[..., Any]:
+    def run(*inputs: Any) -> Any:
+        if sessions.suspended() or not torch.is_grad_enabled() or \
+                torch._C._current_graph_task_id() == -1:
+            return fn(*inputs)
+        restore_marks(inputs, marks)
+        if params:  # the parameter itself, routed and clipped, not a detached copy
+            inputs = tuple(params.get(i, x) for i, x in enumerate(inputs))
+        return sessions.run(JOIN, step, token, "join", None, fn, *inputs)
+
+    return run
