@@ -25,152 +25,57 @@ per example, the square of an *upper bound* on the norm of what
   norm (:meth:`Contribution.slack`), ``θ`` the rounding of one term;
 * cross terms between uses are computed in float64 with a worst-case bound.
 
-Rounding model: in a batched sum over examples each example's terms are
-rounded at most ``T + B + 1`` times (``γ_n = n u / (1 - n u)`` per term, ``u``
-the unit roundoff of the compute dtype, at least float32; TF32 matmuls count
-as ``u = 2⁻¹¹`` on their inputs). This is exact for any summation order when
-an example has one term per output entry (instantiated gradients, ``T = 1``,
-embeddings after merging repeated rows).
+The rounding model and the norm kernels (:func:`ghost_sq_bound`, float64
+sums of squares formed block by block) are in :mod:`swiftdp.clipping.rounding`;
+their names are re-exported here.
 
 An example whose weight is zero (its norm was not finite) is dropped exactly:
 its factors are masked with ``torch.where`` (``0 · inf`` is NaN), so the
 others' clipped sum is unchanged.
-
-References:
-    Higham. Accuracy and stability of numerical algorithms, 2nd ed., 2002
-    (§3.1, 3.5: ``γ_n`` and inner products).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
 
+from swiftdp.clipping.rounding import (
+    F64,
+    U64,
+    compute_dtype,
+    gamma,
+    ghost_sq_bound,
+    matmul_input_roundoff,
+    max_finite,
+    norms_f64,
+    sq_norms_f64,
+    term_error,
+    unit_roundoff,
+    weighted_sum_error,
+)
+
+__all__ = [
+    "F64", "U64", "Contribution", "LinearFactors", "NormOnly", "PerSampleGrads", "Region",
+    "SlackParts", "compute_dtype", "dropped_examples", "gamma", "ghost_sq_bound",
+    "matmul_input_roundoff", "max_finite", "norms_f64", "pair_inner", "pair_inner_bound",
+    "param_sq_norms", "param_weighted_sum", "slack_from_parts", "sq_norms_f64", "term_error",
+    "total_sq_norms", "unit_roundoff", "weighted_sum_error",
+]
+
 Region = tuple[slice, ...] | None
-F64 = torch.float64
-U64 = 2.0**-53
+SlackParts = tuple[float, Tensor | None]
+"""``(θ, base)`` with ``slack = θ · base``; ``base`` ``None`` stands for ``√sq_norms()``."""
 
 
-# --------------------------------------------------------------------- rounding
-def unit_roundoff(dtype: torch.dtype) -> float:
-    """Unit roundoff ``u`` of a floating dtype (``2⁻²⁴`` for float32, ``2⁻⁸`` for bfloat16)."""
-    return float(torch.finfo(dtype).eps) / 2.0
-
-
-def gamma(n: int, u: float) -> float:
-    """``γ_n = n u / (1 - n u)``, the relative error of ``n`` roundings (inf when ``n u >= 1``)."""
-    nu = n * u
-    return nu / (1.0 - nu) if nu < 1.0 else math.inf
-
-
-def compute_dtype(*tensors: Tensor) -> torch.dtype:
-    """The dtype norms and clipped sums are computed in: the inputs' promotion, at least float32."""
-    dt = torch.float32
-    for t in tensors:
-        dt = torch.promote_types(dt, t.dtype)
-    return dt
-
-
-def matmul_input_roundoff(dtype: torch.dtype, device: torch.device, *, conv: bool = False) -> float:
-    """Relative rounding of a float32 matmul's (or convolution's) inputs under TF32 / bf16 modes.
-
-    Args:
-        dtype: the matmul's dtype (only float32 has reduced-precision modes).
-        device: where it runs.
-        conv: a cuDNN convolution (``torch.backends.cudnn.allow_tf32``, on by default).
-
-    Returns:
-        0 for exact inputs, ``2⁻¹¹`` for TF32, ``2⁻⁸`` for bf16 (``"medium"`` precision).
-    """
-    if dtype != torch.float32:
-        return 0.0
-    prec = torch.get_float32_matmul_precision()
-    u = 0.0 if prec == "highest" else 2.0**-11 if prec == "high" else 2.0**-8
-    if device.type == "cuda":
-        tf32 = torch.backends.cudnn.allow_tf32 if conv else torch.backends.cuda.matmul.allow_tf32
-        if tf32:
-            u = max(u, 2.0**-11)
-    return u
-
-
-def term_error(n: int, dtype: torch.dtype, device: torch.device, *, conv: bool = False) -> float:
-    """Relative error bound of each term of an ``n``-term dot product computed in ``dtype``."""
-    ui = matmul_input_roundoff(dtype, device, conv=conv)
-    return (1.0 + ui) ** 2 * (1.0 + gamma(n, unit_roundoff(dtype))) - 1.0
-
-
-def weighted_sum_error(
-    terms: int, batch: int, dtype: torch.dtype, device: torch.device, *, conv: bool = False
-) -> float:
-    """Relative rounding ``θ`` of one term ``w_i x_{i,t}`` of a clipped sum over the batch.
-
-    The weight is cast to ``dtype`` and multiplied in (two roundings), then the
-    term is accumulated (``terms + batch + 1`` roundings, see the module notes).
-    """
-    u = unit_roundoff(dtype)
-    return (1.0 + u) ** 2 * (1.0 + term_error(terms + batch + 1, dtype, device, conv=conv)) - 1.0
-
-
-def ghost_sq_bound(a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-    """Upper bounds on ``‖g_iᵀ a_i‖²_F`` without forming ``g_iᵀ a_i``, and the masses ``N_i``.
-
-    With ``A = a aᵀ`` and ``Γ = g gᵀ`` (``T × T`` per example) formed in the
-    compute dtype, each entry is off by at most ``θ_d ‖a_t‖‖a_s‖`` (``θ_p``
-    for ``Γ``), so ``|⟨A, Γ⟩ − ⟨Â, Γ̂⟩| ≤ θ_d nₐᵀ|Γ̂|nₐ + θ_p n_gᵀ|Â|n_g + θ_d θ_p N²``
-    with ``nₐ = (‖a_t‖)_t`` read off ``diag Â``; the sum ``Σ_s Â_ts Γ̂_ts`` of
-    each row adds ``γ_T Σ|Â Γ̂| ≤ γ_T (1+θ_d) nₐᵀ|Γ̂|nₐ``, the rows are summed in
-    float64. For honest inputs the bound adds about ``(θ_d + γ_T)(1 + T/√p)``
-    to the relative error of ``‖G_i‖²`` (≈ 1e-4 in float32 at ``d = p = 256``,
-    ``T = 128``); for a crafted cancelling input it keeps the norm honest
-    (about ``√θ_d · N_i`` instead of zero).
-
-    Args:
-        a: activations ``(B, T, d)``.
-        g: output gradients ``(B, T, p)``.
-
-    Returns:
-        ``(sq, mass)`` in float64, shape ``(B,)``: ``sq >= ‖g_iᵀ a_i‖²`` and
-        ``mass = Σ_t ‖a_t‖‖g_t‖ >= ‖g_iᵀ a_i‖`` (upper bounds); non-finite
-        where the example's inputs are (or its Gram matrices overflow).
-    """
-    B, T, d = a.shape
-    p = g.shape[2]
-    if B == 0:
-        z = a.new_zeros(0, dtype=F64)
-        return z, z
-    dt = compute_dtype(a, g)
-    if T == 1:
-        na = torch.linalg.vector_norm(a.reshape(B, d), dim=1, dtype=F64)
-        ng = torch.linalg.vector_norm(g.reshape(B, p), dim=1, dtype=F64)
-        mass = (na * ng) * (1.0 + gamma(d + p + 4, U64))
-        return mass * mass, mass
-    a_, g_ = a.to(dt), g.to(dt)
-    aa = torch.bmm(a_, a_.transpose(1, 2))
-    gg = torch.bmm(g_, g_.transpose(1, 2))
-    # Σ_s Â_ts Γ̂_ts in dt (T terms), then over t in float64
-    sq = torch.linalg.vecdot(aa, gg).to(F64).sum(1)
-    th_a, th_g = term_error(d, dt, a.device), term_error(p, dt, a.device)
-    na = (aa.diagonal(dim1=1, dim2=2).to(F64) / (1.0 - th_a)).sqrt()  # >= ‖a_t‖
-    ng = (gg.diagonal(dim1=1, dim2=2).to(F64) / (1.0 - th_g)).sqrt()
-    # quadratic forms nₐᵀ|Γ̂|nₐ and n_gᵀ|Â|n_g (positive terms, rounding covered by `grow`)
-    u = unit_roundoff(dt)
-    grow = (1.0 + u) ** 2 * (1.0 + gamma(T + 4, u))
-    qa = (torch.linalg.vecdot(gg.abs_(), na.to(dt).unsqueeze(1)).to(F64) * na).sum(1) * grow
-    qg = (torch.linalg.vecdot(aa.abs_(), ng.to(dt).unsqueeze(1)).to(F64) * ng).sum(1) * grow
-    mass = (na * ng).sum(1) * (1.0 + gamma(T + 2, U64))
-    # the products and their row sums rounded in dt (Σ|ÂΓ̂| <= (1+θ_a) qa)
-    prod_err = (gamma(T + 2, u) + gamma(T + 2, U64)) * (1.0 + th_a) * qa
-    err = th_a * qa + th_g * qg + th_a * th_g * mass * mass + prod_err
-    return (sq + err).clamp(min=0), mass
-
-
+# ------------------------------------------------------------------ helpers
 def _inst_sq(grads: Tensor) -> Tensor:
     """Per-example squared norms of instantiated ``(B, ...)`` gradients (float64, upper bound)."""
-    rows = _rows(grads)
-    n = torch.linalg.vector_norm(rows, dim=1, dtype=F64)
-    return n.square() * (1.0 + gamma(rows.shape[1] + 2, U64))
+    sq, k = sq_norms_f64(_rows(grads))
+    return sq.mul_(1.0 + gamma(k, U64))
 
 
 def _inst_weighted_sum(grads: Tensor, weights: Tensor, dropped: Tensor | None) -> Tensor:
@@ -186,6 +91,14 @@ def _inst_weighted_sum(grads: Tensor, weights: Tensor, dropped: Tensor | None) -
 def _inst_slack(sq: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
     """Slack of a clipped sum with one term per example (instantiated gradients)."""
     return weighted_sum_error(0, sq.shape[0], dtype, device) * sq.sqrt()
+
+
+@functools.cache
+def _growth(uses: int, dtype: torch.dtype) -> float:
+    """Growth of a parameter's norm bound: adding its uses up and the cast to its dtype
+    (``γ_{uses+1}`` in the parameter's unit roundoff), and the few float64 roundings of
+    the bound arithmetic itself (``γ_8``)."""
+    return (1.0 + gamma(uses + 1, unit_roundoff(dtype))) * (1.0 + gamma(8, U64))
 
 
 def _dot_rows(x: Tensor, y: Tensor, mx: Tensor, my: Tensor) -> tuple[Tensor, Tensor]:
@@ -221,6 +134,14 @@ class Contribution:
         computed in the parameter's compute dtype.
         """
         return _inst_slack(self.sq_norms(), compute_dtype(self.param), self.param.device)
+
+    def slack_parts(self) -> SlackParts | None:
+        """``(θ, base)`` with ``slack() == θ · base`` (``base`` ``None``: ``√sq_norms()``), or ``None``.
+
+        Read only for a class whose ``slack`` *is* :func:`slack_from_parts`
+        (so the two cannot disagree): the bounds then skip forming the slack.
+        """
+        return None
 
     def mass(self) -> Tensor:
         """Per example, an upper bound on the sum of the norms of the terms of ``G_i``.
@@ -263,6 +184,20 @@ class Contribution:
         return self.param[self.region].shape
 
 
+def slack_from_parts(c: Contribution) -> Tensor:
+    """``θ · base`` from :meth:`Contribution.slack_parts`: ``slack`` of the classes that define them."""
+    parts = c.slack_parts()
+    assert parts is not None
+    theta, base = parts
+    return theta * (c.sq_norms().sqrt() if base is None else base)
+
+
+def _parts(c: Contribution) -> SlackParts | None:
+    """``c``'s slack as ``(θ, base)`` when its class guarantees that form, else ``None``."""
+    t = type(c)
+    return c.slack_parts() if t.slack is slack_from_parts or t is NormOnly else None
+
+
 class PerSampleGrads(Contribution):
     """Instantiated per-example gradients ``(B, *shape)``."""
 
@@ -271,14 +206,23 @@ class PerSampleGrads(Contribution):
         self.grads = grads
         self.region = region
         self._sq: Tensor | None = None
+        self._mass: Tensor | None = None
 
     def sq_norms(self) -> Tensor:
         if self._sq is None:
             self._sq = _inst_sq(self.grads)
         return self._sq
 
-    def slack(self) -> Tensor:
-        return _inst_slack(self.sq_norms(), compute_dtype(self.grads), self.grads.device)
+    slack = slack_from_parts
+
+    def slack_parts(self) -> SlackParts:
+        g = self.grads
+        return weighted_sum_error(0, g.shape[0], compute_dtype(g), g.device), None
+
+    def mass(self) -> Tensor:
+        if self._mass is None:
+            self._mass = self.sq_norms().sqrt()
+        return self._mass
 
     def weighted_sum(self, weights: Tensor, dropped: Tensor | None = None) -> Tensor:
         return _inst_weighted_sum(self.grads, weights, dropped).reshape(self.grads.shape[1:])
@@ -299,13 +243,17 @@ class NormOnly(Contribution):
         self.param = source.param
         self.region = source.region
         self._sq = source.sq_norms()
-        self._slack = source.slack()
+        self._parts = _parts(source)  # the slack's parts (the source's sq_norms are kept)
+        self._slack = source.slack() if self._parts is None else None
 
     def sq_norms(self) -> Tensor:
         return self._sq
 
     def slack(self) -> Tensor:
-        return self._slack
+        return slack_from_parts(self) if self._slack is None else self._slack
+
+    def slack_parts(self) -> SlackParts | None:
+        return self._parts
 
 
 class LinearFactors(Contribution):
@@ -353,12 +301,14 @@ class LinearFactors(Contribution):
         assert self._mass is not None
         return self._mass
 
-    def slack(self) -> Tensor:
-        if self.grads is not None:
-            return _inst_slack(self.sq_norms(), self.grads.dtype, self.grads.device)
+    slack = slack_from_parts
+
+    def slack_parts(self) -> SlackParts:
+        if self.grads is not None:  # mass is √sq_norms
+            return weighted_sum_error(0, self.grads.shape[0], self.grads.dtype,
+                                      self.grads.device), None
         a, g = self._factors()
-        dt = compute_dtype(a, g)
-        return weighted_sum_error(self.terms, a.shape[0], dt, a.device) * self.mass()
+        return weighted_sum_error(self.terms, a.shape[0], compute_dtype(a, g), a.device), self.mass()
 
     def weighted_sum(self, weights: Tensor, dropped: Tensor | None = None) -> Tensor:
         if self.grads is not None:
@@ -458,30 +408,89 @@ def param_sq_norms(uses: list[Contribution]) -> Tensor:
 
     ``(√(Σ_u ‖G^u‖² + 2 Σ_{u<v} ⟨G^u, G^v⟩) + Σ_u slack_u)²`` with every piece
     an upper bound, grown by the rounding of adding the uses up and of the
-    cast to the parameter's dtype. Summed over parameters and square-rooted,
-    it bounds the norm of everything added for the example divided by its
-    weight (Minkowski), so clipping with it keeps each example within ``C``.
-    A bound beyond the largest finite float32 (float64 for float64 models) is
-    reported as ``inf``: the example's gradient is not representable and is
-    dropped (see :func:`~swiftdp.clipping.clip_fns.clip_factors`).
+    cast to the parameter's dtype (and of this float64 arithmetic). Summed
+    over parameters and square-rooted, it bounds the norm of everything added
+    for the example divided by its weight (Minkowski), so clipping with it
+    keeps each example within ``C``. A bound beyond the largest finite
+    float32 (float64 for float64 models) is reported as ``inf``: the
+    example's gradient is not representable and is dropped (see
+    :func:`~swiftdp.clipping.clip_fns.clip_factors`).
 
     Returns:
         float64 ``(B,)``; NaN or inf for examples whose gradient is not finite.
     """
     param = uses[0].param
-    total = uses[0].sq_norms().clone()
-    slack = uses[0].slack().clone()
-    for k in range(1, len(uses)):
-        total = total + uses[k].sq_norms()
-        slack = slack + uses[k].slack()
-        for j in range(k):
-            v, e = pair_inner_bound(uses[j], uses[k])
-            total = total + 2.0 * (v + e)
-    bound = total.clamp(min=0).sqrt() + slack
-    bound = bound * (1.0 + gamma(len(uses) + 1, unit_roundoff(param.dtype)))
-    big = torch.finfo(compute_dtype(param)).max
-    bound = torch.where(bound <= big, bound, math.inf)
-    return bound * bound
+    grow = _growth(len(uses), param.dtype)
+    parts = _parts(uses[0]) if len(uses) == 1 else None
+    if parts is not None:  # one use, slack θ · base: no slack tensor formed
+        theta, base = parts
+        root = uses[0].sq_norms().clamp(min=0).sqrt_()
+        bound = root.mul_((1.0 + theta) * grow) if base is None else (
+            root.add_(base, alpha=theta).mul_(grow))
+    else:
+        total = uses[0].sq_norms()
+        slack = uses[0].slack()
+        for k in range(1, len(uses)):
+            total = total + uses[k].sq_norms()
+            slack = slack + uses[k].slack()
+            for j in range(k):
+                v, e = pair_inner_bound(uses[j], uses[k])
+                total = total + 2.0 * (v + e)
+        bound = total.clamp(min=0).sqrt_().add_(slack).mul_(grow)
+    bound = torch.where(bound <= max_finite(compute_dtype(param)), bound, math.inf)
+    return bound.square_()
+
+
+def total_sq_norms(groups: Iterable[list[Contribution]]) -> Tensor | None:
+    """``Σ_p param_sq_norms(uses_p)`` over the parameters, in a few tensor operations for all.
+
+    Each parameter's bound is the one :func:`param_sq_norms` forms; those of
+    the single-use parameters whose slack is ``θ · base`` (nearly all) are
+    formed together, stacked in one ``(P, B)`` tensor. The float64 sum over
+    the parameters is grown by its own rounding.
+
+    Args:
+        groups: the uses of each parameter (one list per parameter).
+
+    Returns:
+        float64 ``(B,)``, or ``None`` when there is no parameter.
+    """
+    rest: Tensor | None = None
+    based: list[tuple[Tensor, Tensor, float, float]] = []
+    plain: list[tuple[Tensor, float]] = []
+    big: float | None = None
+    n = 0
+    for uses in groups:
+        n += 1
+        c = uses[0]
+        parts = _parts(c) if len(uses) == 1 else None
+        b = max_finite(compute_dtype(c.param))
+        if parts is None or (big is not None and b != big):
+            s = param_sq_norms(uses)
+            rest = s if rest is None else rest + s
+            continue
+        big = b
+        theta, base = parts
+        grow = _growth(1, c.param.dtype)
+        if base is None:
+            plain.append((c.sq_norms(), (1.0 + theta) * grow))
+        else:
+            based.append((c.sq_norms(), base, theta, grow))
+    if not based and not plain:
+        return rest
+    assert big is not None
+    roots = torch.stack([t[0] for t in based] + [t[0] for t in plain]).clamp_(min=0).sqrt_()
+    dev = roots.device
+    if based:
+        thetas = torch.tensor([t[2] for t in based], dtype=F64, device=dev).unsqueeze(1)
+        roots[: len(based)].addcmul_(torch.stack([t[1] for t in based]), thetas)
+    factors = [t[3] for t in based] + [t[1] for t in plain]
+    roots.mul_(torch.tensor(factors, dtype=F64, device=dev).unsqueeze(1))
+    bounds = torch.where(roots <= big, roots, math.inf)
+    total = bounds.square_().sum(0)
+    if rest is not None:
+        total = total + rest
+    return total.mul_(1.0 + gamma(n + 1, U64))
 
 
 def dropped_examples(weights: Tensor) -> Tensor | None:
@@ -520,10 +529,10 @@ def param_weighted_sum(
         dropped = dropped_examples(weights)
     # Kept in at least float32: a low-precision parameter dtype is applied only
     # after the noise (rounding before it would depend on every example).
-    acc = torch.promote_types(param.dtype, torch.float32)
+    acc = compute_dtype(param)
     if len(uses) == 1 and uses[0].region is None:
         s = uses[0].weighted_sum(weights, dropped).reshape(param.shape)
-        return s.to(torch.promote_types(s.dtype, acc))
+        return s.to(compute_dtype(s, param))
     out = torch.zeros(param.shape, dtype=acc, device=param.device)
     for c in uses:
         s = c.weighted_sum(weights, dropped).to(out.dtype)

@@ -34,9 +34,9 @@ from torch.nn.utils.parametrize import ParametrizationList
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from swiftdp.clipping import batchdim
-from swiftdp.clipping.contract import Build, Decline, Policy, Site
-from swiftdp.clipping.contributions import Contribution, PerSampleGrads
+from swiftdp.clipping import batchdim, expand
+from swiftdp.clipping.args import SETITEM, detach_in, flat, mutates, slice_region
+from swiftdp.clipping.contract import Build, Decline, Site
 from swiftdp.errors import UnsupportedModuleError
 from swiftdp.layers import RULES
 
@@ -50,7 +50,6 @@ Builder = Build
 # them carries no gradient.
 _PASSTHROUGH_GETTERS = {"data", "grad", "_grad", "shape", "dtype", "device", "requires_grad"}
 _PASSTHROUGH_FUNCS = {Tensor.detach, torch.detach, Tensor.size, Tensor.dim, Tensor.numel}
-_SETITEM = {"__setitem__", "index_put", "masked_scatter", "scatter"}
 
 # Elementwise functions whose parameter arguments may be expanded along the
 # batch dimension without changing the result.
@@ -237,13 +236,13 @@ class Tracer(TorchFunctionMode):
                       out: Any, src: tuple[Tensor, int | None]) -> None:
         x, d = src[0], src[1]
         outs = [out] if isinstance(out, Tensor) else (
-            [t for t in _flat(out) if isinstance(t, Tensor)] if isinstance(out, (list, tuple))
+            [t for t in flat(out) if isinstance(t, Tensor)] if isinstance(out, (list, tuple))
             else [])
         virtual = False
         if len(src) > 2:  # an operand's batch is a parameter broadcast to it: rows must align
             token = self.batch_token
             operands = []
-            for t in _flat((args, kwargs)):
+            for t in flat((args, kwargs)):
                 if isinstance(t, Tensor):
                     carries, dt = batchdim.read(t, token)
                     if carries:
@@ -253,7 +252,7 @@ class Tracer(TorchFunctionMode):
             self.mark_batched(t, batchdim.out_dim(func, args, kwargs, x, d, t), virtual)
         # An in-place op writes batched values into its first argument.
         name = getattr(func, "__name__", "")
-        if (name.endswith("_") and not name.startswith("__")) or name in _SETITEM:
+        if (name.endswith("_") and not name.startswith("__")) or name in SETITEM:
             if args and isinstance(args[0], Tensor) and args[0] is not x:
                 self.mark_batched(args[0], None if not outs or outs[0] is not args[0]
                                   else batchdim.read(args[0], self.batch_token)[1])
@@ -409,7 +408,7 @@ class Tracer(TorchFunctionMode):
         Returns:
             What ``compute`` returned.
         """
-        needs = any(isinstance(t, Tensor) and t.requires_grad for t in _flat(inputs))
+        needs = any(isinstance(t, Tensor) and t.requires_grad for t in flat(inputs))
         out = compute() if needs else _Source.apply(self.anchor, compute)
         outs = [out] if isinstance(out, Tensor) else [t for t in out if isinstance(t, Tensor)]
         real_params = [p for p in params if p is not None]
@@ -438,12 +437,12 @@ class Tracer(TorchFunctionMode):
             return func(*args, **kwargs)
         if func is Tensor.__getitem__ and len(found) == 1 and args and args[0] is found[0]:
             p = found[0]
-            region = _slice_region(args[1] if len(args) > 1 else None, p.shape)
+            region = slice_region(args[1] if len(args) > 1 else None, p.shape)
             if region is not None and id(p) in self.trainable:
                 out = p.detach()[args[1]]
                 self.views[id(out)] = (out, p, region)
                 return out
-        if _mutates(func, kwargs):
+        if mutates(func, kwargs):
             # Running it to inspect the result would apply it twice.
             return self._mark_generic(func, args, kwargs, found)
         with torch.no_grad():
@@ -451,70 +450,10 @@ class Tracer(TorchFunctionMode):
         if not any(isinstance(t, Tensor) for t in pytree.tree_leaves(ref)):
             return ref
         if func in _BROADCAST_FUNCS and isinstance(ref, Tensor):
-            out = self._expand_rule(func, args, kwargs, found, ref)
+            out = expand.expand_rule(self, func, args, kwargs, found, ref)
             if out is not None:
                 return out
         return self._mark_generic(func, args, kwargs, found)
-
-    def _expand_rule(
-        self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-        found: list[Tensor], ref: Tensor,
-    ) -> Tensor | None:
-        bd = self.batch_dim if ref.dim() >= 3 else 0
-        B = self.batch_size
-        if ref.dim() <= bd or ref.shape[bd] != B:
-            return None
-        # The batch must line up with the other operands' tracked batch. An
-        # explicit `p.expand(B, ...)` (a cls token) has no other operand: its
-        # output's batch is marked virtual, and every later op must keep its
-        # rows aligned with the examples (checked in _mark_outputs).
-        explicit = func is Tensor.expand and not self._any_batched(args, kwargs)
-        if not (explicit or self._batch_at(args, kwargs, bd, ref)):
-            return None
-        leaves: dict[int, tuple[Tensor, Tensor, torch.Size]] = {}
-        regions: dict[int, tuple[slice, ...] | None] = {}
-        for p in found:
-            v = self.views.get(id(p))
-            regions[id(p)] = v[2] if v is not None and v[0] is p else None
-            if p.dim() > ref.dim():
-                return None
-            padded = p.detach().reshape((1,) * (ref.dim() - p.dim()) + tuple(p.shape))
-            if padded.shape[bd] != 1:
-                return None
-            shape = list(padded.shape)
-            shape[bd] = B
-            leaf = padded.expand(shape).requires_grad_()
-            leaves[id(p)] = (p, leaf, padded.shape)
-
-        out = func(*replace_in(args, leaves), **replace_in(kwargs, leaves))
-        if not isinstance(out, Tensor) or out.shape != ref.shape:
-            return None
-        for p, leaf, padded_shape in leaves.values():
-            base, region = self.base_param(p), regions[id(p)]
-            cap = Capture(self, 1, _expand_builder(base, padded_shape, bd, p.shape, region),
-                          [base], tuple(c.call_id for c in self.stack))
-            leaf.register_hook(cap.hook(0))
-        if explicit:
-            self.mark_batched(out, bd, virtual=True)
-        return out
-
-    def _any_batched(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-        return any(isinstance(t, Tensor) and batchdim.read(t, self.batch_token)[0]
-                   for t in _flat((args, kwargs)))
-
-    def _batch_at(self, args: tuple[Any, ...], kwargs: dict[str, Any], bd: int, ref: Tensor) -> bool:
-        """Whether every batched operand has its batch at ``ref``'s dimension ``bd`` (and one has)."""
-        seen = False
-        for t in _flat((args, kwargs)):
-            if not isinstance(t, Tensor):
-                continue
-            carries, d = batchdim.read(t, self.batch_token)
-            if not carries:
-                continue
-            if d is None or d + ref.dim() - t.dim() != bd:
-                return False
-            seen = True
-        return seen
 
     def _mark_generic(
         self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -537,94 +476,3 @@ class Tracer(TorchFunctionMode):
                 )
             owner.generic[id(p)] = p
         return func(*detach_in(args, found), **detach_in(kwargs, found))
-
-
-def _expand_builder(
-    p: Tensor, padded_shape: torch.Size, bd: int, used_shape: torch.Size,
-    region: tuple[slice, ...] | None,
-) -> Builder:
-    def build(grads: Sequence[Tensor | None], policy: Policy) -> list[Contribution]:
-        g = grads[0]
-        if g is None:
-            return []
-        sum_dims = [i for i, s in enumerate(padded_shape) if s == 1 and i != bd and g.shape[i] != 1]
-        if sum_dims:
-            g = g.sum(sum_dims, keepdim=True)
-        g = g.movedim(bd, 0)
-        return [PerSampleGrads(p, g.reshape(g.shape[0], *used_shape), region=region)]
-
-    return build
-
-
-def _mutates(func: Any, kwargs: dict[str, Any]) -> bool:
-    """Whether ``func`` writes into one of its arguments (in-place op or ``out=``)."""
-    name = getattr(func, "__name__", "")
-    if "out" in kwargs and kwargs["out"] is not None:
-        return True
-    if name.startswith("__"):
-        return name in _SETITEM or (name.startswith("__i") and name not in ("__index__", "__int__",
-                                                                            "__invert__", "__iter__"))
-    return name.endswith("_")
-
-
-def _slice_region(index: Any, shape: torch.Size) -> tuple[slice, ...] | None:
-    """Normalised region of a basic, step-1 slicing index, or ``None`` for anything else."""
-    idx = index if isinstance(index, tuple) else (index,)
-    if not idx or len(idx) > len(shape) or not all(isinstance(i, slice) for i in idx):
-        return None
-    out = []
-    for s, n in zip(idx, shape, strict=False):
-        start, stop, step = s.indices(n)
-        if step != 1 or isinstance(s.start, Tensor) or isinstance(s.stop, Tensor):
-            return None
-        out.append(slice(start, max(start, stop)))
-    return tuple(out)
-
-
-def _flat(xs: Any) -> list[Any]:
-    """Every leaf of nested lists, tuples and dicts (the same walk as ``find_params``)."""
-    out: list[Any] = []
-
-    def visit(x: Any) -> None:
-        if isinstance(x, (list, tuple)):
-            for y in x:
-                visit(y)
-        elif isinstance(x, dict):
-            for y in x.values():
-                visit(y)
-        else:
-            out.append(x)
-
-    visit(xs)
-    return out
-
-
-def _rebuild(x: Any, f: Callable[[Tensor], Tensor | None]) -> Any:
-    """``x`` with every tensor ``t`` for which ``f(t)`` is not ``None`` replaced (any nesting)."""
-    if isinstance(x, Tensor):
-        r = f(x)
-        return x if r is None else r
-    if isinstance(x, (list, tuple)):
-        items = [_rebuild(y, f) for y in x]
-        if all(a is b for a, b in zip(items, x, strict=True)):
-            return x
-        if isinstance(x, tuple) and hasattr(x, "_fields"):  # namedtuple
-            return type(x)(*items)
-        return type(x)(items)
-    if isinstance(x, dict):
-        d = {k: _rebuild(v, f) for k, v in x.items()}
-        if all(d[k] is x[k] for k in x):
-            return x
-        return type(x)(d) if type(x) is not dict else d
-    return x
-
-
-def detach_in(x: Any, tensors: Sequence[Tensor]) -> Any:
-    """``x`` (arguments: a tuple or a dict) with each of ``tensors`` detached, at any depth."""
-    ids = {id(t) for t in tensors}
-    return _rebuild(x, lambda t: t.detach() if id(t) in ids else None)
-
-
-def replace_in(x: Any, subs: dict[int, tuple[Tensor, Tensor, Any]]) -> Any:
-    """``x`` with each tensor whose id is in ``subs`` replaced by ``subs[id][1]``, at any depth."""
-    return _rebuild(x, lambda t: subs[id(t)][1] if id(t) in subs else None)
