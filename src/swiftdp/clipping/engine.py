@@ -51,7 +51,6 @@ from swiftdp.clipping.boundary import wrap_outputs
 from swiftdp.clipping.clip_fns import ClippingStyle
 from swiftdp.clipping.cost import CostObjective
 from swiftdp.clipping.escapes import ParameterGuard
-from swiftdp.clipping.loss_check import check_loss
 from swiftdp.clipping.step import BackwardResult, ForwardToken, Sink, Step
 from swiftdp.clipping.tracer import ModuleCall, Tracer
 from swiftdp.errors import InvalidArgumentError, UnsupportedModuleError
@@ -378,23 +377,7 @@ class GradClipper:
                 "backward(losses) needs the forward of these losses: call the model first "
                 "(no forward ran since the last backward)."
             )
-        outs, bd = step.outputs, (0 if self.batch_first else 1)
-        sig = (tuple(losses.shape), tuple(_shape_without(t, bd, step.batch_size) for t in outs))
-        if sig not in self._loss_checked:
-            step.ignore_grads = True
-            try:
-                check_loss(losses, outs, step.batch_size, bd)
-            finally:
-                step.ignore_grads = False
-            self._loss_checked.add(sig)
-        if losses.dim() == 0:
-            losses.backward()
-            return
-        step.reduction_override = "sum"
-        try:
-            losses.sum().backward()
-        finally:
-            step.reduction_override = None
+        step.backward_losses(losses, 0 if self.batch_first else 1, self._loss_checked)
 
     def _make_pre(self, path: str) -> Callable[..., None]:
         def pre(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -504,11 +487,6 @@ def _add_to_grads(result: BackwardResult) -> None:
             p.grad = s
         else:
             p.grad.add_(s)
-
-
-def _shape_without(t: Tensor, bd: int, batch: int) -> tuple[int, ...]:
-    d = bd if t.dim() > max(bd, 1) else 0
-    return tuple(-1 if i == d and n == batch else n for i, n in enumerate(t.shape))
 
 
 def _live_token(token: object) -> bool:

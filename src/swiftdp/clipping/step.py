@@ -35,6 +35,7 @@ from swiftdp.clipping.contributions import (
     param_weighted_sum,
 )
 from swiftdp.clipping.cost import ModePolicy
+from swiftdp.clipping.loss_check import check_loss
 
 if TYPE_CHECKING:
     from swiftdp.clipping.engine import GradClipper
@@ -152,6 +153,31 @@ class Step:
         """The mode's choices for the rules' builds (the second ghost pass forms sums only)."""
         eng = self.engine
         return ModePolicy(eng.mode, eng.cost_objective, second_pass=self.pass2)
+
+    def backward_losses(self, losses: Tensor, batch_dim: int, checked: set[Any]) -> None:
+        """Backpropagate per-example losses (or a scalar), checked once per signature.
+
+        See :meth:`GradClipper.backward`. ``checked`` holds the signatures
+        (loss shape, output shapes without the batch) already checked.
+        """
+        outs = self.outputs
+        sig = (tuple(losses.shape),
+               tuple(_shape_without(t, batch_dim, self.batch_size) for t in outs))
+        if sig not in checked:
+            self.ignore_grads = True
+            try:
+                check_loss(losses, outs, self.batch_size, batch_dim)
+            finally:
+                self.ignore_grads = False
+            checked.add(sig)
+        if losses.dim() == 0:
+            losses.backward()
+            return
+        self.reduction_override = "sum"
+        try:
+            losses.sum().backward()
+        finally:
+            self.reduction_override = None
 
     # --------------------------------------------------------------- backward
     def ensure_finalize(self) -> None:
@@ -308,3 +334,8 @@ def _norms(by_param: dict[int, list[Contribution]]) -> Tensor | None:
         s = param_sq_norms(uses)
         sq = s if sq is None else sq + s.to(sq.dtype)
     return sq
+
+
+def _shape_without(t: Tensor, bd: int, batch: int) -> tuple[int, ...]:
+    d = bd if t.dim() > max(bd, 1) else 0
+    return tuple(-1 if i == d and n == batch else n for i, n in enumerate(t.shape))
