@@ -134,6 +134,7 @@ class GradClipper:
         # delivery, dropped when its backward delivers (see clipping/step.py).
         self._step: Step | None = None
         self._last_step: weakref.ref[Step] | None = None
+        self._last_delivery: tuple[int, weakref.ref[Step]] | None = None
         # Hook bookkeeping: one entry per module call in flight (_OFF,
         # _FORWARD, or a checkpoint recomputation), and the call that began it.
         self._root_active: list[int] = []
@@ -260,6 +261,19 @@ class GradClipper:
     def _on_deliver(self, step: Step, result: BackwardResult) -> None:
         if self._step is step:
             self._step = None  # the step is over: the next forward begins a new one
+        if self._sink is _add_to_grads:
+            # The low-level contract: one step per backward pass (make_private's
+            # optimizer checks the structure of every step itself).
+            task = torch._C._current_graph_task_id()
+            last = self._last_delivery
+            if task != -1 and last is not None and last[0] == task and last[1]() is not step:
+                raise UnsupportedModuleError(
+                    "One backward pass differentiated the graphs of two forwards (a graph "
+                    "kept with retain_graph=True and a new forward): their examples would be "
+                    "clipped apart and summed twice into .grad. Backpropagate each forward's "
+                    "loss on its own."
+                )
+            self._last_delivery = (task, weakref.ref(step))
         self._sink(result)
 
     def _root_post(
@@ -480,7 +494,13 @@ class GradClipper:
 
 
 def _add_to_grads(result: BackwardResult) -> None:
-    """The default sink: add each clipped sum to ``p.grad`` (the low-level contract)."""
+    """The default sink: add each clipped sum to ``p.grad`` (the low-level contract).
+
+    Row ``i`` of every forward feeding one backward is clipped as one example
+    (submodules called directly, ``model.forward(x)``); two model calls on
+    different batches in one backward are the caller's to avoid (``make_private``
+    refuses them).
+    """
     for p, s in result.sums:
         s = s.to(p.dtype)
         if p.grad is None:

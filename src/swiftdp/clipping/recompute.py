@@ -187,8 +187,10 @@ def wrap_replay(sessions: Sessions, frame: Any) -> None:
     if cur is None:
         return
     step, token = cur
+    fn = frame.recompute_fn
+    _require_rng_preserved(fn, "preserve_rng_state")
     frame._swiftdp_replay = True
-    fn, stack = frame.recompute_fn, sessions.tracer.snapshot_stack()
+    stack = sessions.tracer.snapshot_stack()
 
     def run(*inputs: Any) -> Any:
         if sessions.suspended():
@@ -230,11 +232,30 @@ def wrap_reentrant(sessions: Sessions, module: nn.Module, path: str) -> None:
                     "require grad (Hugging Face: model.enable_input_require_grads())."
                 )
             continue
+        if not getattr(ctx, "preserve_rng_state", True):
+            _refuse_rng(path)
         ctx._swiftdp_joined = True
         params = {i: a for i, a in enumerate(args)
                   if isinstance(a, Tensor) and step.trainable.get(id(a)) is a}
         ctx.run_function = _joined(sessions, ctx.run_function, step, token, marks_of(args),
                                    params)
+
+
+def _require_rng_preserved(fn: Any, name: str) -> None:
+    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
+    if code is None or cells is None or name not in code.co_freevars:
+        return
+    if not cells[code.co_freevars.index(name)].cell_contents:
+        _refuse_rng("<checkpointed region>")
+
+
+def _refuse_rng(path: str) -> None:
+    raise UnsupportedModuleError(
+        f"Module `{path}` runs inside torch.utils.checkpoint(preserve_rng_state=False): "
+        "its rerun in the backward draws other random numbers (dropout masks) than the "
+        "first run, so one example's clipped gradient would mix two different forwards. "
+        "Use preserve_rng_state=True (the default)."
+    )
 
 
 def _joined(sessions: Sessions, fn: Callable[..., Any], step: Step, token: ForwardToken,

@@ -36,6 +36,7 @@ from swiftdp.clipping.contributions import (
 )
 from swiftdp.clipping.cost import ModePolicy
 from swiftdp.clipping.loss_check import check_loss
+from swiftdp.errors import UnsupportedModuleError
 
 if TYPE_CHECKING:
     from swiftdp.clipping.engine import GradClipper
@@ -205,6 +206,17 @@ class Step:
             self.forwards_seen.add(cap.forward_index)
         if cap.seen < 0:
             return
+        if cap.seen >= len(cap.grads) or cap.grads[index] is not None:
+            # A second gradient for one output in one backward: a nested backward
+            # (reentrant checkpointing) reached it apart from the outer one.
+            raise UnsupportedModuleError(
+                "A tensor of this forward received its gradient in two parts in one "
+                "backward pass: it is used both inside a torch.utils.checkpoint("
+                "use_reentrant=True) region and outside it without being one of the "
+                "checkpoint's positional inputs (a closure, a functools.partial keyword). "
+                "Its per-example gradient would be split. Pass it to the checkpoint "
+                "positionally, or use use_reentrant=False."
+            )
         cap.grads[index] = grad
         cap.seen += 1
         self.ensure_finalize()

@@ -125,6 +125,7 @@ class Capture:
         self.generation = -1
 
     def hook(self, index: int) -> Callable[[Tensor], None]:
+        """The gradient hook of output ``index``: hands the gradient to the step."""
         step = self.step
 
         def fn(grad: Tensor) -> None:
