@@ -44,19 +44,22 @@ def slice_region(index: Any, shape: torch.Size) -> tuple[slice, ...] | None:
 def flat(xs: Any) -> list[Any]:
     """Every leaf of nested lists, tuples and dicts (the same walk as ``find_params``)."""
     out: list[Any] = []
-
-    def visit(x: Any) -> None:
-        if isinstance(x, (list, tuple)):
-            for y in x:
-                visit(y)
-        elif isinstance(x, dict):
-            for y in x.values():
-                visit(y)
-        else:
-            out.append(x)
-
-    visit(xs)
+    _flat_into(xs, out)
     return out
+
+
+def _flat_into(x: Any, out: list[Any]) -> None:
+    # A module-level recursion: a nested function calling itself is a reference
+    # cycle (function -> closure cell -> function) that keeps `out`, and every
+    # tensor in it, alive until the cyclic gc runs.
+    if isinstance(x, (list, tuple)):
+        for y in x:
+            _flat_into(y, out)
+    elif isinstance(x, dict):
+        for y in x.values():
+            _flat_into(y, out)
+    else:
+        out.append(x)
 
 
 def rebuild(x: Any, f: Callable[[Tensor], Tensor | None]) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Literal
 
@@ -36,9 +37,9 @@ def clip_factors(
             :func:`nonfinite_examples` for these norms passes ``False``.
 
     Returns:
-        ``c`` of shape ``(B,)``. In both styles ``‖c_i g_i‖ <= C``, so the
-        sensitivity of the clipped sum to adding or removing one example is
-        ``C``. ``c_i = 0`` where ``‖g_i‖`` is NaN or inf: such an example
+        ``c`` of shape ``(B,)`` (norms are >= 0, NaN or inf). In both styles
+        ``‖c_i g_i‖ <= C``, so the sensitivity of the clipped sum to adding or
+        removing one example is ``C``. ``c_i = 0`` where ``‖g_i‖`` is NaN or inf: such an example
         (a NaN or overflowing input) must be left out of the clipped sum
         exactly, which :func:`~swiftdp.clipping.contributions.param_weighted_sum`
         does (``0 · inf`` would be NaN and reveal the example).
@@ -51,22 +52,30 @@ def clip_factors(
         Bu et al. Automatic clipping: differentially private deep learning
         made easier and stronger. NeurIPS 2023.
     """
-    if style == "flat":
-        c = (max_grad_norm / (norms + FLAT_EPS)).clamp(max=1.0)
-    elif style == "automatic":
-        c = max_grad_norm / (norms + AUTOMATIC_GAMMA)
-    else:
+    if style not in CLIPPING_STYLES:
         raise ValueError(f"Expected clipping in {CLIPPING_STYLES}, got {style!r}.")
     if warn_nonfinite:
         nonfinite_examples(norms)
-    return torch.where(torch.isfinite(norms), c, 0.0)
+    if norms.requires_grad:  # differentiable path (the in-place one below is not)
+        if style == "flat":
+            c = (max_grad_norm / (norms + FLAT_EPS)).clamp(max=1.0)
+        else:
+            c = max_grad_norm / (norms + AUTOMATIC_GAMMA)
+        return torch.where(torch.isfinite(norms), c, 0.0)
+    # C / (‖g‖ + ε) as torch computes it (a reciprocal, then the product), in place.
+    c = (norms + (FLAT_EPS if style == "flat" else AUTOMATIC_GAMMA)).reciprocal_().mul_(max_grad_norm)
+    if style == "flat":
+        c.clamp_(max=1.0)
+    # A norm of +inf already gives 0 (C / inf) and NaN gives NaN, set to 0 here:
+    # the same factors as masking the non-finite norms, for any norms >= 0.
+    return c.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
 
 
 def nonfinite_examples(norms: Tensor, *, warn: bool = True) -> Tensor | None:
     """The examples whose gradient norm is NaN or inf, to be dropped from this step.
 
-    One host synchronisation (``.any()``); the count is read only when some
-    example is dropped.
+    One host synchronisation (the sum of the norms, finite when all are); the
+    mask and the count are formed only when it is not.
 
     Args:
         norms: per-example gradient norms, shape ``(B,)``.
@@ -75,8 +84,12 @@ def nonfinite_examples(norms: Tensor, *, warn: bool = True) -> Tensor | None:
     Returns:
         A ``(B,)`` bool mask, or ``None`` when every norm is finite.
     """
+    # A finite sum proves every norm finite (NaN and inf propagate): one
+    # reduction in the common case; the mask only when something is off.
+    if math.isfinite(float(norms.sum())):
+        return None
     bad = ~torch.isfinite(norms)
-    if not bool(bad.any()):
+    if not bool(bad.any()):  # finite norms whose sum overflowed
         return None
     if warn:
         k, n = int(bad.sum()), int(bad.numel())

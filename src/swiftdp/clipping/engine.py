@@ -51,6 +51,7 @@ from swiftdp.clipping.boundary import wrap_outputs
 from swiftdp.clipping.clip_fns import ClippingStyle
 from swiftdp.clipping.cost import CostObjective
 from swiftdp.clipping.escapes import ParameterGuard
+from swiftdp.clipping.loss_check import OutputRef
 from swiftdp.clipping.step import BackwardResult, ForwardToken, Sink, Step
 from swiftdp.clipping.tracer import ModuleCall, Tracer
 from swiftdp.errors import InvalidArgumentError, UnsupportedModuleError
@@ -254,6 +255,11 @@ class GradClipper:
         self._push(module, "<model>", args, kwargs)
 
     def _new_step(self) -> Step:
+        old = self._step
+        if old is not None:
+            # A forward never differentiated (or whose backward raised): its
+            # recorded outputs would keep it, and its graph, alive in a cycle.
+            old.outputs = []
         step = self._step = Step(self, self._on_deliver)
         self._last_step = weakref.ref(step)
         return step
@@ -358,8 +364,12 @@ class GradClipper:
             self._tracer.end_recompute()
 
     def _record_outputs(self, step: Step, output: Any) -> Any:
-        """Remember the forward's output tensors (for the per-example loss check)."""
-        step.outputs = [t for t in pytree.tree_leaves(output)
+        """Remember the forward's outputs for the per-example loss check.
+
+        Their gradient edges and shapes only: holding the tensors would keep
+        them (the logits of a language model) alive through the loss backward.
+        """
+        step.outputs = [OutputRef(t) for t in pytree.tree_leaves(output)
                         if isinstance(t, Tensor) and t.requires_grad]
         return output
 

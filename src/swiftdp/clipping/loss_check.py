@@ -16,20 +16,46 @@ differentiates through the loss only (never through the model):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from swiftdp.errors import ExampleMixingError, InvalidArgumentError
 
 _TOL = 1e-6
 
 
-def check_loss(losses: Tensor, outputs: list[Tensor], batch_size: int, batch_dim: int) -> None:
+class OutputRef:
+    """A model output as the check needs it: its gradient edge, shape, dtype and device.
+
+    Holds no tensor, so recording the outputs of a forward keeps none of
+    them alive (``torch.autograd.grad`` takes the edge as an input).
+    """
+
+    __slots__ = ("device", "dtype", "edge", "shape")
+
+    def __init__(self, t: Tensor) -> None:
+        self.edge: GradientEdge = get_gradient_edge(t)
+        self.shape, self.dtype, self.device = t.shape, t.dtype, t.device
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+
+def _inputs(outs: Sequence[Tensor | OutputRef]) -> list[GradientEdge]:
+    return [o.edge if isinstance(o, OutputRef) else get_gradient_edge(o) for o in outs]
+
+
+def check_loss(losses: Tensor, outputs: Sequence[Tensor | OutputRef], batch_size: int,
+               batch_dim: int) -> None:
     """Refuse a loss whose per-example terms depend on other examples.
 
     Args:
         losses: ``(B,)`` per-example losses, or a scalar loss.
-        outputs: the model's output tensors (requiring grad) of the forward.
+        outputs: the model's outputs (requiring grad) of the forward, as tensors
+            or :class:`OutputRef`.
         batch_size: ``B``.
         batch_dim: the batch dimension of sequence outputs (0 or 1).
 
@@ -49,13 +75,14 @@ def check_loss(losses: Tensor, outputs: list[Tensor], batch_size: int, batch_dim
     outs = [o for o in outputs if _bdim(o, batch_dim, batch_size) is not None]
     if batch_size < 2 or not outs or not losses.requires_grad:
         return
+    inputs = _inputs(outs)
     probes = sorted({0, batch_size - 1})
     if losses.dim() == 1:
         for j in probes:
-            grads = torch.autograd.grad(losses[j], outs, retain_graph=True, allow_unused=True)
+            grads = torch.autograd.grad(losses[j], inputs, retain_graph=True, allow_unused=True)
             _require_only_row(grads, outs, j, batch_size, batch_dim, "its loss")
         return
-    grads = torch.autograd.grad(losses, outs, retain_graph=True, create_graph=True,
+    grads = torch.autograd.grad(losses, inputs, retain_graph=True, create_graph=True,
                                 allow_unused=True)
     pairs = [(g, o) for g, o in zip(grads, outs, strict=True) if g is not None and g.requires_grad]
     if not pairs:
@@ -63,17 +90,17 @@ def check_loss(losses: Tensor, outputs: list[Tensor], batch_size: int, batch_dim
     for j in probes:
         total = sum(((g * _row_direction(o, j, batch_size, batch_dim)).sum() for g, o in pairs),
                     torch.zeros((), dtype=pairs[0][0].dtype, device=pairs[0][0].device))
-        hv = torch.autograd.grad(total, outs, retain_graph=True, allow_unused=True)
+        hv = torch.autograd.grad(total, inputs, retain_graph=True, allow_unused=True)
         _require_only_row(hv, outs, j, batch_size, batch_dim, "the loss's gradient")
 
 
-def _bdim(t: Tensor, bd: int, batch: int) -> int | None:
+def _bdim(t: Tensor | OutputRef, bd: int, batch: int) -> int | None:
     d = bd if t.dim() > max(bd, 1) else 0
     return d if t.dim() > 0 and t.shape[d] == batch else None
 
 
-def _row_direction(o: Tensor, j: int, batch: int, bd: int) -> Tensor:
-    v = torch.zeros_like(o)
+def _row_direction(o: Tensor | OutputRef, j: int, batch: int, bd: int) -> Tensor:
+    v = torch.zeros(o.shape, dtype=o.dtype, device=o.device)
     d = _bdim(o, bd, batch)
     assert d is not None
     gen = torch.Generator(device="cpu").manual_seed(j)
@@ -82,8 +109,8 @@ def _row_direction(o: Tensor, j: int, batch: int, bd: int) -> Tensor:
     return v
 
 
-def _require_only_row(grads: tuple[Tensor | None, ...], outs: list[Tensor], j: int, batch: int,
-                      bd: int, what: str) -> None:
+def _require_only_row(grads: tuple[Tensor | None, ...], outs: Sequence[Tensor | OutputRef],
+                      j: int, batch: int, bd: int, what: str) -> None:
     for g, o in zip(grads, outs, strict=True):
         if g is None:
             continue

@@ -31,11 +31,11 @@ from swiftdp.clipping.clip_fns import clip_factors, nonfinite_examples
 from swiftdp.clipping.contributions import (
     Contribution,
     NormOnly,
-    param_sq_norms,
     param_weighted_sum,
+    total_sq_norms,
 )
 from swiftdp.clipping.cost import ModePolicy
-from swiftdp.clipping.loss_check import check_loss
+from swiftdp.clipping.loss_check import OutputRef, check_loss
 from swiftdp.errors import UnsupportedModuleError
 
 if TYPE_CHECKING:
@@ -107,7 +107,7 @@ class Step:
         self.captures: list[Capture] = []
         self.views: dict[int, tuple[Tensor, Tensor, tuple[slice, ...]]] = {}
         self.uses: dict[int, int] = {}
-        self.outputs: list[Tensor] = []
+        self.outputs: list[OutputRef] = []  # gradient edges and shapes: no tensor kept
         # A recomputation of activation checkpointing in progress: "replay"
         # (non-reentrant: its graph is never differentiated, its captures are
         # inert) or "join" (reentrant: its captures are this step's).
@@ -293,6 +293,10 @@ class Step:
 
     def deliver(self, sums: dict[int, Tensor]) -> None:
         """Hand one backward's clipped sums (zeros where none) to the sink."""
+        # The recorded outputs reach the autograd graph, whose hooks close over
+        # this step: a cycle through C++ that Python's gc cannot collect. Dropping
+        # them here lets the step, its captures and the forward's activations go.
+        self.outputs = []
         forwards = len(self.forwards_seen)
         self.forwards_seen = set()
         out = [
@@ -341,13 +345,9 @@ def _group(contribs: list[Contribution]) -> dict[int, list[Contribution]]:
 
 
 def _norms(by_param: dict[int, list[Contribution]]) -> Tensor | None:
-    sq: Tensor | None = None
-    for uses in by_param.values():
-        s = param_sq_norms(uses)
-        sq = s if sq is None else sq + s.to(sq.dtype)
-    return sq
+    return total_sq_norms(by_param.values())
 
 
-def _shape_without(t: Tensor, bd: int, batch: int) -> tuple[int, ...]:
+def _shape_without(t: Tensor | OutputRef, bd: int, batch: int) -> tuple[int, ...]:
     d = bd if t.dim() > max(bd, 1) else 0
     return tuple(-1 if i == d and n == batch else n for i, n in enumerate(t.shape))

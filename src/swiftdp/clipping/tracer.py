@@ -91,6 +91,8 @@ class ModuleCall:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     generic: dict[int, Tensor] = field(default_factory=dict)
+    # The routing contexts of the calls inside it, by batched flag (see Tracer.site).
+    sites: dict[bool, Site] = field(default_factory=dict, repr=False)
 
 
 class Capture:
@@ -154,6 +156,7 @@ class Tracer(TorchFunctionMode):
         # tensors a composite rule derives from it inside are not marked).
         self.rule_batched = False
         self._site: Site | None = None  # the routed call's context, built on first use
+        self._root_sites: dict[bool, Site] = {}  # the sites of calls outside any module
         # Detached slices of trainable parameters (``self.pos[:, :t]``):
         # id -> (view, parameter, region); the step's, reset at every forward.
         self.views: dict[int, tuple[Tensor, Tensor, tuple[slice, ...]]] = {}
@@ -162,6 +165,7 @@ class Tracer(TorchFunctionMode):
         """Route the forward that ``step`` just began, its batch marked with ``token``."""
         self.step, self.batch_token = step, token
         self.trainable, self.views = step.trainable, step.views
+        self._root_sites = {}
 
     def begin_recompute(self, step: Step, token: ForwardToken | None, kind: str,
                         stack: list[ModuleCall] | None = None) -> None:
@@ -314,47 +318,63 @@ class Tracer(TorchFunctionMode):
             slices found, and the first argument carrying the batch with its
             batch dimension (``None`` when no argument carries it).
         """
+        # No nested function: a closure that calls itself is a reference cycle
+        # holding the found tensors (activations) until the cyclic gc runs, once
+        # per routed op. Top-level tensors inline, containers by _scan_into.
         trainable, views, token = self.trainable, self.views, self.batch_token
         out: list[Tensor] = []
-        batched: tuple[Tensor, int | None] | None = None
-        virtual: list[Tensor] = []
-
-        def visit(x: Any) -> None:
-            nonlocal batched
-            if isinstance(x, Tensor):
-                i = id(x)
-                if (i in trainable and trainable[i] is x) or (i in views and views[i][0] is x):
-                    if not any(x is o for o in out):
-                        out.append(x)
-                else:
+        state: list[Any] = [None, False]  # first batched argument, any virtual batch
+        for seq in (args, kwargs.values()) if kwargs else (args,):
+            for x in seq:
+                if isinstance(x, Tensor):
+                    i = id(x)
+                    if (i in trainable and trainable[i] is x) or (i in views and views[i][0] is x):
+                        if not any(x is o for o in out):
+                            out.append(x)
+                        continue
                     m = getattr(x, batchdim.ATTR, None)
                     if m is not None and m[0] is token:
-                        if batched is None:
-                            batched = (x, m[1])
+                        if state[0] is None:
+                            state[0] = (x, m[1])
                         if m[2]:
-                            virtual.append(x)
-            elif isinstance(x, (list, tuple)):
-                for y in x:
-                    visit(y)
-            elif isinstance(x, dict):
-                for y in x.values():
-                    visit(y)
-
-        for a in args:
-            visit(a)
-        if kwargs:
-            for a in kwargs.values():
-                visit(a)
-        if virtual and batched is not None:
+                            state[1] = True
+                elif isinstance(x, (list, tuple, dict)):
+                    _scan_into(x, trainable, views, token, out, state)
+        batched: tuple[Tensor, int | None] | None = state[0]
+        if state[1] and batched is not None:
             batched = (batched[0], batched[1], True)  # type: ignore[assignment]
         return out, batched
 
     # ------------------------------------------------------ the Recorder
     @property
     def site(self) -> Site:
-        """The context of the call being routed (the :class:`Recorder` contract)."""
+        """The context of the call being routed (the :class:`Recorder` contract).
+
+        One :class:`Site` per module call and batched flag, reused by the calls
+        it routes (its fields are those of the module call and of the forward).
+        """
         if self._site is not None:
             return self._site
+        eng, top = self.engine, (self.stack[-1] if self.stack else None)
+        cache = top.sites if top is not None else self._root_sites
+        site = cache.get(self.rule_batched)
+        if (site is None or site.batch_token is not self.batch_token
+                or site.trainable is not self.trainable or site.batch_size != self.batch_size):
+            site = Site(
+                batch_size=self.batch_size,
+                batch_dim=0 if eng.batch_first else 1,
+                batch_first=eng.batch_first,
+                module_path=top.path if top is not None else "<model>",
+                module=top.module if top is not None else None,
+                module_args=top.args if top is not None else (),
+                module_kwargs=top.kwargs if top is not None else {},
+                trainable=self.trainable,
+                batch_token=self.batch_token,
+                call_batched=self.rule_batched,
+            )
+            cache[self.rule_batched] = site
+        self._site = site
+        return self._site
         eng, top = self.engine, (self.stack[-1] if self.stack else None)
         self._site = Site(
             batch_size=self.batch_size,
@@ -477,3 +497,26 @@ class Tracer(TorchFunctionMode):
                 )
             owner.generic[id(p)] = p
         return func(*detach_in(args, found), **detach_in(kwargs, found))
+
+
+def _scan_into(x: Any, trainable: dict[int, Tensor], views: dict[int, Any], token: object,
+               out: list[Tensor], state: list[Any]) -> None:
+    """The nested part of :meth:`Tracer.scan` (lists, tuples, dicts at any depth)."""
+    if isinstance(x, Tensor):
+        i = id(x)
+        if (i in trainable and trainable[i] is x) or (i in views and views[i][0] is x):
+            if not any(x is o for o in out):
+                out.append(x)
+        else:
+            m = getattr(x, batchdim.ATTR, None)
+            if m is not None and m[0] is token:
+                if state[0] is None:
+                    state[0] = (x, m[1])
+                if m[2]:
+                    state[1] = True
+    elif isinstance(x, (list, tuple)):
+        for y in x:
+            _scan_into(y, trainable, views, token, out, state)
+    elif isinstance(x, dict):
+        for y in x.values():
+            _scan_into(y, trainable, views, token, out, state)

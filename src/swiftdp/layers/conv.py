@@ -44,9 +44,12 @@ from swiftdp.clipping.contributions import (
     U64,
     Contribution,
     PerSampleGrads,
+    SlackParts,
     compute_dtype,
     gamma,
     ghost_sq_bound,
+    slack_from_parts,
+    sq_norms_f64,
     weighted_sum_error,
 )
 from swiftdp.errors import UnsupportedModuleError
@@ -305,10 +308,9 @@ class ConvFactors(Contribution):
     def sq_norms(self) -> Tensor:
         if self._sq is None:
             if self.grads is not None:
-                # one pass in float64, no (B, |w|) temporary
-                flat = self.grads.flatten(1)
-                n = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64)
-                self._sq = n.square() * (1.0 + gamma(flat.shape[1] + 2, U64))
+                # float64 sums, block by block: no (B, |w|) float64 copy
+                sq, k = sq_norms_f64(self.grads.flatten(1))
+                self._sq = sq.mul_(1.0 + gamma(k, U64))
                 self._mass = self._sq.sqrt()
             else:
                 x, g = self._factors()
@@ -320,14 +322,16 @@ class ConvFactors(Contribution):
         assert self._mass is not None
         return self._mass
 
-    def slack(self) -> Tensor:
-        if self.grads is not None:
+    slack = slack_from_parts
+
+    def slack_parts(self) -> SlackParts:
+        if self.grads is not None:  # mass is √sq_norms
             dt = compute_dtype(self.grads)
-            return weighted_sum_error(0, self.grads.shape[0], dt, self.grads.device) * self.mass()
+            return weighted_sum_error(0, self.grads.shape[0], dt, self.grads.device), None
         x, g = self._factors()
         positions = math.prod(g.shape[2:])
         err = weighted_sum_error(positions, x.shape[0], compute_dtype(x, g), x.device, conv=True)
-        return err * self.mass()
+        return err, self.mass()
 
     def weighted_sum(self, weights: Tensor, dropped: Tensor | None = None) -> Tensor:
         if self.grads is not None:

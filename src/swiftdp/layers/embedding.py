@@ -48,8 +48,12 @@ from swiftdp.clipping.contributions import (
     Contribution,
     LinearFactors,
     PerSampleGrads,
+    SlackParts,
     compute_dtype,
     gamma,
+    norms_f64,
+    slack_from_parts,
+    sq_norms_f64,
     weighted_sum_error,
 )
 from swiftdp.errors import UnsupportedModuleError
@@ -208,30 +212,34 @@ class EmbeddingGrads(Contribution):
 
     def sq_norms(self) -> Tensor:
         if self._sq is None:
+            # float64 sums, block by block (no float64 copy of the rows)
             if self._rows is not None:
-                n = torch.linalg.vector_norm(self._rows.flatten(1), dim=1, dtype=F64).square()
+                n, k = sq_norms_f64(self._rows.flatten(1))
             else:
                 assert self._seg is not None
-                n = self._per_example(
-                    torch.linalg.vector_norm(self._seg[1], dim=1, dtype=F64).square())
-            self._sq = n * (1.0 + gamma(self.seq * self.dim + 2, U64))
+                n, k = sq_norms_f64(self._seg[1])
+                n, k = self._per_example(n), k + self.seq
+            self._sq = n.mul_(1.0 + gamma(max(self.seq * self.dim + 2, k), U64))
         return self._sq
 
     def mass(self) -> Tensor:
         if self._mass is None:
             if self._rows is not None:
-                n = torch.linalg.vector_norm(self._rows, dim=2, dtype=F64).sum(1)
+                r, k = norms_f64(self._rows.reshape(-1, self.dim))
+                n = r.view(self.batch, self.seq).sum(1)
             else:
                 assert self._seg is not None
-                n = self._per_example(torch.linalg.vector_norm(self._seg[1], dim=1, dtype=F64))
-            self._mass = n * (1.0 + gamma(self.dim + self.seq + 2, U64))
+                r, k = norms_f64(self._seg[1])
+                n = self._per_example(r)
+            self._mass = n.mul_(1.0 + gamma(max(self.dim + 2, k) + self.seq, U64))
         return self._mass
 
-    def slack(self) -> Tensor:
+    slack = slack_from_parts
+
+    def slack_parts(self) -> SlackParts:
         # One term per (example, row) after merging: exact for any summation order.
         vals = self._rows if self._rows is not None else self.segments()[1]
-        err = weighted_sum_error(0, self.batch, vals.dtype, vals.device)
-        return err * self.sq_norms().sqrt()
+        return weighted_sum_error(0, self.batch, vals.dtype, vals.device), None
 
     def weighted_sum(self, weights: Tensor, dropped: Tensor | None = None) -> Tensor:
         if self._rows is not None:

@@ -81,7 +81,7 @@ def linear_use(
             out.append(LinearFactors(weight, a3, g3, ghost=policy.factored(t, d, p)))
         if b_t:
             assert bias is not None
-            out.append(PerSampleGrads(bias, g3.sum(1)))
+            out.append(PerSampleGrads(bias, g3[:, 0] if g3.shape[1] == 1 else g3.sum(1)))
         return out
 
     return rec.track(run, [x], [weight if w_t else None, bias if b_t else None], build)
