@@ -18,6 +18,7 @@ from torch import Tensor
 
 from swiftdp.clipping import batchdim
 from swiftdp.clipping.args import flat, replace_in
+from swiftdp.clipping.capture import Capture
 from swiftdp.clipping.contract import Build, Policy
 from swiftdp.clipping.contributions import Contribution, PerSampleGrads
 
@@ -31,8 +32,6 @@ def expand_rule(
     tr: Tracer, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
     found: list[Tensor], ref: Tensor,
 ) -> Tensor | None:
-    from swiftdp.clipping.tracer import Capture
-
     bd = tr.batch_dim if ref.dim() >= 3 else 0
     B = tr.batch_size
     if ref.dim() <= bd or ref.shape[bd] != B:

@@ -18,9 +18,10 @@ from torch import Tensor
 from torch.func import functional_call, vjp, vmap
 from torch.utils import _pytree as pytree
 
+from swiftdp.clipping.capture import Capture, ModuleCall, Source
 from swiftdp.clipping.contract import Policy
 from swiftdp.clipping.contributions import Contribution, PerSampleGrads
-from swiftdp.clipping.tracer import Capture, ModuleCall, Tracer, _Source
+from swiftdp.clipping.tracer import Tracer
 from swiftdp.errors import UnsupportedModuleError
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ def capture_module_output(engine: GradClipper, tracer: Tracer, call: ModuleCall,
     for i in idx:
         if not leaves[i].requires_grad:
             t = leaves[i]
-            leaves[i] = _Source.apply(tr.anchor, t.clone)
+            leaves[i] = Source.apply(tr.anchor, t.clone)
             changed = True
     names = {id(p): n for n, p in call.module.named_parameters()}
     params = {names[pid]: p for pid, p in call.generic.items()}

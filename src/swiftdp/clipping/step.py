@@ -39,8 +39,8 @@ from swiftdp.clipping.loss_check import OutputRef, check_loss
 from swiftdp.errors import UnsupportedModuleError
 
 if TYPE_CHECKING:
+    from swiftdp.clipping.capture import Capture
     from swiftdp.clipping.engine import GradClipper
-    from swiftdp.clipping.tracer import Capture
 
 
 @dataclass(frozen=True)

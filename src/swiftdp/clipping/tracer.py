@@ -24,18 +24,17 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
-from torch.autograd import Function
+from torch import Tensor
 from torch.nn.utils.parametrize import ParametrizationList
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from swiftdp.clipping import batchdim, expand
 from swiftdp.clipping.args import SETITEM, detach_in, flat, mutates, slice_region
+from swiftdp.clipping.capture import Capture, ModuleCall, Source
 from swiftdp.clipping.contract import Build, Decline, Site
 from swiftdp.errors import UnsupportedModuleError
 from swiftdp.layers import RULES
@@ -43,6 +42,8 @@ from swiftdp.layers import RULES
 if TYPE_CHECKING:
     from swiftdp.clipping.engine import GradClipper
     from swiftdp.clipping.step import ForwardToken, Step
+
+__all__ = ["Capture", "ModuleCall", "Tracer"]
 
 Builder = Build
 
@@ -60,81 +61,6 @@ _BROADCAST_FUNCS: set[Any] = {
     Tensor.__mul__, Tensor.__rmul__, Tensor.__truediv__, Tensor.__rtruediv__,
     Tensor.expand, Tensor.expand_as,
 }
-
-
-class _Source(Function):
-    """Runs ``compute`` so that its output requires grad though no input does.
-
-    Used for the first layers of a network (data inputs, detached
-    parameters): the output gets a backward node whose only job is to let the
-    output-gradient hook fire. Nothing flows further.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, anchor: Tensor, compute: Callable[[], Any]) -> Any:  # type: ignore[override]
-        del ctx, anchor
-        return compute()
-
-    @staticmethod
-    def backward(ctx: Any, *grads: Tensor) -> Any:  # type: ignore[override]
-        del ctx, grads
-        return None, None
-
-
-@dataclass
-class ModuleCall:
-    """A module forward in progress (kept for error messages and the generic rule)."""
-
-    module: nn.Module
-    path: str
-    call_id: int
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    generic: dict[int, Tensor] = field(default_factory=dict)
-    # The routing contexts of the calls inside it, by batched flag (see Tracer.site).
-    sites: dict[bool, Site] = field(default_factory=dict, repr=False)
-
-
-class Capture:
-    """A use of parameters whose output gradients are awaited (by its step alone)."""
-
-    def __init__(
-        self,
-        tracer: Tracer,
-        n_outputs: int,
-        build: Builder,
-        params: Sequence[Tensor],
-        call_ids: tuple[int, ...],
-    ) -> None:
-        step = tracer.step
-        assert step is not None
-        self.step = step
-        self.grads: list[Tensor | None] = [None] * n_outputs
-        self.build = build
-        self.param_ids = {id(p) for p in params}
-        self.params = list(params)
-        step.captures.append(self)
-        # A checkpoint's replay only refills autograd's activations: its
-        # graph is never differentiated, and the original's uses were counted.
-        self.inert = step.recompute == "replay"
-        if step.recompute is None:
-            for pid in self.param_ids:
-                step.count_use(pid)
-        self.call_ids = call_ids
-        token = tracer.batch_token
-        self.forward_index = getattr(token, "index", 0)
-        self.seen = 0
-        self.generation = -1
-
-    def hook(self, index: int) -> Callable[[Tensor], None]:
-        """The gradient hook of output ``index``: hands the gradient to the step."""
-        step = self.step
-
-        def fn(grad: Tensor) -> None:
-            if not self.inert:
-                step.receive(self, index, grad)
-
-        return fn
 
 
 class Tracer(TorchFunctionMode):
@@ -430,7 +356,7 @@ class Tracer(TorchFunctionMode):
             What ``compute`` returned.
         """
         needs = any(isinstance(t, Tensor) and t.requires_grad for t in flat(inputs))
-        out = compute() if needs else _Source.apply(self.anchor, compute)
+        out = compute() if needs else Source.apply(self.anchor, compute)
         outs = [out] if isinstance(out, Tensor) else [t for t in out if isinstance(t, Tensor)]
         real_params = [p for p in params if p is not None]
         cap = Capture(self, len(outs), build, real_params, tuple(c.call_id for c in self.stack))
