@@ -300,21 +300,7 @@ class Tracer(TorchFunctionMode):
             )
             cache[self.rule_batched] = site
         self._site = site
-        return self._site
-        eng, top = self.engine, (self.stack[-1] if self.stack else None)
-        self._site = Site(
-            batch_size=self.batch_size,
-            batch_dim=0 if eng.batch_first else 1,
-            batch_first=eng.batch_first,
-            module_path=top.path if top is not None else "<model>",
-            module=top.module if top is not None else None,
-            module_args=top.args if top is not None else (),
-            module_kwargs=top.kwargs if top is not None else {},
-            trainable=self.trainable,
-            batch_token=self.batch_token,
-            call_batched=self.rule_batched,
-        )
-        return self._site
+        return site
 
     @property
     def batch_dim(self) -> int:
