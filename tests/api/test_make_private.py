@@ -138,7 +138,7 @@ def test_empty_logical_batch_is_a_noise_only_step():
     model = _model(4)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     dp = swiftdp.make_private(model, opt, DataLoader(ds, batch_size=1), noise_multiplier=1.0,
-                              max_grad_norm=1.0, seed=0, delta=1e-3)
+                              max_grad_norm=1.0, seed=0, delta=1e-3, loss_reduction="sum")
     seen_empty = 0
     for x, y in dp.data_loader:  # q = 1/30: about a third of the batches are empty
         before = [p.detach().clone() for p in model.parameters()]

@@ -125,7 +125,7 @@ def test_manual_micro_batches_are_refused():
     x, y = next(iter(dp.data_loader))
     k = len(x) // 2
     with pytest.raises(StepStructureError, match="micro-batches"):
-        F.cross_entropy(dp.model(x[:k]), y[:k], reduction="sum").backward()
+        F.cross_entropy(dp.model(x[:k]), y[:k]).backward()
 
 
 def test_a_batch_not_from_dp_data_loader_is_refused():

@@ -246,7 +246,8 @@ def test_unsupported_generic_recompute_is_refused_naming_the_module():
     model = nn.Sequential(RowParam(), nn.Linear(5, 2)).double()
     clipper = swiftdp.GradClipper(model, C, loss_reduction="sum")
     with pytest.raises(UnsupportedModuleError, match="`0`"):
-        F.mse_loss(model(_x()), torch.zeros(B, 2, dtype=torch.float64)).backward()
+        F.mse_loss(model(_x()), torch.zeros(B, 2, dtype=torch.float64),
+                   reduction="sum").backward()
     clipper.remove()
 
 

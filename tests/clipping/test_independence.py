@@ -50,8 +50,8 @@ def _guarded(model: nn.Module, **kw) -> tuple[swiftdp.GradClipper, IndependenceC
 
 def _step(model: nn.Module, *args, **kwargs) -> None:
     out = model(*args, **kwargs)
-    out = out if isinstance(out, Tensor) else sum(o.sum() for o in out)
-    out.sum().backward()
+    out = out if isinstance(out, Tensor) else sum(o.mean() for o in out)
+    out.mean().backward()
 
 
 def _refused(model: nn.Module, x: Tensor, module_path: str) -> ExampleMixingError:

@@ -230,6 +230,7 @@ def make_private(
     seed: int | None = None,
     batch_first: bool = True,
     check_independence: bool = True,
+    check_loss: bool = True,
 ) -> PrivateTraining:
     """Make a model, optimizer and loader train with differential privacy.
 
@@ -261,6 +262,14 @@ def make_private(
             (three extra forwards without gradient per new input signature;
             see :class:`~swiftdp.clipping.guard.IndependenceCheck`). Turn off
             only for a model known to process examples independently.
+        check_loss: on the first step of each output signature, check the loss
+            at its backward (``loss.backward()`` or ``dp.backward(losses)``):
+            a reduction that does not match ``loss_reduction`` (a sum, ``loss * B``)
+            or that couples examples (a token mean over the batch, class
+            weights, a normaliser counted over the batch, a contrastive
+            loss) is refused before any gradient flows (see
+            :mod:`swiftdp.clipping.loss_trace`; one extra backward through the
+            loss only). Turn off only for a loss known to decompose.
 
     Returns:
         A :class:`PrivateTraining` with ``.model``, ``.optimizer``,
@@ -350,6 +359,7 @@ def make_private(
         loss_reduction=loss_reduction,  # type: ignore[arg-type]
         batch_first=batch_first,
         sink=lambda result: receiver[0].receive(result),
+        check_loss=check_loss,
     )
     dp_opt = DPOptimizer(optimizer, params, privacy, acct, gen, state,
                          trainable=clipper.trainable_parameters)

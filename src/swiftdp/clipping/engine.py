@@ -46,7 +46,7 @@ from swiftdp.checks import (
     check_module_options,
     check_no_batch_mixing,
 )
-from swiftdp.clipping import generic, nanobatch, recompute
+from swiftdp.clipping import generic, loss_trace, nanobatch, recompute
 from swiftdp.clipping.boundary import wrap_outputs
 from swiftdp.clipping.clip_fns import ClippingStyle
 from swiftdp.clipping.cost import CostObjective
@@ -93,6 +93,12 @@ class GradClipper:
         sink: receives each backward's clipped sums instead of ``p.grad``
             (``make_private`` keeps them private until the noisy step).
             Default: add them to ``p.grad``.
+        check_loss: on the first forward of each output signature, hand the
+            outputs back as :class:`~swiftdp.clipping.loss_trace.Traced`
+            tensors and check the loss at its backward: a reduction that does
+            not match ``loss_reduction`` or couples examples is refused, and the
+            loss's second derivative must have no cross-example terms (one extra
+            backward through the loss only, never the model). ``False`` skips it.
 
     Raises:
         UnsupportedModuleError: the model has a layer that mixes examples
@@ -111,6 +117,7 @@ class GradClipper:
         batch_first: bool = True,
         cost_objective: CostObjective = "time",
         sink: Sink | None = None,
+        check_loss: bool = True,
     ) -> None:
         check_max_grad_norm(max_grad_norm)
         check_clipping(clipping)
@@ -146,6 +153,8 @@ class GradClipper:
         self._hooked_modules: set[int] = set()
         self._names: dict[int, str] | None = None
         self._loss_checked: set[Any] = set()
+        self.check_loss = bool(check_loss)
+        self._loss_traced: set[Any] = set()  # output signatures handed out as Traced
         # Escape guard: a hook on every trainable parameter that fires when
         # autograd delivers a gradient to it. Every use the engine routes is
         # detached, so any such gradient bypassed clipping.
@@ -314,8 +323,7 @@ class GradClipper:
             self._check_single_forward(step)
             return self._record_outputs(
                 step, wrap_outputs(self._tracer.anchor, out, step.ghost_backward))
-        self._record_outputs(step, out)
-        return new_out
+        return self._record_outputs(step, out)
 
     # ------------------------------------------------- activation checkpointing
     def _begin_recompute(self, module: nn.Module, args: tuple[Any, ...],
@@ -364,14 +372,31 @@ class GradClipper:
             self._tracer.end_recompute()
 
     def _record_outputs(self, step: Step, output: Any) -> Any:
-        """Remember the forward's outputs for the per-example loss check.
+        """Remember the forward's outputs for the loss checks; hand back aliases of them.
 
         Their gradient edges and shapes only: holding the tensors would keep
         them (the logits of a language model) alive through the loss backward.
+        The user gets a view of each output (a :class:`~swiftdp.clipping.loss_trace.Traced`
+        one on a checked step), so ``torch.autograd.grad(loss, out)`` stops at
+        the view and never reaches the layers' output-gradient hooks: a
+        gradient for logging is not a training backward.
         """
-        step.outputs = [OutputRef(t) for t in pytree.tree_leaves(output)
-                        if isinstance(t, Tensor) and t.requires_grad]
-        return output
+        leaves, spec = pytree.tree_flatten(output)
+        step.outputs = [OutputRef(t) for t in leaves if isinstance(t, Tensor) and t.requires_grad]
+        if not step.outputs:
+            return output
+        if self.check_loss and step.batch_size >= 2:
+            sig = step.output_signature(self.batch_dim)
+            if sig not in self._loss_traced:
+                self._loss_traced.add(sig)
+                step.loss_signature, step.loss_checked = sig, False
+                constants = frozenset(
+                    id(t) for t in (*self.model.parameters(), *self.model.buffers()))
+                ctx = loss_trace.Context(step.batch_size, constants, step.check_traced_loss)
+                return loss_trace.trace_outputs(output, step.batch_size, self.batch_dim, ctx)
+        return pytree.tree_unflatten(
+            [t.view_as(t) if isinstance(t, Tensor) and t.requires_grad else t for t in leaves],
+            spec)
 
     # ------------------------------------------------------ per-example loss
     def backward(self, losses: Tensor) -> None:
@@ -401,7 +426,21 @@ class GradClipper:
                 "backward(losses) needs the forward of these losses: call the model first "
                 "(no forward ran since the last backward)."
             )
-        step.backward_losses(losses, 0 if self.batch_first else 1, self._loss_checked)
+        step.backward_losses(losses, self.batch_dim, self._loss_checked)
+
+    @property
+    def batch_dim(self) -> int:
+        """The batch dimension of sequence activations: 0 (``batch_first``) or 1."""
+        return 0 if self.batch_first else 1
+
+    def loss_check_failed(self, step: Step) -> None:
+        """A step's loss was refused: trace the outputs of its signature again next time."""
+        self._loss_traced.discard(step.loss_signature)
+
+    @property
+    def current_step(self) -> Step | None:
+        """The step in progress (its forward ran, it has not delivered), if any."""
+        return self._step
 
     def _make_pre(self, path: str) -> Callable[..., None]:
         def pre(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from swiftdp.clipping import loss_trace
 from swiftdp.clipping.clip_fns import clip_factors, nonfinite_examples
 from swiftdp.clipping.contributions import (
     Contribution,
@@ -36,7 +37,7 @@ from swiftdp.clipping.contributions import (
 )
 from swiftdp.clipping.cost import ModePolicy
 from swiftdp.clipping.loss_check import OutputRef, check_loss
-from swiftdp.errors import UnsupportedModuleError
+from swiftdp.errors import ExampleMixingError, InvalidArgumentError, UnsupportedModuleError
 
 if TYPE_CHECKING:
     from swiftdp.clipping.capture import Capture
@@ -125,6 +126,8 @@ class Step:
         self.forwards_seen: set[int] = set()
         self.dropped: Tensor | None = None
         self.reduction_override: str | None = None
+        self.loss_signature: Any = None  # set when the outputs were handed out traced
+        self.loss_checked = False  # the traced loss of this step was checked (or skipped)
         self.ignore_grads = False
 
     # ---------------------------------------------------------------- forward
@@ -155,30 +158,67 @@ class Step:
         eng = self.engine
         return ModePolicy(eng.mode, eng.cost_objective, second_pass=self.pass2)
 
+    def output_signature(self, batch_dim: int) -> tuple[tuple[int, ...], ...]:
+        """The outputs' shapes with the batch left out: what the loss checks are cached by."""
+        return tuple(_shape_without(t, batch_dim, self.batch_size) for t in self.outputs)
+
     def backward_losses(self, losses: Tensor, batch_dim: int, checked: set[Any]) -> None:
         """Backpropagate per-example losses (or a scalar), checked once per signature.
 
         See :meth:`GradClipper.backward`. ``checked`` holds the signatures
-        (loss shape, output shapes without the batch) already checked.
+        (loss rank, output shapes without the batch) already checked.
         """
-        outs = self.outputs
-        sig = (tuple(losses.shape),
-               tuple(_shape_without(t, batch_dim, self.batch_size) for t in outs))
-        if sig not in checked:
-            self.ignore_grads = True
+        self.loss_checked = True  # the traced backward below is not checked again
+        form = loss_trace.form_of(losses)
+        with torch._C.DisableTorchFunctionSubclass():
+            if form is not None and form.kind == "coupled":
+                raise ExampleMixingError(loss_trace.verdict(form, "sum", self.batch_size))
+            sig = (losses.dim(), self.output_signature(batch_dim))
+            if sig not in checked:
+                self._check_loss(losses, batch_dim)
+                checked.add(sig)
+            if losses.dim() == 0:
+                self._check_reduction(form, self.engine.loss_reduction)
+                losses.backward()
+                return
+            self.reduction_override = "sum"
             try:
-                check_loss(losses, outs, self.batch_size, batch_dim)
+                losses.sum().backward()
             finally:
-                self.ignore_grads = False
-            checked.add(sig)
-        if losses.dim() == 0:
-            losses.backward()
+                self.reduction_override = None
+
+    def check_traced_loss(self, loss: Tensor, form: loss_trace.Form) -> None:
+        """``loss.backward()`` on a checked step's traced loss: refuse a misdeclared one.
+
+        Runs before any gradient flows, once per step; a loss of another
+        step (or of an engine no longer in it) is left alone.
+        """
+        eng = self.engine
+        if self.loss_checked or eng.current_step is not self or loss.dim() != 0:
             return
-        self.reduction_override = "sum"
+        self.loss_checked = True
         try:
-            losses.sum().backward()
+            with torch._C.DisableTorchFunctionSubclass():
+                self._check_reduction(form, self.reduction_override or eng.loss_reduction)
+                self._check_loss(loss, eng.batch_dim)
+        except Exception:
+            eng.loss_check_failed(self)  # a caught refusal does not turn the check off
+            raise
+
+    def _check_reduction(self, form: loss_trace.Form | None, reduction: str) -> None:
+        why = None if form is None else loss_trace.verdict(form, reduction, self.batch_size)
+        if why is None:
+            return
+        if form is not None and form.kind == "coupled":
+            raise ExampleMixingError(why)
+        raise InvalidArgumentError(why)
+
+    def _check_loss(self, losses: Tensor, batch_dim: int) -> None:
+        self.ignore_grads = True
+        try:
+            check_loss(losses, self.outputs, self.batch_size, batch_dim)
         finally:
-            self.reduction_override = None
+            self.ignore_grads = False
 
     # --------------------------------------------------------------- backward
     def ensure_finalize(self) -> None:
