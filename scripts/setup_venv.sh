@@ -13,6 +13,6 @@ STAMP=.venv/.swiftdp-installed
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
     .venv/bin/python -m pip install --quiet --upgrade pip
     .venv/bin/python -m pip install --quiet "torch==2.13.0"
-    .venv/bin/python -m pip install --quiet -e ".[dev,prv,bench]" "torch==2.13.0"
+    .venv/bin/python -m pip install --quiet -e ".[dev,prv,bench,hf]" "torch==2.13.0"
     touch "$STAMP"
 fi

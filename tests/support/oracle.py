@@ -85,5 +85,7 @@ def max_rel_error(got: list[Tensor | None], want: list[Tensor]) -> float:
         g = torch.zeros_like(w) if g is None else g
         scale = max(w.abs().max().item(), 1e-12) if w.numel() else 1.0
         err = (g - w).abs().max().item() / scale if w.numel() else 0.0
+        if err != err or not (g.isfinite().all() and w.isfinite().all()):
+            return float("inf")  # a NaN must never compare as "close"
         worst = max(worst, err)
     return worst

@@ -231,6 +231,7 @@ def make_private(
     batch_first: bool = True,
     check_independence: bool = True,
     check_loss: bool = True,
+    token_reduction: str = "mean",
 ) -> PrivateTraining:
     """Make a model, optimizer and loader train with differential privacy.
 
@@ -270,6 +271,11 @@ def make_private(
             loss) is refused before any gradient flows (see
             :mod:`swiftdp.clipping.loss_trace`; one extra backward through the
             loss only). Turn off only for a loss known to decompose.
+        token_reduction: for a Hugging Face model called with ``labels=``:
+            ``"mean"`` — each example's loss is the mean over its own real
+            (non ``-100``) tokens — or ``"sum"``, their sum. The model's own
+            loss, a token mean over the whole batch, couples examples and is
+            never used (:class:`swiftdp.hf.ModelLoss`).
 
     Returns:
         A :class:`PrivateTraining` with ``.model``, ``.optimizer``,
@@ -360,6 +366,7 @@ def make_private(
         batch_first=batch_first,
         sink=lambda result: receiver[0].receive(result),
         check_loss=check_loss,
+        token_reduction=token_reduction,  # type: ignore[arg-type]
     )
     dp_opt = DPOptimizer(optimizer, params, privacy, acct, gen, state,
                          trainable=clipper.trainable_parameters)

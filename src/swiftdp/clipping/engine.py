@@ -55,6 +55,7 @@ from swiftdp.clipping.loss_check import OutputRef
 from swiftdp.clipping.step import BackwardResult, ForwardToken, Sink, Step
 from swiftdp.clipping.tracer import ModuleCall, Tracer
 from swiftdp.errors import InvalidArgumentError, UnsupportedModuleError
+from swiftdp.hf.labels import ModelLoss, TokenReduction, is_hf_model
 
 __all__ = ["MODES", "BackwardResult", "GradClipper", "LossReduction", "Mode", "Sink"]
 
@@ -99,6 +100,10 @@ class GradClipper:
             not match ``loss_reduction`` or couples examples is refused, and the
             loss's second derivative must have no cross-example terms (one extra
             backward through the loss only, never the model). ``False`` skips it.
+        token_reduction: for a Hugging Face model called with ``labels=``, each
+            example's loss over its own real tokens: ``"mean"`` or ``"sum"``
+            (:class:`~swiftdp.hf.labels.ModelLoss` replaces the model's token
+            mean over the whole batch, which couples examples).
 
     Raises:
         UnsupportedModuleError: the model has a layer that mixes examples
@@ -118,6 +123,7 @@ class GradClipper:
         cost_objective: CostObjective = "time",
         sink: Sink | None = None,
         check_loss: bool = True,
+        token_reduction: TokenReduction = "mean",
     ) -> None:
         check_max_grad_norm(max_grad_norm)
         check_clipping(clipping)
@@ -161,6 +167,9 @@ class GradClipper:
         self._guard = ParameterGuard(model, self._name_of, lambda: self._suspended)
         self._attach()
         self._refresh_params()
+        if is_hf_model(model):  # its labels= loss, per example (hooks run before ours)
+            self._handles.append(ModelLoss(model, lambda: self.loss_reduction,
+                                           token_reduction, lambda: not self._suspended))
 
     # ----------------------------------------------------------------- hooks
     @property
