@@ -46,7 +46,7 @@ from swiftdp.checks import (
     check_module_options,
     check_no_batch_mixing,
 )
-from swiftdp.clipping import generic, loss_trace, nanobatch, recompute
+from swiftdp.clipping import batchdim, generic, loss_trace, nanobatch, recompute
 from swiftdp.clipping.boundary import wrap_outputs
 from swiftdp.clipping.clip_fns import ClippingStyle
 from swiftdp.clipping.cost import CostObjective
@@ -158,7 +158,7 @@ class GradClipper:
         self._handles: list[Any] = []
         self._hooked_modules: set[int] = set()
         self._names: dict[int, str] | None = None
-        self._loss_checked: set[Any] = set()
+        self.checked_losses: set[Any] = set()  # (loss rank, output signature) checked
         self.check_loss = bool(check_loss)
         self._loss_traced: set[Any] = set()  # output signatures handed out as Traced
         # Escape guard: a hook on every trainable parameter that fires when
@@ -390,8 +390,8 @@ class GradClipper:
         the view and never reaches the layers' output-gradient hooks: a
         gradient for logging is not a training backward.
         """
-        leaves, spec = pytree.tree_flatten(output)
-        step.outputs = [OutputRef(t) for t in leaves if isinstance(t, Tensor) and t.requires_grad]
+        step.outputs = [OutputRef(t) for t in loss_trace.output_leaves(output)
+                        if isinstance(t, Tensor) and t.requires_grad]
         if not step.outputs:
             return output
         if self.check_loss and step.batch_size >= 2:
@@ -399,13 +399,16 @@ class GradClipper:
             if sig not in self._loss_traced:
                 self._loss_traced.add(sig)
                 step.loss_signature, step.loss_checked = sig, False
-                constants = frozenset(
-                    id(t) for t in (*self.model.parameters(), *self.model.buffers()))
-                ctx = loss_trace.Context(step.batch_size, constants, step.check_traced_loss)
-                return loss_trace.trace_outputs(output, step.batch_size, self.batch_dim, ctx)
-        return pytree.tree_unflatten(
-            [t.view_as(t) if isinstance(t, Tensor) and t.requires_grad else t for t in leaves],
-            spec)
+                ctx = loss_trace.Context(step.batch_size, step.check_traced_loss)
+                token = step.token
+
+                def axis_of(t: Tensor) -> int | None:
+                    carries, dim = batchdim.read(t, token)
+                    return dim if carries else None
+
+                return loss_trace.trace_outputs(output, step.batch_size, self.batch_dim, ctx,
+                                                axis_of)
+        return loss_trace.plain_views(output)
 
     # ------------------------------------------------------ per-example loss
     def backward(self, losses: Tensor) -> None:
@@ -435,7 +438,7 @@ class GradClipper:
                 "backward(losses) needs the forward of these losses: call the model first "
                 "(no forward ran since the last backward)."
             )
-        step.backward_losses(losses, self.batch_dim, self._loss_checked)
+        step.backward_losses(losses, self.batch_dim, self.checked_losses)
 
     @property
     def batch_dim(self) -> int:

@@ -168,17 +168,18 @@ class Step:
         See :meth:`GradClipper.backward`. ``checked`` holds the signatures
         (loss rank, output shapes without the batch) already checked.
         """
-        self.loss_checked = True  # the traced backward below is not checked again
         form = loss_trace.form_of(losses)
         with torch._C.DisableTorchFunctionSubclass():
             if form is not None and form.kind == "coupled":
-                raise ExampleMixingError(loss_trace.verdict(form, "sum", self.batch_size))
+                self._refuse(form, "sum")
             sig = (losses.dim(), self.output_signature(batch_dim))
             if sig not in checked:
-                self._check_loss(losses, batch_dim)
+                self._check_loss(losses, batch_dim, form)
                 checked.add(sig)
+            if form is not None:
+                self._refuse(form, self.engine.loss_reduction, scalar=losses.dim() == 0)
+            self.loss_checked = True  # the backward below is not checked again
             if losses.dim() == 0:
-                self._check_reduction(form, self.engine.loss_reduction)
                 losses.backward()
                 return
             self.reduction_override = "sum"
@@ -190,35 +191,60 @@ class Step:
     def check_traced_loss(self, loss: Tensor, form: loss_trace.Form) -> None:
         """``loss.backward()`` on a checked step's traced loss: refuse a misdeclared one.
 
-        Runs before any gradient flows, once per step; a loss of another
-        step (or of an engine no longer in it) is left alone.
+        Runs before any gradient flows, until a backward of this step passes
+        (a refused loss is refused again if its backward is retried); a loss
+        of another step, or of an engine no longer in it, is left alone.
         """
         eng = self.engine
-        if self.loss_checked or eng.current_step is not self or loss.dim() != 0:
+        if self.loss_checked or eng.current_step is not self:
             return
-        self.loss_checked = True
         try:
             with torch._C.DisableTorchFunctionSubclass():
-                self._check_reduction(form, self.reduction_override or eng.loss_reduction)
-                self._check_loss(loss, eng.batch_dim)
+                if form.kind == "coupled":
+                    self._refuse(form, "mean")
+                sig = (0, self.output_signature(eng.batch_dim))
+                if sig not in eng.checked_losses and loss.dim() == 0:
+                    # first: cross-example terms get the most specific refusal
+                    self._check_loss(loss, eng.batch_dim, form)
+                    eng.checked_losses.add(sig)
+                self._refuse(form, self.reduction_override or eng.loss_reduction)
         except Exception:
             eng.loss_check_failed(self)  # a caught refusal does not turn the check off
             raise
+        self.loss_checked = True
+        if form.relabel:
+            eng.loss_check_failed(self)  # a token mean: check the next batch's labels too
 
-    def _check_reduction(self, form: loss_trace.Form | None, reduction: str) -> None:
-        why = None if form is None else loss_trace.verdict(form, reduction, self.batch_size)
+    def _refuse(self, form: loss_trace.Form, reduction: str, *, scalar: bool = True) -> None:
+        why = loss_trace.verdict(form, reduction, self.batch_size, scalar=scalar)
         if why is None:
             return
-        if form is not None and form.kind == "coupled":
+        if form.kind == "coupled":
             raise ExampleMixingError(why)
         raise InvalidArgumentError(why)
 
-    def _check_loss(self, losses: Tensor, batch_dim: int) -> None:
+    def _check_loss(self, losses: Tensor, batch_dim: int,
+                    form: loss_trace.Form | None = None) -> None:
+        """The second-derivative check (the user's retained output gradients left as they were)."""
+        ctx = getattr(losses, "sdp_ctx", None)
+        kept = ctx.retained() if ctx is not None else []
         self.ignore_grads = True
         try:
             check_loss(losses, self.outputs, self.batch_size, batch_dim)
+        except (RuntimeError, NotImplementedError) as e:
+            # No second derivative (ctc_loss, cdist): a loss whose form the trace
+            # read as a reduction over per-example rows needs none.
+            if form is None or form.kind != "total" or losses.dim() != 0:
+                raise InvalidArgumentError(
+                    "swiftdp cannot check this loss for cross-example terms: its second "
+                    f"derivative is not available ({type(e).__name__}: {str(e)[:120]}). Pass "
+                    "one loss per example to dp.backward(losses) (computed from each example's "
+                    "own outputs), or check_loss=False if the loss is known to decompose."
+                ) from e
         finally:
             self.ignore_grads = False
+            for t, g in kept:
+                t.grad = g
 
     # --------------------------------------------------------------- backward
     def ensure_finalize(self) -> None:

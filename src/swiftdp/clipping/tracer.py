@@ -63,6 +63,9 @@ _BROADCAST_FUNCS: set[Any] = {
 }
 
 
+RECURRENT = frozenset({"lstm", "gru", "rnn_tanh", "rnn_relu"})
+
+
 class Tracer(TorchFunctionMode):
     """The torch-function mode that routes parameter uses to layer rules."""
 
@@ -179,6 +182,18 @@ class Tracer(TorchFunctionMode):
                     if carries:
                         operands.append((t, dt, batchdim.is_virtual(t, token)))
             virtual = batchdim.check_virtual(func, args, kwargs, operands, outs)
+        fname = getattr(func, "__name__", "")
+        if fname == "multi_head_attention_forward" and len(outs) == 2:
+            # (output, weights): the weights are (B, ...) whatever the query's layout;
+            # by position, since their shape can equal the output's.
+            self.mark_batched(outs[0], d, virtual)
+            self.mark_batched(outs[1], 0, virtual)
+            outs = []
+        elif fname in RECURRENT and len(outs) > 1:
+            # (output, h_n[, c_n]): the final states are (layers * directions, B, H)
+            for h in outs[1:]:
+                self.mark_batched(h, 1 if h.dim() == 3 else None, virtual)
+            outs = outs[:1]
         for t in outs:
             self.mark_batched(t, batchdim.out_dim(func, args, kwargs, x, d, t), virtual)
         # An in-place op writes batched values into its first argument.

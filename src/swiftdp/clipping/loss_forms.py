@@ -1,0 +1,361 @@
+"""The rules of the loss trace: the :class:`~swiftdp.clipping.loss_trace.Form` of an op's result.
+
+Each rule reads the forms of the traced operands and the op's arguments and
+says what the result is as a function of the batch. Anything not modelled
+here is ``unknown`` (named by the op), which the scalar loss path refuses:
+the rules only ever have to be right about what they claim.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import replace
+from functools import cache
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+from swiftdp.clipping.loss_trace import Form, Traced, coupled, unknown
+
+_LOSSES_CE = {"cross_entropy", "nll_loss"}
+_LOSSES = _LOSSES_CE | {
+    "mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss", "binary_cross_entropy",
+    "binary_cross_entropy_with_logits", "soft_margin_loss", "poisson_nll_loss", "kl_div",
+    "gaussian_nll_loss", "multilabel_soft_margin_loss", "ctc_loss",
+}
+_REDUCE = {"sum": 0, "mean": -1, "nansum": 0}
+_ADD = {"add", "__add__", "__radd__", "__iadd__", "add_", "sub", "__sub__", "__rsub__",
+        "__isub__", "sub_", "subtract"}
+_MUL = {"mul", "__mul__", "__rmul__", "__imul__", "mul_", "multiply"}
+_DIV = {"div", "__truediv__", "__itruediv__", "div_", "true_divide", "divide"}
+_SAME = {"float", "double", "half", "bfloat16", "to", "type", "type_as", "contiguous", "clone",
+         "neg", "__neg__", "negative", "positive", "__pos__", "squeeze_", "expand_as"}
+_ROWWISE = {"abs", "exp", "log", "log1p", "log2", "sqrt", "rsqrt", "square", "pow", "__pow__",
+            "sigmoid", "tanh", "relu", "clamp", "clip", "clamp_min", "clamp_max", "clamp_",
+            "masked_fill", "nan_to_num", "log_sigmoid", "logsigmoid", "softplus", "gelu",
+            "silu", "elu", "reciprocal", "sin", "cos", "exp_", "abs_", "where"}
+_SOFTMAX = {"softmax", "log_softmax", "_softmax", "_log_softmax", "logsumexp", "norm",
+            "amax", "amin", "argmax"}
+_RESHAPE = {"view", "reshape", "flatten", "view_as", "reshape_as", "unflatten"}
+# ops linear in their traced operand: a factor B**power passes through them
+_LINEAR = (set(_REDUCE) | _ADD | _MUL | _DIV | _SAME | _RESHAPE
+           | {"transpose", "permute", "unsqueeze", "squeeze", "__getitem__"})
+
+
+def propagate(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any,
+              batch: int) -> Form:
+    """The form of ``func(*args, **kwargs) == out`` from its traced operands' forms."""
+    name = getattr(func, "__name__", "") or repr(func)
+    forms = [a.sdp_form for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, Traced)]
+    for f in forms:
+        if f.kind == "coupled":
+            return f
+    if name in _LOSSES:
+        return _loss(func, name, args, kwargs)
+    if name in ("cat", "concat", "concatenate", "stack"):
+        return _joined(name, args, kwargs)
+    if name == "einsum":
+        return _einsum(args)
+    if name == "nanmean":
+        return coupled("nanmean divides by the number of non-NaN entries across the batch")
+    x = args[0] if args else None
+    if not isinstance(x, Traced):
+        return _reversed(name, args, batch)
+    fx = x.sdp_form
+    if fx.kind == "unknown":
+        return fx
+    if fx.kind == "rows" and fx.power and name not in _LINEAR:
+        return unknown(f"{name} of a value scaled by the batch size")
+    if name in _REDUCE:
+        return _reduce(name, fx, x, args, kwargs)
+    if name in _ADD | _MUL | _DIV:
+        return _binary(name, x, args[1] if len(args) > 1 else kwargs.get("other"), batch)
+    if name in _SAME:
+        return fx
+    if fx.kind == "total":
+        if name in _RESHAPE or name in {"squeeze", "unsqueeze", "expand"}:
+            return fx
+        return unknown(f"{name} of the reduced loss")
+    if name in _ROWWISE:
+        return fx if name != "where" else unknown(name)
+    if name in _SOFTMAX:
+        dim = args[1] if len(args) > 1 else kwargs.get("dim")
+        if isinstance(dim, int) and dim % x.dim() != fx.axis:
+            return fx
+        return unknown(f"{name} over the batch")
+    if name in _RESHAPE and isinstance(out, Tensor):
+        return _reshaped(fx, tuple(x.shape), tuple(out.shape), batch, name)
+    if name in {"transpose", "swapaxes", "swapdims", "t"}:
+        d0, d1 = (args[1] % x.dim(), args[2] % x.dim()) if len(args) >= 3 else (0, 1)
+        return replace(fx, axis=d1 if fx.axis == d0 else d0 if fx.axis == d1 else fx.axis)
+    if name == "permute":
+        dims = args[1:] if len(args) > 2 or isinstance(args[1], int) else tuple(args[1])
+        return replace(fx, axis=[d % x.dim() for d in dims].index(fx.axis))
+    if name in {"movedim", "moveaxis"} and isinstance(out, Tensor):
+        order = list(range(x.dim()))
+        src, dst = args[1] % x.dim(), args[2] % x.dim()
+        order.insert(dst, order.pop(src))
+        return replace(fx, axis=order.index(fx.axis))
+    if name == "unsqueeze":
+        d = args[1] % (x.dim() + 1)
+        return replace(fx, axis=fx.axis + (d <= fx.axis))
+    if name == "expand" and isinstance(out, Tensor):
+        return replace(fx, axis=fx.axis + out.dim() - x.dim())
+    if name in {"__getitem__", "select", "narrow", "gather", "take_along_dim", "squeeze"}:
+        return _indexed(name, fx, x, args, out)
+    if name in {"matmul", "__matmul__", "mm", "bmm"}:
+        other = args[1] if len(args) > 1 else None
+        if not isinstance(other, Traced) and isinstance(other, Tensor) and (
+                x.dim() >= 2 and fx.axis < x.dim() - 1 and other.dim() == 2):
+            return fx  # each example's rows times a shared matrix
+    return unknown(name)
+
+
+def _reversed(name: str, args: tuple[Any, ...], batch: int) -> Form:
+    """``c * traced``, ``plain + traced`` and friends, with the traced operand second."""
+    y = args[1] if len(args) > 1 else None
+    if not isinstance(y, Traced):
+        return unknown(name)
+    if y.sdp_form.kind == "unknown":
+        return y.sdp_form
+    if name in _MUL or name in _ADD:
+        return _binary(name, y, args[0], batch)
+    if name in _DIV and y.sdp_form.kind == "rows" and _number(args[0]) is not None:
+        return y.sdp_form  # c / rows: elementwise
+    return unknown(name)
+
+
+@cache
+def _signature(func: Any) -> inspect.Signature | None:
+    try:
+        return inspect.signature(func)
+    except (TypeError, ValueError):
+        return None
+
+
+def _loss(func: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Form:
+    sig = _signature(func)
+    if sig is None:
+        return unknown(name)
+    bound = sig.bind(*args, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    if a.get("size_average") is not None or a.get("reduce") is not None:
+        return unknown(f"{name} with size_average/reduce")
+    pred = a.get("input", a.get("log_probs"))
+    fp = pred.sdp_form if isinstance(pred, Traced) else None
+    reduction = a.get("reduction", "mean")
+    if name in _LOSSES_CE and reduction == "mean":
+        target = a.get("target")
+        if a.get("weight") is not None:
+            return coupled(f"{name}(reduction='mean', weight=...) divides by the sum of the "
+                           "class weights of every target in the batch")
+        ignore = a.get("ignore_index", -100)
+        if (isinstance(target, Tensor) and not target.is_floating_point()
+                and bool((target == ignore).any())):
+            return coupled(f"{name}(reduction='mean') with targets equal to "
+                           f"ignore_index={ignore} divides by the number of the other targets "
+                           "in the whole batch (a token mean over the batch), so each example's "
+                           "weight depends on the other examples' labels")
+    if fp is None or fp.kind != "rows" or fp.power:
+        return fp if fp is not None and fp.kind == "unknown" else unknown(name)
+    axis = 1 if name == "ctc_loss" else 0
+    if reduction == "none":
+        return fp if fp.axis == axis else unknown(f"{name} with the batch on another axis")
+    if reduction == "sum":
+        return Form("total", power=0, per=fp.per)
+    if reduction in ("mean", "batchmean"):
+        token_mean = name in _LOSSES_CE and fp.per > 1
+        return Form("total", power=-1, per=fp.per, relabel=token_mean)
+    return unknown(f"{name}(reduction={reduction!r})")
+
+
+def _joined(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Form:
+    seq = args[0] if args else kwargs.get("tensors", ())
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    forms = [t.sdp_form for t in seq if isinstance(t, Traced)]
+    if not forms or len(forms) != len(seq) or not isinstance(dim, int):
+        return unknown(f"{name} with untraced pieces")
+    f0 = forms[0]
+    if f0.kind == "total" and all(f.kind == "total" and f.power == f0.power for f in forms):
+        return f0
+    if f0.kind == "rows" and all(f == f0 for f in forms):
+        ndim = seq[0].dim() + (1 if name == "stack" else 0)
+        d = dim % ndim
+        if name == "stack":
+            return replace(f0, axis=f0.axis + (d <= f0.axis))
+        if d != f0.axis:
+            return f0
+    return unknown(f"{name} along the batch")
+
+
+def _einsum(args: tuple[Any, ...]) -> Form:
+    eq, ops = args[0], args[1:]
+    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+        ops = tuple(ops[0])
+    if not isinstance(eq, str) or "..." in eq or "->" not in eq:
+        return unknown("einsum")
+    lhs, rhs = eq.replace(" ", "").split("->")
+    terms = lhs.split(",")
+    letters = set()
+    for term, op in zip(terms, ops, strict=False):
+        if isinstance(op, Traced):
+            f = op.sdp_form
+            if f.kind != "rows" or f.per != 1:
+                return unknown("einsum")
+            letters.add(term[f.axis])
+    if len(letters) != 1:
+        return unknown("einsum over two batch indices")
+    b = letters.pop()
+    if b in rhs:
+        return Form("rows", axis=rhs.index(b))
+    return Form("total", power=0)
+
+
+def _reduce(name: str, fx: Form, x: Tensor, args: tuple[Any, ...],
+            kwargs: dict[str, Any]) -> Form:
+    if fx.kind == "total":
+        return fx  # a reduction over the non-batch entries: a constant factor
+    dim = args[1] if len(args) > 1 and not isinstance(args[1], torch.dtype) else kwargs.get(
+        "dim", kwargs.get("axis"))
+    dims = None if dim is None else [dim] if isinstance(dim, int) else list(dim)
+    if not dims or fx.axis in [d % max(x.dim(), 1) for d in dims]:
+        return Form("total", power=fx.power + _REDUCE[name], per=fx.per)
+    dims = [d % x.dim() for d in dims]
+    keep = bool(args[2] if len(args) > 2 else kwargs.get("keepdim", False))
+    return replace(fx, axis=fx.axis if keep else fx.axis - sum(d < fx.axis for d in dims))
+
+
+def _number(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v)
+
+
+def _binary(name: str, x: Traced, other: Any, batch: int) -> Form:
+    fx = x.sdp_form
+    if isinstance(other, Traced):
+        fo = other.sdp_form
+        if fo.kind == "unknown":
+            return fo
+        if fx.kind == fo.kind == "rows":
+            return fx if (fx.axis, fx.per) == (fo.axis, fo.per) else unknown(
+                f"{name} of outputs with different batch layouts")
+        if fx.kind == fo.kind == "total" and name in _ADD:
+            if fx.power == fo.power:
+                return replace(fx, relabel=fx.relabel or fo.relabel)
+            return coupled("it adds a sum over the batch to a mean over the batch")
+        return unknown(f"{name} of two traced values")
+    count = False
+    if isinstance(other, Tensor) and other.dim() == 0 and not other.requires_grad:
+        count = not (other.is_floating_point() or other.is_complex())
+        other = other.item()  # a 0-dim factor is read as the number it holds
+    c = _number(other)
+    if c is not None:
+        if name in _ADD:
+            return fx
+        if c == batch:
+            return replace(fx, power=fx.power + (1 if name in _MUL else -1))
+        if name in _DIV and count:
+            return coupled(f"it is divided by an integer count ({c:g}) computed outside the "
+                           "model, which can depend on every example")
+        if name in _DIV and fx.kind == "total" and fx.power == 0 and fx.per > 1:
+            if c == batch * fx.per:
+                return replace(fx, power=-1)
+            return coupled(f"a sum over the batch's tokens is divided by {c:g}, neither the "
+                           f"batch size {batch} nor its {batch * fx.per} token positions — a "
+                           "count of the batch's real tokens makes each example's weight "
+                           "depend on the others")
+        return fx
+    if not isinstance(other, Tensor):
+        return unknown(name)
+    if fx.kind == "rows":
+        d = fx.axis - (x.dim() - other.dim())
+        if d >= 0 and other.shape[d] == x.shape[fx.axis] > 1:
+            return fx  # per-example weights, a mask or a per-example count
+    if name in _DIV and not (other.is_floating_point() or other.is_complex()):
+        return coupled(f"it is divided by an integer tensor of shape {tuple(other.shape)} "
+                       "computed outside the model (a count), which can depend on every example")
+    return fx  # a constant factor: a temperature, a prior, a loss scale
+
+
+def _reshaped(fx: Form, old: tuple[int, ...], new: tuple[int, ...], batch: int,
+              name: str) -> Form:
+    outer = 1
+    for n in old[:fx.axis]:
+        outer *= n
+    acc = 1
+    for k, n in enumerate(new):
+        if acc == outer:
+            if outer == 1 and n % batch == 0 and n > 0:
+                return Form("rows", axis=k, per=n // batch)
+            if n == old[fx.axis]:
+                return replace(fx, axis=k)
+            if n != 1:
+                break
+        acc *= n
+        if acc > outer:
+            break
+    return unknown(f"{name} that splits the batch")
+
+
+_FULL = slice(None)
+
+
+def _indexed(name: str, fx: Form, x: Tensor, args: tuple[Any, ...], out: Any) -> Form:
+    if not isinstance(out, Tensor):
+        return unknown(name)
+    if name == "__getitem__":
+        return _item(fx, x, args[1])
+    if name == "squeeze":
+        dims = [d for d, n in enumerate(x.shape) if n == 1]
+        if len(args) > 1:
+            want = args[1] if isinstance(args[1], (tuple, list)) else [args[1]]
+            dims = [d % x.dim() for d in want if x.shape[d % x.dim()] == 1]
+        if fx.axis in dims:
+            return unknown("squeeze of the batch")
+        return replace(fx, axis=fx.axis - sum(d < fx.axis for d in dims))
+    dim = args[1] if len(args) > 1 else None
+    if not isinstance(dim, int) or dim % x.dim() == fx.axis:
+        return unknown(f"{name} along the batch")
+    if name == "select" and dim % x.dim() < fx.axis:
+        return replace(fx, axis=fx.axis - 1)
+    return fx
+
+
+def _item(fx: Form, x: Tensor, index: Any) -> Form:
+    """``x[index]``: the batch kept whole when only full slices, ``None`` and ``...`` precede it."""
+    idx = index if isinstance(index, tuple) else (index,)
+    if any(isinstance(i, Tensor) or isinstance(i, (list, range)) for i in idx):
+        return unknown("indexing with a tensor (a selection of the batch)")
+    if Ellipsis in idx:
+        pos = idx.index(Ellipsis)
+        lead, tail = idx[:pos], idx[pos + 1:]
+        consumed = sum(1 for i in tail if i is not None)
+        if all(i == _FULL for i in lead) and x.dim() - consumed > fx.axis:
+            return fx  # everything after `...` acts on dimensions after the batch
+        return unknown("indexing the batch")
+    axis, seen = fx.axis, 0
+    new_axis = 0
+    for i in idx:
+        if seen == axis:
+            if i is None:
+                new_axis += 1
+                continue
+            if i != _FULL:
+                return unknown("indexing the batch")
+            return replace(fx, axis=new_axis)
+        if i is None:
+            new_axis += 1
+            continue
+        if isinstance(i, int):
+            seen += 1
+            continue
+        if not isinstance(i, slice):
+            return unknown("indexing")
+        seen += 1
+        new_axis += 1
+    return replace(fx, axis=new_axis + (axis - seen))
+
