@@ -135,6 +135,16 @@ class Recorder(Protocol):
         """
         ...
 
+    def broadcast_batch(self, t: Tensor, dim: int) -> None:
+        """Mark ``t``'s dimension ``dim`` as a batch made by broadcasting (rows alike).
+
+        For an output computed from inputs shared by the whole batch and
+        expanded to it: every later op must keep its rows aligned with the
+        examples (otherwise the op is refused), so row ``i``'s gradient is
+        example ``i``'s.
+        """
+        ...
+
 
 Rule = Callable[[Recorder, Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
 """``rule(recorder, func, args, kwargs) -> output``."""

@@ -366,6 +366,10 @@ class Tracer(TorchFunctionMode):
                 t.register_hook(cap.hook(i))
         return out
 
+    def broadcast_batch(self, t: Tensor, dim: int) -> None:
+        """See :meth:`swiftdp.clipping.contract.Recorder.broadcast_batch`."""
+        self.mark_batched(t, dim, virtual=True)
+
     # ----------------------------------------------------------- fallbacks
     def generic_call_for(self, p: Tensor) -> ModuleCall | None:
         for c in reversed(self.stack):

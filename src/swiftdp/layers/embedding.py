@@ -354,7 +354,7 @@ def embedding_use(
     if idx.dim() < 1:
         raise_unbatched(rec.site, idx)
     bd = rec.site.batch_dim if idx.dim() >= 2 else 0
-    _check_batched_indices(rec, idx, bd)
+    idx, shared = _batched_indices(rec, idx, bd)
     check_batch(rec.site, idx, bd, "the embedding's indices")
     wd = weight.detach()
     V = int(weight.shape[0])
@@ -381,20 +381,50 @@ def embedding_use(
         )
         return [EmbeddingGrads(weight, i2, g3, method=method)]
 
-    return rec.track(run, [idx], [weight], build)
+    out = rec.track(run, [idx], [weight], build)
+    if shared:
+        rec.broadcast_batch(out, bd)
+    return out
 
 
-def _check_batched_indices(rec: Recorder, idx: Tensor, bd: int) -> None:
-    if idx.shape[bd] != rec.site.batch_size:
-        raise UnsupportedModuleError(
-            f"In module `{rec.site.module_path}`, the embedding got indices of shape "
-            f"{tuple(idx.shape)}, whose dimension {bd} should be the batch of size "
-            f"{rec.site.batch_size}. Indices shared by the whole batch (a position lookup such as "
-            "`pos_emb(torch.arange(T))`) give one gradient for all examples, which cannot be "
-            "clipped per example: expand them to the batch (`pos_emb(positions.expand(B, T))`) "
-            "or add an nn.Parameter position table to the activations. If the model is "
-            f"sequence-first, pass batch_first={not rec.site.batch_first}."
-        )
+def _batched_indices(rec: Recorder, idx: Tensor, bd: int) -> tuple[Tensor, bool]:
+    """The indices with the batch along ``bd``, and whether they are shared by the batch.
+
+    Indices derived from the batch must have it along ``bd``. Indices that do
+    not derive from it (a position lookup ``wpe(position_ids)`` with ids of
+    shape ``(1, T)``, Hugging Face's default, or a buffer expanded to the
+    batch) are the same for every example: they are expanded along ``bd`` and
+    the output's batch is marked as broadcast, so each row's gradient is its
+    example's (later ops must keep the rows aligned). Indices with no batch
+    dimension at all, or whose size only happens to equal the batch's, are
+    refused: the batch is tracked, never guessed from a size.
+    """
+    B = rec.site.batch_size
+    carried = rec.site.carries_batch(idx)
+    if carried and idx.shape[bd] == B:
+        return idx, False
+    if not carried and idx.dim() >= 2 and (
+            idx.shape[bd] == 1 or (idx.shape[bd] == B and idx.stride(bd) == 0)):
+        shape = list(idx.shape)
+        shape[bd] = B
+        return idx.expand(shape), True
+    raise _unbatched_indices(rec, idx, bd)
+
+
+def _unbatched_indices(rec: Recorder, idx: Tensor, bd: int) -> UnsupportedModuleError:
+    return UnsupportedModuleError(
+        f"In module `{rec.site.module_path}`, the embedding got indices of shape "
+        f"{tuple(idx.shape)}, whose dimension {bd} should be the batch of size "
+        f"{rec.site.batch_size} (tracked from the model's inputs, not read from sizes). "
+        "Indices shared by the whole batch are supported with a batch dimension of size 1 "
+        "(`pos_emb(torch.arange(T)[None])`, Hugging Face's default `position_ids` of shape "
+        "(1, T)); indices without one (`pos_emb(torch.arange(T))`, a (T, T) relative-position "
+        "table) give one gradient for all examples, which cannot be clipped per example: "
+        "index with a leading dimension of size 1 or expand them to the batch "
+        "(`pos_emb(positions.expand(B, T))`; for a Hugging Face model, pass "
+        "`position_ids=positions.expand(B, T)`). If the model is sequence-first, pass "
+        f"batch_first={not rec.site.batch_first}."
+    )
 
 
 def _refuse_options(rec: Recorder, max_norm: Any, scale_grad_by_freq: bool, sparse: bool) -> None:

@@ -1,0 +1,176 @@
+"""Hugging Face model families as they come, against the one-example-at-a-time float64 reference.
+
+GPT-2, BERT, DistilBERT and ALBERT look positions up with ``position_ids`` of
+shape ``(1, T)`` shared by the batch (HF's default): the lookup's output is
+broadcast to the batch with its rows kept aligned, so each example's
+gradient of the position table is its own. Nothing is passed that a user
+would not pass anyway.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers as tf
+from torch import Tensor, nn
+
+import swiftdp
+from support.oracle import max_rel_error, reference_clipped_sum
+from support.sensitivity import neighbour_sensitivity
+from swiftdp.errors import SwiftDPError, UnsupportedModuleError
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+V, T, B = 40, 6, 3
+C = 0.05
+TOL = 1e-9
+_NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+
+
+def _batch() -> dict[str, Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, V, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, 4:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _gpt2() -> nn.Module:
+    torch.manual_seed(0)
+    return tf.GPT2LMHeadModel(tf.GPT2Config(
+        n_layer=1, n_head=2, n_embd=16, vocab_size=V, n_positions=16, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)).double()
+
+
+def _bert() -> nn.Module:
+    torch.manual_seed(0)
+    return tf.BertForSequenceClassification(tf.BertConfig(
+        num_hidden_layers=1, num_attention_heads=2, hidden_size=16, intermediate_size=32,
+        vocab_size=V, max_position_embeddings=16, num_labels=2, **_NO_DROPOUT)).double()
+
+
+def _distilbert() -> nn.Module:
+    torch.manual_seed(0)
+    return tf.DistilBertForSequenceClassification(tf.DistilBertConfig(
+        n_layers=1, n_heads=2, dim=16, hidden_dim=32, vocab_size=V, max_position_embeddings=16,
+        num_labels=2, dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0)).double()
+
+
+def _albert() -> nn.Module:
+    torch.manual_seed(0)
+    return tf.AlbertForSequenceClassification(tf.AlbertConfig(
+        num_hidden_layers=1, num_attention_heads=2, hidden_size=16, intermediate_size=32,
+        embedding_size=8, vocab_size=V, max_position_embeddings=16, num_labels=2,
+        classifier_dropout_prob=0.0, **_NO_DROPOUT)).double()
+
+
+def _causal(out, y):
+    return F.cross_entropy(out.logits[0, :-1], y[0, 1:], ignore_index=-100)
+
+
+def _classify(out, y):
+    return F.cross_entropy(out.logits, y)
+
+
+def _labels(kind: str) -> Tensor:
+    if kind == "causal":
+        b = _batch()
+        return b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
+    return torch.tensor([0, 1, 1])
+
+
+FAMILIES = [("gpt2", _gpt2, "causal"), ("bert", _bert, "classify"),
+            ("distilbert", _distilbert, "classify"), ("albert", _albert, "classify")]
+
+
+@pytest.mark.parametrize("mode", ["bk", "ghost"])
+@pytest.mark.parametrize(("name", "make", "kind"), FAMILIES, ids=[f[0] for f in FAMILIES])
+def test_shared_position_lookups_train_exactly_as_they_come(name, make, kind, mode):
+    batch, labels = _batch(), _labels(kind)
+    ref_loss = _causal if kind == "causal" else _classify
+    model = make()
+    want, _ = reference_clipped_sum(copy.deepcopy(model), ref_loss, batch, labels, C,
+                                    call=lambda m, x: m(**x))
+    clipper = swiftdp.GradClipper(model, C, mode=mode)
+    try:
+        model(**batch, labels=labels).loss.backward()
+    finally:
+        clipper.remove()
+    assert max_rel_error([p.grad for p in model.parameters()], want) < TOL
+
+
+def test_gpt2_neighbour_sensitivity_stays_within_c():
+    batch, labels = _batch(), _labels("causal")
+
+    def clipped_sum(data):
+        x, y = data
+        model = _gpt2()
+        clipper = swiftdp.GradClipper(model, C)
+        try:
+            model(**x, labels=y).loss.backward()
+        finally:
+            clipper.remove()
+        return [p.grad.detach().clone() for p in model.parameters()]
+
+    assert neighbour_sensitivity(clipped_sum, (batch, labels), B) <= C * (1 + 1e-9)
+
+
+class _SharedLookup(nn.Module):
+    """A position table looked up with (1, T) ids, then used in a way that mixes its rows."""
+
+    def __init__(self, mix: bool) -> None:
+        super().__init__()
+        self.tok, self.pos, self.mix = nn.Embedding(V, 4), nn.Embedding(T, 4), mix
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        pos = self.pos(torch.arange(ids.shape[1])[None])
+        if self.mix:
+            pos = pos.sum(0, keepdim=True)  # sums the broadcast rows: not one row per example
+        return self.head(self.tok(ids) + pos).mean(1)
+
+
+def test_shared_lookup_rows_must_stay_aligned_with_the_examples():
+    ids = _batch()["input_ids"]
+    y = torch.tensor([0, 1, 1])
+    model = _SharedLookup(mix=False).double()
+    want, _ = reference_clipped_sum(copy.deepcopy(model), _plain_ce, ids, y, C)
+    clipper = swiftdp.GradClipper(model, C)
+    F.cross_entropy(model(ids), y).backward()
+    clipper.remove()
+    assert max_rel_error([p.grad for p in model.parameters()], want) < TOL
+    mixed = _SharedLookup(mix=True).double()
+    clipper = swiftdp.GradClipper(mixed, C)
+    try:
+        with pytest.raises(SwiftDPError):
+            F.cross_entropy(mixed(ids), y).backward()
+    finally:
+        clipper.remove()
+
+
+def _plain_ce(out, y):
+    return F.cross_entropy(out, y)
+
+
+def test_indices_without_a_batch_dimension_are_refused_not_guessed_by_size():
+    class Table(nn.Module):  # a (T, T) relative-position lookup, T == B
+        def __init__(self) -> None:
+            super().__init__()
+            self.rel = nn.Embedding(2 * B, 1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            n = x.shape[1]
+            rel = torch.arange(n)[:, None] - torch.arange(n)[None] + B
+            return x + self.rel(rel).squeeze(-1)  # (B, T, T) + (T, T)
+
+    x = torch.randn(B, B, B, dtype=torch.float64)
+    model = Table().double()
+    clipper = swiftdp.GradClipper(model, C)
+    try:
+        with pytest.raises(UnsupportedModuleError, match="not read from sizes"):
+            model(x).sum().backward()
+    finally:
+        clipper.remove()
