@@ -31,13 +31,14 @@ _ADD = {"add", "__add__", "__radd__", "__iadd__", "add_", "sub", "__sub__", "__r
 _MUL = {"mul", "__mul__", "__rmul__", "__imul__", "mul_", "multiply"}
 _DIV = {"div", "__truediv__", "__itruediv__", "div_", "true_divide", "divide"}
 _SAME = {"float", "double", "half", "bfloat16", "to", "type", "type_as", "contiguous", "clone",
-         "neg", "__neg__", "negative", "positive", "__pos__", "squeeze_", "expand_as"}
+         "neg", "__neg__", "negative", "positive", "__pos__"}
 _ROWWISE = {"abs", "exp", "log", "log1p", "log2", "sqrt", "rsqrt", "square", "pow", "__pow__",
             "sigmoid", "tanh", "relu", "clamp", "clip", "clamp_min", "clamp_max", "clamp_",
             "masked_fill", "nan_to_num", "log_sigmoid", "logsigmoid", "softplus", "gelu",
             "silu", "elu", "reciprocal", "sin", "cos", "exp_", "abs_", "where"}
-_SOFTMAX = {"softmax", "log_softmax", "_softmax", "_log_softmax", "logsumexp", "norm",
-            "amax", "amin", "argmax"}
+_SOFTMAX = {"softmax", "log_softmax", "_softmax", "_log_softmax", "normalize"}
+_DIMREDUCE = {"logsumexp", "norm", "amax", "amin", "max", "min", "cosine_similarity", "prod",
+              "std", "var"}
 _RESHAPE = {"view", "reshape", "flatten", "view_as", "reshape_as", "unflatten"}
 # ops linear in their traced operand: a factor B**power passes through them
 _LINEAR = (set(_REDUCE) | _ADD | _MUL | _DIV | _SAME | _RESHAPE
@@ -60,7 +61,9 @@ def propagate(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
         return _einsum(args)
     if name == "nanmean":
         return coupled("nanmean divides by the number of non-NaN entries across the batch")
-    x = args[0] if args else None
+    if name == "where":
+        return _where(args, kwargs)
+    x = args[0] if args else kwargs.get("input")
     if not isinstance(x, Traced):
         return _reversed(name, args, batch)
     fx = x.sdp_form
@@ -80,11 +83,26 @@ def propagate(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
         return unknown(f"{name} of the reduced loss")
     if name in _ROWWISE:
         return fx if name != "where" else unknown(name)
-    if name in _SOFTMAX:
-        dim = args[1] if len(args) > 1 else kwargs.get("dim")
-        if isinstance(dim, int) and dim % x.dim() != fx.axis:
+    if name in _SOFTMAX or name in _DIMREDUCE:
+        pos = 2 if name == "cosine_similarity" else 1
+        dim = args[pos] if len(args) > pos else kwargs.get("dim", 1 if pos == 2 else None)
+        if name == "normalize" and dim is None:
+            dim = 1
+        if not isinstance(dim, int) or dim % x.dim() == fx.axis:
+            return unknown(f"{name} over the batch")
+        if name in _SOFTMAX:
             return fx
-        return unknown(f"{name} over the batch")
+        keep = bool(kwargs.get("keepdim", args[pos + 1] if len(args) > pos + 1 and isinstance(
+            args[pos + 1], bool) else False))
+        return replace(fx, axis=fx.axis - (0 if keep else int(dim % x.dim() < fx.axis)))
+    if name in {"linear"}:
+        return fx if fx.axis < x.dim() - 1 else unknown("linear over the batch")
+    if name in {"split", "chunk", "tensor_split", "unbind"}:
+        dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
+        if isinstance(dim, int) and dim % x.dim() != fx.axis:
+            return fx if name != "unbind" else replace(
+                fx, axis=fx.axis - int(dim % x.dim() < fx.axis))
+        return unknown(f"{name} along the batch")
     if name in _RESHAPE and isinstance(out, Tensor):
         return _reshaped(fx, tuple(x.shape), tuple(out.shape), batch, name)
     if name in {"transpose", "swapaxes", "swapdims", "t"}:
@@ -101,16 +119,27 @@ def propagate(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
     if name == "unsqueeze":
         d = args[1] % (x.dim() + 1)
         return replace(fx, axis=fx.axis + (d <= fx.axis))
-    if name == "expand" and isinstance(out, Tensor):
+    if name in {"expand", "expand_as", "broadcast_to"} and isinstance(out, Tensor):
         return replace(fx, axis=fx.axis + out.dim() - x.dim())
     if name in {"__getitem__", "select", "narrow", "gather", "take_along_dim", "squeeze"}:
-        return _indexed(name, fx, x, args, out)
+        return _indexed(name, fx, x, args, out, kwargs)
     if name in {"matmul", "__matmul__", "mm", "bmm"}:
         other = args[1] if len(args) > 1 else None
         if not isinstance(other, Traced) and isinstance(other, Tensor) and (
                 x.dim() >= 2 and fx.axis < x.dim() - 1 and other.dim() == 2):
             return fx  # each example's rows times a shared matrix
     return unknown(name)
+
+
+def _where(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Form:
+    """``torch.where(cond, a, b)``: rows when every traced branch is rows of one layout."""
+    ops = [a for a in args[1:3] if isinstance(a, Traced)]
+    if not ops or isinstance(args[0] if args else None, Traced):
+        return unknown("where")
+    f0 = ops[0].sdp_form
+    if f0.kind == "rows" and all(o.sdp_form == f0 for o in ops):
+        return f0
+    return unknown("where")
 
 
 def _reversed(name: str, args: tuple[Any, ...], batch: int) -> Form:
@@ -145,16 +174,18 @@ def _loss(func: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     if a.get("size_average") is not None or a.get("reduce") is not None:
         return unknown(f"{name} with size_average/reduce")
     pred = a.get("input", a.get("log_probs"))
+    if not isinstance(pred, Traced) and isinstance(a.get("target"), Traced):
+        pred = a.get("target")  # the model's output passed as the target (mse(t, out))
     fp = pred.sdp_form if isinstance(pred, Traced) else None
     reduction = a.get("reduction", "mean")
+    target = a.get("target")
+    int_target = isinstance(target, Tensor) and not target.is_floating_point()
     if name in _LOSSES_CE and reduction == "mean":
-        target = a.get("target")
         if a.get("weight") is not None:
             return coupled(f"{name}(reduction='mean', weight=...) divides by the sum of the "
                            "class weights of every target in the batch")
         ignore = a.get("ignore_index", -100)
-        if (isinstance(target, Tensor) and not target.is_floating_point()
-                and bool((target == ignore).any())):
+        if int_target and bool((target == ignore).any()):
             return coupled(f"{name}(reduction='mean') with targets equal to "
                            f"ignore_index={ignore} divides by the number of the other targets "
                            "in the whole batch (a token mean over the batch), so each example's "
@@ -162,14 +193,25 @@ def _loss(func: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     if fp is None or fp.kind != "rows" or fp.power:
         return fp if fp is not None and fp.kind == "unknown" else unknown(name)
     axis = 1 if name == "ctc_loss" else 0
+    tokens = name in _LOSSES_CE and isinstance(pred, Tensor) and (
+        fp.per > 1 or pred.dim() > 2)
     if reduction == "none":
-        return fp if fp.axis == axis else unknown(f"{name} with the batch on another axis")
+        return replace(fp, tokens=tokens) if fp.axis == axis else unknown(
+            f"{name} with the batch on another axis")
     if reduction == "sum":
-        return Form("total", power=0, per=fp.per)
+        per = _entries(pred, fp) if tokens and isinstance(pred, Tensor) else 1
+        return Form("total", power=0, per=per, tokens=tokens)
+    if reduction == "batchmean" and (fp.axis != 0 or fp.per != 1):
+        return unknown("kl_div(reduction='batchmean') with the batch not first")
     if reduction in ("mean", "batchmean"):
-        token_mean = name in _LOSSES_CE and fp.per > 1
-        return Form("total", power=-1, per=fp.per, relabel=token_mean)
+        return Form("total", power=-1, relabel=tokens and int_target)
     return unknown(f"{name}(reduction={reduction!r})")
+
+
+def _entries(x: Tensor, fx: Form) -> int:
+    """Entries of ``x`` per example (``x`` rows of form ``fx``)."""
+    b = max(x.shape[fx.axis] // max(fx.per, 1), 1)
+    return max(x.numel() // b, 1)
 
 
 def _joined(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Form:
@@ -180,7 +222,7 @@ def _joined(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Form:
         return unknown(f"{name} with untraced pieces")
     f0 = forms[0]
     if f0.kind == "total" and all(f.kind == "total" and f.power == f0.power for f in forms):
-        return f0
+        return replace(f0, relabel=any(f.relabel for f in forms), tokens=False, per=1)
     if f0.kind == "rows" and all(f == f0 for f in forms):
         ndim = seq[0].dim() + (1 if name == "stack" else 0)
         d = dim % ndim
@@ -222,7 +264,9 @@ def _reduce(name: str, fx: Form, x: Tensor, args: tuple[Any, ...],
         "dim", kwargs.get("axis"))
     dims = None if dim is None else [dim] if isinstance(dim, int) else list(dim)
     if not dims or fx.axis in [d % max(x.dim(), 1) for d in dims]:
-        return Form("total", power=fx.power + _REDUCE[name], per=fx.per)
+        per = _entries(x, fx) if fx.tokens and not dims else 1
+        return Form("total", power=fx.power + _REDUCE[name], per=per, tokens=fx.tokens,
+                    relabel=fx.relabel)
     dims = [d % x.dim() for d in dims]
     keep = bool(args[2] if len(args) > 2 else kwargs.get("keepdim", False))
     return replace(fx, axis=fx.axis if keep else fx.axis - sum(d < fx.axis for d in dims))
@@ -248,9 +292,9 @@ def _binary(name: str, x: Traced, other: Any, batch: int) -> Form:
                 return replace(fx, relabel=fx.relabel or fo.relabel)
             return coupled("it adds a sum over the batch to a mean over the batch")
         return unknown(f"{name} of two traced values")
-    count = False
-    if isinstance(other, Tensor) and other.dim() == 0 and not other.requires_grad:
-        count = not (other.is_floating_point() or other.is_complex())
+    tensor0 = isinstance(other, Tensor) and other.dim() == 0 and not other.requires_grad
+    count = tensor0 and not (other.is_floating_point() or other.is_complex())
+    if tensor0:
         other = other.item()  # a 0-dim factor is read as the number it holds
     c = _number(other)
     if c is not None:
@@ -258,23 +302,31 @@ def _binary(name: str, x: Traced, other: Any, batch: int) -> Form:
             return fx
         if c == batch:
             return replace(fx, power=fx.power + (1 if name in _MUL else -1))
-        if name in _DIV and count:
-            return coupled(f"it is divided by an integer count ({c:g}) computed outside the "
-                           "model, which can depend on every example")
-        if name in _DIV and fx.kind == "total" and fx.power == 0 and fx.per > 1:
-            if c == batch * fx.per:
-                return replace(fx, power=-1)
-            return coupled(f"a sum over the batch's tokens is divided by {c:g}, neither the "
-                           f"batch size {batch} nor its {batch * fx.per} token positions — a "
-                           "count of the batch's real tokens makes each example's weight "
-                           "depend on the others")
+        token_sum = fx.kind == "total" and fx.power == 0 and fx.tokens
+        if token_sum and name in _DIV and c == batch * fx.per:
+            return replace(fx, power=-1)
+        if token_sum and name in _MUL and c * batch * fx.per == 1:
+            return replace(fx, power=-1)
+        if name in _DIV and (count or tensor0):
+            return coupled(f"it is divided by a 0-dim tensor ({c:g}) computed outside the "
+                           "model — a count of the batch's examples or tokens makes each "
+                           "example's weight depend on the others; divide by a Python number "
+                           "if it is a constant")
+        if token_sum and (name in _DIV or c != 1):
+            return coupled(f"a sum of per-token losses is scaled by {c:g} ({name}), neither by "
+                           f"the batch size {batch} nor by its {batch * fx.per} token "
+                           "positions — a count of the batch's real tokens makes each "
+                           "example's weight depend on the others")
         return fx
     if not isinstance(other, Tensor):
         return unknown(name)
     if fx.kind == "rows":
+        lead = max(0, other.dim() - x.dim())
         d = fx.axis - (x.dim() - other.dim())
         if d >= 0 and other.shape[d] == x.shape[fx.axis] > 1:
-            return fx  # per-example weights, a mask or a per-example count
+            return replace(fx, axis=fx.axis + lead)  # per-example weights, a mask, a count
+        if lead:
+            return replace(fx, axis=fx.axis + lead)  # broadcast to more leading dimensions
     if name in _DIV and not (other.is_floating_point() or other.is_complex()):
         return coupled(f"it is divided by an integer tensor of shape {tuple(other.shape)} "
                        "computed outside the model (a count), which can depend on every example")
@@ -304,7 +356,8 @@ def _reshaped(fx: Form, old: tuple[int, ...], new: tuple[int, ...], batch: int,
 _FULL = slice(None)
 
 
-def _indexed(name: str, fx: Form, x: Tensor, args: tuple[Any, ...], out: Any) -> Form:
+def _indexed(name: str, fx: Form, x: Tensor, args: tuple[Any, ...], out: Any,
+             kwargs: dict[str, Any]) -> Form:
     if not isinstance(out, Tensor):
         return unknown(name)
     if name == "__getitem__":
@@ -317,7 +370,8 @@ def _indexed(name: str, fx: Form, x: Tensor, args: tuple[Any, ...], out: Any) ->
         if fx.axis in dims:
             return unknown("squeeze of the batch")
         return replace(fx, axis=fx.axis - sum(d < fx.axis for d in dims))
-    dim = args[1] if len(args) > 1 else None
+    pos = 2 if name == "take_along_dim" else 1
+    dim = args[pos] if len(args) > pos else kwargs.get("dim")
     if not isinstance(dim, int) or dim % x.dim() == fx.axis:
         return unknown(f"{name} along the batch")
     if name == "select" and dim % x.dim() < fx.axis:

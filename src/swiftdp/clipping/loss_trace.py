@@ -61,9 +61,12 @@ class Form:
         power: for ``total``, the exponent of ``B`` in each example's weight
             (0: a sum, -1: a mean, 1: a mean times ``B``).
         why: for ``coupled`` the reason; for ``unknown`` the operation.
-        relabel: a token mean whose targets had no ``ignore_index`` entry on
-            this batch: it couples examples on the first padded one, so the
-            signature stays traced.
+        relabel: a ``cross_entropy``/``nll_loss`` mean whose targets had no
+            ``ignore_index`` entry on this batch: it couples examples on the
+            first padded one, so the signature stays traced.
+        tokens: per-token losses (``cross_entropy``/``nll_loss`` with one
+            target per token): a sum of them divided by a number other than
+            ``B`` or the token count is a count normaliser.
     """
 
     kind: str
@@ -72,6 +75,7 @@ class Form:
     power: int = 0
     why: str = ""
     relabel: bool = False
+    tokens: bool = False
 
 
 def unknown(op: str) -> Form:

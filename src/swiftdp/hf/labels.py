@@ -185,16 +185,24 @@ class ModelLoss:
             return self._sequence(logits, labels)
         if kind == "causal":
             shifted = taken.get("shift_labels")
+            mask = taken.get("attention_mask")
+            given: Any = shifted if shifted is not None else labels
+            extra = logits.shape[1] - given.shape[1]
+            if extra > 0:
+                # virtual tokens of a prompt-learning adapter, prepended (as PEFT pads
+                # the labels before the shift: the last one predicts the first label)
+                if shifted is None:
+                    labels = F.pad(given, (extra, 0), value=-100)
+                else:
+                    shifted = F.pad(shifted, (extra, 0), value=-100)
+                if isinstance(mask, Tensor) and mask.dim() == 2:
+                    mask = F.pad(mask, (extra, 0), value=1)
             if shifted is None:
                 assert labels is not None
                 shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
-            mask = taken.get("attention_mask")
             if isinstance(mask, Tensor) and mask.shape == shifted.shape:
                 # a padding position predicts nothing (left padding = no padding)
                 shifted = shifted.masked_fill(mask.to(shifted.device) == 0, -100)
-            extra = logits.shape[1] - shifted.shape[1]
-            if extra > 0:  # virtual tokens of a prompt-learning adapter, prepended
-                shifted = F.pad(shifted, (extra, 0), value=-100)
             return per_example_cross_entropy(_upcast(logits), shifted.to(logits.device),
                                              token_reduction=tr)
         assert labels is not None
