@@ -83,7 +83,7 @@ def _tokens_ref(out, labels):
 
 
 # ------------------------------------------------------------------ exactness
-@pytest.mark.parametrize("mode", ["bk", "ghost"])
+@pytest.mark.parametrize("mode", ["bk", "ghost", "per_sample", "nanobatch"])
 def test_causal_lm_labels_loss_is_each_examples_own_token_mean_and_exact(mode):
     batch = _batch()
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
