@@ -68,6 +68,9 @@ def test_trainer_refuses_gradient_accumulation_and_resume(tmp_path):
     with pytest.raises(InvalidArgumentError, match="max_physical_batch_size"):
         DPTrainer(model=_model(), args=_args(tmp_path, gradient_accumulation_steps=2),
                   train_dataset=_Tokens(), privacy=PRIVACY)
+    with pytest.raises(InvalidArgumentError, match="label_smoothing_factor"):
+        DPTrainer(model=_model(), args=_args(tmp_path, label_smoothing_factor=0.1),
+                  train_dataset=_Tokens(), privacy=PRIVACY)
     with pytest.raises(InvalidArgumentError, match="privacy="):
         DPTrainer(model=_model(), args=_args(tmp_path), train_dataset=_Tokens())
     trainer = DPTrainer(model=_model(), args=_args(tmp_path), train_dataset=_Tokens(),

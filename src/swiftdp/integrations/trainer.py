@@ -14,7 +14,8 @@ keeps working:
   (:class:`swiftdp.hf.ModelLoss`); ``num_items_in_batch`` is dropped;
 * ``epsilon`` is added to every log line.
 
-Refused, with the fix: ``gradient_accumulation_steps > 1`` (use
+Refused, with the fix: ``label_smoothing_factor`` (the Trainer's smoother
+is a token mean over the batch), ``gradient_accumulation_steps > 1`` (use
 ``max_physical_batch_size`` in ``privacy``), resuming from a Trainer
 checkpoint (it carries no accountant; ``dp.save_checkpoint`` saves one for
 swiftdp's own loop), and more than one process (not supported yet).
@@ -71,6 +72,11 @@ class DPTrainer(transformers.Trainer):  # type: ignore[misc]
                 f"gradient_accumulation_steps={self.args.gradient_accumulation_steps}: a DP step "
                 "must use exactly one logical batch. Set it to 1 and pass "
                 "privacy={'max_physical_batch_size': ...} to split large logical batches.")
+        if self.args.label_smoothing_factor:
+            raise InvalidArgumentError(
+                f"label_smoothing_factor={self.args.label_smoothing_factor}: the Trainer's label "
+                "smoother averages over the real tokens of the whole batch, which couples the "
+                "examples. Set it to 0 (the model's labels= loss is then each example's own).")
         if self.args.world_size > 1:
             raise InvalidArgumentError(
                 f"DPTrainer runs in one process for now (world_size={self.args.world_size}).")
