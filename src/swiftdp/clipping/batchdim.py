@@ -62,6 +62,16 @@ def check_virtual(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
     """
     from swiftdp.errors import UnsupportedModuleError
 
+    name = getattr(func, "__name__", "") or repr(func)
+    for x, d, virtual in operands:
+        if virtual and _touches_batch(name, args, kwargs, x, d):
+            raise UnsupportedModuleError(
+                f"`{name}` acts along the batch dimension of a value broadcast to the batch "
+                "(a parameter expanded to it, or a lookup with indices shared by the batch): "
+                "its rows are alike, so the op may move or mix them across examples without "
+                "changing the forward, and each example's gradient could no longer be told "
+                "apart. Apply the op before broadcasting, or along another dimension."
+            )
     for o in outs:
         dims = {out_dim(func, args, kwargs, x, d, o) for x, d, _ in operands}
         if len(dims) != 1 or None in dims:
@@ -73,6 +83,70 @@ def check_virtual(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                 "parameter without expanding it to the batch."
             )
     return all(v for _, _, v in operands)
+
+
+# ops that read or reorder along a dimension argument (``dim``, ``dims``)
+_ALONG = frozenset({
+    "flip", "roll", "cumsum", "cumprod", "cummax", "cummin", "logcumsumexp", "softmax",
+    "log_softmax", "_softmax", "_log_softmax", "normalize", "sort", "argsort", "topk", "gather",
+    "index_select", "take_along_dim", "scatter", "scatter_add", "scatter_reduce", "index_add",
+    "index_copy", "index_fill", "index_put", "narrow", "select", "diff", "renorm", "msort",
+    "kthvalue", "median", "nanmedian", "mode", "unique_consecutive", "rot90", "fliplr", "flipud",
+})
+# ops that mix entries along dimensions they do not take as an argument
+_MIXING = frozenset({
+    "einsum", "batch_norm", "instance_norm", "apply", "take", "put", "masked_scatter",
+    "masked_select", "nonzero", "unique", "histc", "bincount", "cdist", "pdist", "trace",
+    "tensordot", "kron", "outer", "inner", "dot", "vdot", "cross",
+})
+
+
+def _touches_batch(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], x: Tensor,
+                   d: int | None) -> bool:
+    """Whether ``name(*args)`` may move or mix the entries of ``x`` along dimension ``d``."""
+    if d is None:
+        return True
+    n = x.dim()
+    if name in _MIXING:
+        return True
+    rest = args[1:] if args and args[0] is x else args
+    if name in _ALONG:
+        if name in ("fliplr", "rot90"):
+            return d in (0, 1)
+        if name == "flipud":
+            return d == 0
+        dim = kwargs.get("dims", kwargs.get("dim"))
+        if dim is None:
+            pos = 1 if name == "roll" else 0
+            dim = rest[pos] if len(rest) > pos else None
+        if name == "normalize" and dim is None:
+            dim = 1
+        if name in ("sort", "argsort", "topk", "kthvalue", "median", "mode") and dim is None:
+            dim = -1
+        dims = dim if isinstance(dim, (list, tuple)) else [dim]
+        if any(not isinstance(k, int) for k in dims):
+            return True  # a flattened roll, an unknown dimension: assume it does
+        return d in [_norm(k, n) for k in dims]
+    if name in ("matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "baddbmm", "addmm"):
+        first = args and args[0] is x
+        return (not first) or d >= n - 1 or (n == 2 and d == 0 and not first)
+    if name in ("__getitem__", "__setitem__"):
+        idx = rest[0] if rest else None
+        items = idx if isinstance(idx, tuple) else (idx,)
+        if any(isinstance(i, (Tensor, list)) for i in items):
+            return True  # a selection or permutation of rows
+        pos = 0
+        for i in items:
+            if i is Ellipsis:
+                return False if pos > d else not all(
+                    j == slice(None) for j in items[:items.index(Ellipsis)])
+            if i is None:
+                continue
+            if pos == d:
+                return i != slice(None)
+            pos += 1
+        return False
+    return False
 
 
 def _norm(d: Any, n: int) -> int | None:
