@@ -4,7 +4,11 @@ Each digit's 64 pixel intensities (0-16) are read as a sequence of 64 tokens;
 a small BERT built from a config (nothing is downloaded) classifies the
 sequence. The loss is the model's own ``labels=`` loss, per example.
 
-    python examples/hf_bert_classifier.py --epochs 3 --epsilon 4
+    python examples/hf_bert_classifier.py          # ε = 8: test accuracy 0.38 in 60 steps
+
+(Measured on a 2-core CPU, about 4 minutes. SGD with momentum and large
+logical batches train under the noise; AdamW at lr 2e-3 to 5e-3 stayed at
+chance at this size.)
 """
 
 from __future__ import annotations
@@ -22,10 +26,10 @@ import swiftdp
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--epochs", type=float, default=3.0)
-    p.add_argument("--epsilon", type=float, default=4.0)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--batch-size", type=int, default=512, help="expected logical batch")
+    p.add_argument("--epochs", type=float, default=30.0)
+    p.add_argument("--epsilon", type=float, default=8.0)
+    p.add_argument("--lr", type=float, default=1.0)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: all)")
     a = p.parse_args(argv)
@@ -36,10 +40,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     train, test = slice(0, 1500), slice(1500, None)
     cfg = tf.BertConfig(vocab_size=17, hidden_size=64, num_hidden_layers=2,
                         num_attention_heads=4, intermediate_size=128,
-                        max_position_embeddings=64, num_labels=10)
+                        max_position_embeddings=64, num_labels=10, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
     model = tf.BertForSequenceClassification(cfg)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr)
+    opt = torch.optim.SGD(model.parameters(), lr=a.lr, momentum=0.9)
     loader = DataLoader(TensorDataset(tokens[train], labels[train]), batch_size=a.batch_size)
     dp = swiftdp.make_private(model, opt, loader, target_epsilon=a.epsilon, delta=1e-5,
                               epochs=a.epochs, max_grad_norm=a.max_grad_norm, seed=0)
