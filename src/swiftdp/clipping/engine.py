@@ -390,8 +390,8 @@ class GradClipper:
         the view and never reaches the layers' output-gradient hooks: a
         gradient for logging is not a training backward.
         """
-        step.outputs = [OutputRef(t) for t in loss_trace.output_leaves(output)
-                        if isinstance(t, Tensor) and t.requires_grad]
+        views, originals = loss_trace.plain_views(output)  # one pass on the per-step path
+        step.outputs = [OutputRef(t) for t in originals]
         if not step.outputs:
             return output
         if self.check_loss and step.batch_size >= 2:
@@ -408,7 +408,7 @@ class GradClipper:
 
                 return loss_trace.trace_outputs(output, step.batch_size, self.batch_dim, ctx,
                                                 axis_of)
-        return loss_trace.plain_views(output)
+        return views
 
     # ------------------------------------------------------ per-example loss
     def backward(self, losses: Tensor) -> None:

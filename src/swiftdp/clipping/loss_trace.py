@@ -175,27 +175,22 @@ def trace_outputs(output: Any, batch: int, batch_dim: int, ctx: Context,
     return map_outputs(wrap, output)
 
 
-def plain_views(output: Any) -> Any:
-    """Plain-tensor views of the outputs (a later step's): autograd.grad on them stops there."""
+def plain_views(output: Any) -> tuple[Any, list[Tensor]]:
+    """Plain-tensor views of the outputs that require grad, and those outputs, in one pass.
+
+    The views are what a step hands the user (``autograd.grad`` on them stops
+    there); the originals are what the engine records.
+    """
+    originals: list[Tensor] = []
+
     def view(t: Any) -> Any:
         if not isinstance(t, Tensor) or not t.requires_grad:
             return t
+        originals.append(t)
         with torch._C.DisableTorchFunctionSubclass():
             v = t.view_as(t)
         return v.as_subclass(Tensor) if isinstance(v, Traced) else v
-    return map_outputs(view, output)
-
-
-def output_leaves(output: Any) -> list[Any]:
-    """The leaves of a model's output, looking into dataclasses and mappings pytree leaves whole."""
-    found: list[Any] = []
-
-    def keep(t: Any) -> Any:
-        found.append(t)
-        return t
-
-    map_outputs(keep, output)
-    return found
+    return map_outputs(view, output), originals
 
 
 def map_outputs(fn: Callable[[Any], Any], output: Any) -> Any:
