@@ -20,7 +20,7 @@ from torch import Tensor, nn
 import swiftdp
 from support.oracle import max_rel_error, reference_clipped_sum
 from support.sensitivity import neighbour_sensitivity
-from swiftdp.errors import SwiftDPError, UnsupportedModuleError
+from swiftdp.errors import SwiftDPError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -155,7 +155,7 @@ def _plain_ce(out, y):
     return F.cross_entropy(out, y)
 
 
-def test_indices_without_a_batch_dimension_are_refused_not_guessed_by_size():
+def test_indices_without_a_batch_dimension_are_clipped_per_example_not_guessed_by_size():
     class Table(nn.Module):  # a (T, T) relative-position lookup, T == B
         def __init__(self) -> None:
             super().__init__()
@@ -164,16 +164,17 @@ def test_indices_without_a_batch_dimension_are_refused_not_guessed_by_size():
         def forward(self, x: Tensor) -> Tensor:
             n = x.shape[1]
             rel = torch.arange(n)[:, None] - torch.arange(n)[None] + B
-            return x + self.rel(rel).squeeze(-1)  # (B, T, T) + (T, T)
+            return x * self.rel(rel).squeeze(-1)  # (B, T, T) * (T, T)
 
     x = torch.randn(B, B, B, dtype=torch.float64)
     model = Table().double()
-    clipper = swiftdp.GradClipper(model, C)
+    want, _ = reference_clipped_sum(copy.deepcopy(model), lambda o, _y: o.pow(2).sum(), x, None, C)
+    clipper = swiftdp.GradClipper(model, C, loss_reduction="sum")
     try:
-        with pytest.raises(UnsupportedModuleError, match="not read from sizes"):
-            model(x).sum().backward()
+        model(x).pow(2).sum().backward()
     finally:
         clipper.remove()
+    assert max_rel_error([model.rel.weight.grad], want) < TOL
 
 
 def _llama() -> nn.Module:
@@ -206,3 +207,95 @@ def test_hf_gradient_checkpointing_is_exact(name, make, reentrant):
     # the float64 rounding bound the norms are clipped with (about 1e-8 relative).
     assert max_rel_error(got, [p.grad for p in plain.parameters()]) < 1e-12
     assert max_rel_error(got, want) < 1e-6
+
+
+# --- relative position bias (T5), positions without the batch (BART), a batch
+# merged into the rows (OPT's (B * T, d) MLP) -------------------------------------
+
+def _t5() -> nn.Module:
+    torch.manual_seed(0)
+    return tf.T5ForConditionalGeneration(tf.T5Config(
+        vocab_size=V, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1,
+        num_heads=2, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0)).double()
+
+
+def _bart() -> nn.Module:
+    torch.manual_seed(0)
+    return tf.BartForConditionalGeneration(tf.BartConfig(
+        vocab_size=V, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+        max_position_embeddings=16, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)).double()
+
+
+def _opt() -> nn.Module:
+    torch.manual_seed(0)
+    return tf.OPTForCausalLM(tf.OPTConfig(
+        vocab_size=V, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+        max_position_embeddings=16, dropout=0.0, attention_dropout=0.0, word_embed_proj_dim=16,
+        pad_token_id=1)).double()
+
+
+def _seq2seq(out, y):
+    return F.cross_entropy(out.logits[0], y[0], ignore_index=-100)
+
+
+# T5's layer norm computes its variance in float32 (the model's own arithmetic:
+# the plain batched gradient differs from the one-example one by ~1e-7 too).
+MORE = [("t5", _t5, "seq2seq", 1e-6), ("bart", _bart, "seq2seq", 1e-8),
+        ("opt", _opt, "causal", 1e-8)]
+
+
+@pytest.mark.parametrize("mode", ["bk", "ghost"])
+@pytest.mark.parametrize(("name", "make", "kind", "tol"), MORE, ids=[f[0] for f in MORE])
+def test_relative_bias_batchless_positions_and_merged_rows_train_exactly(name, make, kind, tol,
+                                                                          mode):
+    batch, labels = _batch(), _labels("causal")
+    model = make()
+    if kind == "seq2seq":  # the reference sees the labels too: they make the decoder inputs
+        want, _ = reference_clipped_sum(copy.deepcopy(model), _seq2seq, {**batch, "labels": labels},
+                                        labels, C, call=lambda m, x: m(**x))
+    else:
+        want, _ = reference_clipped_sum(copy.deepcopy(model), _causal, batch, labels, C,
+                                        call=lambda m, x: m(**x))
+    clipper = swiftdp.GradClipper(model, C, mode=mode)
+    try:
+        model(**batch, labels=labels).loss.backward()
+    finally:
+        clipper.remove()
+    assert max_rel_error([p.grad for p in model.parameters()], want) < tol
+
+
+@pytest.mark.parametrize(("name", "make"), [("t5", _t5), ("opt", _opt)])
+def test_t5_and_opt_neighbour_sensitivity_stays_within_c(name, make):
+    batch, labels = _batch(), _labels("causal")
+    base = make()
+
+    def clipped_sum(data):
+        x, y = data
+        model = copy.deepcopy(base)
+        clipper = swiftdp.GradClipper(model, C)
+        try:
+            model(**x, labels=y).loss.backward()
+        finally:
+            clipper.remove()
+        return [p.grad.detach().clone() for p in model.parameters()]
+
+    assert neighbour_sensitivity(clipped_sum, (batch, labels), B) <= C * (1 + 1e-9)
+
+
+def test_t5_with_the_sequence_as_long_as_the_batch_is_exact():
+    # T == B: the (T, T) bias must not pass for batched because of its size.
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, V, (B, B), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones(B, B, dtype=torch.long)}
+    labels = ids.clone()
+    model = _t5()
+    want, _ = reference_clipped_sum(copy.deepcopy(model), _seq2seq, {**batch, "labels": labels},
+                                    labels, C, call=lambda m, x: m(**x))
+    clipper = swiftdp.GradClipper(model, C)
+    try:
+        model(**batch, labels=labels).loss.backward()
+    finally:
+        clipper.remove()
+    assert max_rel_error([p.grad for p in model.parameters()], want) < 1e-6

@@ -235,11 +235,14 @@ class SharedPositions(nn.Module):
         return self.tok(x) + self.pos(positions)
 
 
-def test_position_lookup_shared_by_the_batch_is_refused_with_the_fix():
-    model = SharedPositions()
-    with swiftdp.GradClipper(model, 1.0):
-        with pytest.raises(UnsupportedModuleError, match=r"`pos`.*expand\(B, T\)"):
-            model(torch.tensor([[1, 2, 1], [0, 4, 4]]))
+@pytest.mark.parametrize("mode", MODES)
+def test_position_lookup_without_a_batch_dimension_is_exact(mode):
+    # pos(arange(T)) is (T, d), broadcast to the batch by the addition: each
+    # example's gradient is the pull-back of its own row (swiftdp.clipping.shared).
+    torch.manual_seed(5)
+    model = SharedPositions().double()
+    x = _tokens(4, 3, 5, 2)
+    check_against_oracle(model, x, torch.randn(4, 3, 3, dtype=torch.float64), mode=mode)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -13,20 +13,34 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 ATTR = "_swiftdp_batch"
 
+# How a tensor's batch rows came to be (the mark's third field).
+REAL = 0  # from the data alone
+TAINTED = 1  # from the data and from rows broadcast to the batch (credited by row)
+VIRTUAL = 2  # from rows broadcast to the batch alone (a parameter expanded to it)
 
-def mark(t: Tensor, token: object, dim: int | None, virtual: bool = False) -> None:
+
+def mark(t: Tensor, token: object, dim: int | None, kind: int = REAL, per: int = 1) -> None:
     """Record that ``t`` carries the batch along ``dim`` (``None``: unknown).
 
-    ``virtual``: the batch dimension was made by broadcasting a parameter to
-    the batch size (``cls.expand(B, ...)``), not by the data; it is per-example
-    only as long as each row meets its own example (see :func:`check_virtual`).
+    ``kind``: ``VIRTUAL`` when the batch dimension was made by broadcasting a
+    parameter to the batch size (``cls.expand(B, ...)``), not by the data; it
+    is per-example only as long as each row meets its own example (see
+    :func:`check_virtual`). ``TAINTED`` when such rows were combined with the
+    data's: each row's gradient is credited to its example, so the rows must
+    not move against the rest of the batch later either.
+
+    ``per``: the batch is merged into ``dim`` with ``per`` consecutive entries
+    per example, examples outermost (OPT's ``hidden.reshape(-1, d)``, of size
+    ``B * T``); :func:`read` reports its dimension as unknown, and
+    :func:`merged` tells it.
     """
     try:
-        setattr(t, ATTR, (token, dim, virtual))
+        setattr(t, ATTR, (token, dim, kind, per))
     except (AttributeError, RuntimeError):  # tensors that take no attributes
         pass
 
@@ -36,26 +50,68 @@ def read(t: Any, token: object) -> tuple[bool, int | None]:
     m = getattr(t, ATTR, None)
     if m is None or m[0] is not token:
         return False, None
-    return True, m[1]
+    return True, (m[1] if m[3] == 1 else None)
+
+
+def merged(t: Any, token: object) -> tuple[int, int] | None:
+    """``(dim, per)`` when ``t``'s batch is merged into ``dim``, ``per`` entries per example."""
+    m = getattr(t, ATTR, None)
+    if m is None or m[0] is not token or m[3] == 1 or m[1] is None:
+        return None
+    return m[1], m[3]
+
+
+RESHAPES = frozenset({"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as"})
+
+
+def reshaped(x: Tensor, d: int, per: int, out: Tensor, batch: int) -> tuple[int | None, int]:
+    """``(dim, per)`` of the batch in ``out``, a reshape of ``x`` (batch at ``d``, ``per``).
+
+    A reshape keeps the elements' order: with the dimensions before ``d``
+    unchanged, example ``b`` holds a contiguous run of ``N = per * prod(x.shape
+    [d+1:])`` entries of each sub-block, so ``out``'s dimension ``d`` still
+    indexes examples (``N / prod(out.shape[d+1:])`` entries each) when that
+    divides; otherwise an entry of ``out`` mixes examples and the batch is lost.
+    """
+    if out.dim() <= d or tuple(out.shape[:d]) != tuple(x.shape[:d]):
+        return None, 1
+    n_in = per * _prod(x.shape[d + 1:])
+    n_out = _prod(out.shape[d + 1:])
+    if n_out == 0 or n_in % n_out or out.shape[d] != batch * (n_in // n_out):
+        return None, 1
+    return d, n_in // n_out
+
+
+def _prod(shape: Any) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
 
 
 def is_virtual(t: Any, token: object) -> bool:
     """Whether ``t``'s batch dimension comes only from a parameter broadcast to the batch."""
     m = getattr(t, ATTR, None)
-    return m is not None and m[0] is token and m[2]
+    return m is not None and m[0] is token and m[2] == VIRTUAL
 
 
 def check_virtual(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-                  operands: list[tuple[Tensor, int | None, bool]], outs: list[Tensor]) -> bool:
-    """For an op with an operand whose batch is virtual: the rows must stay aligned.
+                  operands: list[tuple[Tensor, int | None, int]], outs: list[Tensor]) -> int:
+    """For an op with an operand whose batch is virtual or tainted: the rows must stay aligned.
 
-    Every batched operand's batch must land on one and the same known output
+    No op may move or mix the rows of such an operand along its batch (a
+    flip, a sort, a permutation by indexing; one that keeps them, such as
+    indexing with ``arange(B)``, passes). For a virtual operand, every batched
+    operand's batch must also land on one and the same known output
     dimension; otherwise the broadcast parameter's rows would be credited to
     examples they do not belong to (a reduction over them, a transpose
-    against the data's batch).
+    against the data's batch). A tainted operand whose batch dimension is no
+    longer known (merged with another by a reshape, as a loss flattens its
+    tokens) is let through.
 
     Returns:
-        Whether the output's batch is virtual too (no operand carries real data).
+        The output's kind: ``VIRTUAL`` when no operand carries real data, else
+        ``TAINTED``.
 
     Raises:
         UnsupportedModuleError: the rows do not stay aligned.
@@ -63,8 +119,9 @@ def check_virtual(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
     from swiftdp.errors import UnsupportedModuleError
 
     name = getattr(func, "__name__", "") or repr(func)
-    for x, d, virtual in operands:
-        if virtual and _touches_batch(name, args, kwargs, x, d):
+    for x, d, kind in operands:
+        if (kind == VIRTUAL or (kind == TAINTED and d is not None)) and _touches_batch(
+                name, args, kwargs, x, d):
             raise UnsupportedModuleError(
                 f"`{name}` acts along the batch dimension of a value broadcast to the batch "
                 "(a parameter expanded to it, or a lookup with indices shared by the batch): "
@@ -72,7 +129,7 @@ def check_virtual(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                 "changing the forward, and each example's gradient could no longer be told "
                 "apart. Apply the op before broadcasting, or along another dimension."
             )
-    for o in outs:
+    for o in outs if any(k == VIRTUAL for _, _, k in operands) else []:
         dims = {out_dim(func, args, kwargs, x, d, o) for x, d, _ in operands}
         if len(dims) != 1 or None in dims:
             raise UnsupportedModuleError(
@@ -82,7 +139,7 @@ def check_virtual(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                 "so swiftdp cannot credit the parameter's gradient to examples. Use the "
                 "parameter without expanding it to the batch."
             )
-    return all(v for _, _, v in operands)
+    return VIRTUAL if all(k == VIRTUAL for _, _, k in operands) else TAINTED
 
 
 # ops that read or reorder along a dimension argument (``dim``, ``dims``)
@@ -127,12 +184,16 @@ def _touches_batch(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], x: 
         if any(not isinstance(k, int) for k in dims):
             return True  # a flattened roll, an unknown dimension: assume it does
         return d in [_norm(k, n) for k in dims]
+    if name in ("matmul", "__matmul__", "__rmatmul__", "bmm") and n >= 3 and d < n - 2:
+        return False  # a batch dimension of the product: each row meets its own
     if name in ("matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "baddbmm", "addmm"):
         first = args and args[0] is x
         return (not first) or d >= n - 1 or (n == 2 and d == 0 and not first)
     if name in ("__getitem__", "__setitem__"):
         idx = rest[0] if rest else None
         items = idx if isinstance(idx, tuple) else (idx,)
+        if d == 0 and _rows_in_order(items, x.shape[0]):
+            return False  # x[arange(B), lengths]: one entry of each row, in order
         if any(isinstance(i, (Tensor, list)) for i in items):
             return True  # a selection or permutation of rows
         pos = 0
@@ -147,6 +208,20 @@ def _touches_batch(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], x: 
             pos += 1
         return False
     return False
+
+
+def _rows_in_order(items: tuple[Any, ...], rows: int) -> bool:
+    """Whether an index ``(arange(rows), t1, ...)`` takes one entry of each row, in order."""
+    first = items[0] if items else None
+    if not (isinstance(first, Tensor) and first.dim() == 1 and first.numel() == rows
+            and not first.is_floating_point() and first.dtype != torch.bool):
+        return False
+    rest = [i for i in items[1:] if isinstance(i, Tensor)]
+    if any(i.dim() > 1 or (i.dim() == 1 and i.numel() != rows) for i in rest):
+        return False
+    if any(not (isinstance(i, Tensor) or i == slice(None) or i is Ellipsis) for i in items[1:]):
+        return False
+    return bool(torch.equal(first.cpu(), torch.arange(rows)))
 
 
 def _norm(d: Any, n: int) -> int | None:

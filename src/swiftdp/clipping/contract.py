@@ -29,10 +29,21 @@ from torch import Tensor, nn
 
 from swiftdp.clipping import batchdim
 from swiftdp.clipping.contributions import Contribution
+from swiftdp.errors import UnsupportedModuleError
 
 
 class Decline(Exception):
     """Raised by a rule for a call it does not handle: the dispatcher falls back."""
+
+
+class Unbatched(UnsupportedModuleError):
+    """Raised by a rule whose input does not carry the batch.
+
+    When no operand of the call carries it (a relative position table looked
+    up with ``(T, T)`` indices), the dispatcher runs the call without the
+    batch and credits its gradient where the result meets the batch
+    (:mod:`swiftdp.clipping.shared`); otherwise the error stands.
+    """
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ def expand_rule(
                       [base], tuple(c.call_id for c in tr.stack))
         leaf.register_hook(cap.hook(0))
     if explicit:
-        tr.mark_batched(out, bd, virtual=True)
+        tr.mark_batched(out, bd, batchdim.VIRTUAL)
     return out
 
 def _any_batched(tr: Tracer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:

@@ -119,7 +119,7 @@ def restore_marks(args: tuple[Any, ...], marks: list[tuple[object, int | None, b
     """Give the rerun's detached inputs the marks of the first run's inputs, position by position."""
     for t, m in zip(args, marks, strict=False):
         if m is not None and isinstance(t, Tensor) and getattr(t, batchdim.ATTR, None) is None:
-            batchdim.mark(t, m[0], m[1], m[2])
+            batchdim.mark(t, *m[:4])
 
 
 def token_of(args: Any, accept: Callable[[object], bool]) -> object | None:

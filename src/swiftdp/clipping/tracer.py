@@ -27,15 +27,16 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.parametrize import ParametrizationList
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from swiftdp.clipping import batchdim, expand
+from swiftdp.clipping import batchdim, expand, shared
 from swiftdp.clipping.args import SETITEM, detach_in, flat, mutates, slice_region
 from swiftdp.clipping.capture import Capture, ModuleCall, Source
-from swiftdp.clipping.contract import Build, Decline, Site
+from swiftdp.clipping.contract import Build, Decline, Site, Unbatched
 from swiftdp.errors import UnsupportedModuleError
 from swiftdp.layers import RULES
 
@@ -65,6 +66,10 @@ _BROADCAST_FUNCS: set[Any] = {
 
 RECURRENT = frozenset({"lstm", "gru", "rnn_tanh", "rnn_relu"})
 
+# Layers acting on each row of their input alone: on a batch merged into the
+# rows (OPT's ``(B * T, d)``), run as ``(B, T, d)``.
+_UNMERGE: set[Any] = {F.linear, F.layer_norm, F.embedding, getattr(F, "rms_norm", F.linear)}
+
 
 class Tracer(TorchFunctionMode):
     """The torch-function mode that routes parameter uses to layer rules."""
@@ -89,12 +94,15 @@ class Tracer(TorchFunctionMode):
         # Detached slices of trainable parameters (``self.pos[:, :t]``):
         # id -> (view, parameter, region); the step's, reset at every forward.
         self.views: dict[int, tuple[Tensor, Tensor, tuple[slice, ...]]] = {}
+        # Computations from parameters without the batch (see :mod:`.shared`).
+        self.shared = shared.SharedState()
 
     def begin(self, step: Step, token: ForwardToken) -> None:
         """Route the forward that ``step`` just began, its batch marked with ``token``."""
         self.step, self.batch_token = step, token
         self.trainable, self.views = step.trainable, step.views
         self._root_sites = {}
+        self.shared = shared.SharedState()
 
     def begin_recompute(self, step: Step, token: ForwardToken | None, kind: str,
                         stack: list[ModuleCall] | None = None) -> None:
@@ -136,7 +144,12 @@ class Tracer(TorchFunctionMode):
             kwargs = {}
         if self.engine.is_suspended:
             return func(*args, **kwargs)
-        found, src = self.scan(args, kwargs)
+        found, src, meets = self.scan(args, kwargs)
+        if meets and torch.is_grad_enabled():
+            if src is None:  # still without the batch: on the parameters' aliases
+                return shared.run_shared(self, func, args, kwargs, found, meets)
+            args, kwargs = shared.meet(self, func, args, kwargs, meets, src)
+            found, src, _ = self.scan(args, kwargs)
         if not torch.is_grad_enabled():  # no gradient: only the batch tracking goes on
             step = self.step
             if found and step is not None and step.recompute is None:
@@ -162,9 +175,10 @@ class Tracer(TorchFunctionMode):
         return out
 
     # ----------------------------------------------------- batch tracking
-    def mark_batched(self, t: Tensor, dim: int | None, virtual: bool = False) -> None:
+    def mark_batched(self, t: Tensor, dim: int | None, kind: int = batchdim.REAL,
+                     per: int = 1) -> None:
         """Record that ``t`` carries the batch along ``dim`` (a model input, or derived)."""
-        batchdim.mark(t, self.batch_token, dim, virtual)
+        batchdim.mark(t, self.batch_token, dim, kind, per)
 
     def _mark_outputs(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                       out: Any, src: tuple[Tensor, int | None]) -> None:
@@ -172,15 +186,15 @@ class Tracer(TorchFunctionMode):
         outs = [out] if isinstance(out, Tensor) else (
             [t for t in flat(out) if isinstance(t, Tensor)] if isinstance(out, (list, tuple))
             else [])
-        virtual = False
-        if len(src) > 2:  # an operand's batch is a parameter broadcast to it: rows must align
+        virtual = batchdim.REAL
+        if len(src) > 2:  # an operand's rows were broadcast to the batch: they must stay aligned
             token = self.batch_token
             operands = []
             for t in flat((args, kwargs)):
                 if isinstance(t, Tensor):
-                    carries, dt = batchdim.read(t, token)
-                    if carries:
-                        operands.append((t, dt, batchdim.is_virtual(t, token)))
+                    m = getattr(t, batchdim.ATTR, None)
+                    if m is not None and m[0] is token:
+                        operands.append((t, m[1], m[2]))
             virtual = batchdim.check_virtual(func, args, kwargs, operands, outs)
         fname = getattr(func, "__name__", "")
         if fname == "multi_head_attention_forward" and len(outs) == 2:
@@ -194,17 +208,27 @@ class Tracer(TorchFunctionMode):
             for h in outs[1:]:
                 self.mark_batched(h, 1 if h.dim() == 3 else None, virtual)
             outs = outs[:1]
+        m = getattr(x, batchdim.ATTR, None)
+        per = m[3] if m is not None and len(m) > 3 else 1
         for t in outs:
-            self.mark_batched(t, batchdim.out_dim(func, args, kwargs, x, d, t), virtual)
+            if fname in batchdim.RESHAPES and d is not None:
+                dim, p = batchdim.reshaped(x, d, per, t, self.batch_size)
+                self.mark_batched(t, dim, virtual, p)
+                continue
+            dim = batchdim.out_dim(func, args, kwargs, x, d, t)
+            if per != 1 and dim is not None and (dim != d or t.shape[dim] != x.shape[d]):
+                dim = None  # a merged batch whose dimension changed: lost
+            self.mark_batched(t, dim, virtual, per)
         # An in-place op writes batched values into its first argument.
         name = getattr(func, "__name__", "")
         if (name.endswith("_") and not name.startswith("__")) or name in SETITEM:
             if args and isinstance(args[0], Tensor) and args[0] is not x:
                 self.mark_batched(args[0], None if not outs or outs[0] is not args[0]
-                                  else batchdim.read(args[0], self.batch_token)[1])
+                                  else batchdim.read(args[0], self.batch_token)[1],
+                                  batchdim.TAINTED if virtual else batchdim.REAL)
         o = kwargs.get("out")
         if isinstance(o, Tensor) and not any(o is t for t in outs):
-            self.mark_batched(o, None)
+            self.mark_batched(o, None, batchdim.TAINTED if virtual else batchdim.REAL)
 
     def base_param(self, t: Tensor) -> Tensor:
         """The parameter behind ``t`` (itself, or the parameter a recorded slice views)."""
@@ -238,33 +262,56 @@ class Tracer(TorchFunctionMode):
             return self.unknown(func, args, kwargs, found)  # slices: expand or generic only
         rule = RULES.get(func)
         if rule is not None:
+            if func in _UNMERGE and args and isinstance(args[0], Tensor):
+                m = batchdim.merged(args[0], self.batch_token)
+                if m is not None and m[0] == 0 == self.batch_dim:
+                    return self._unmerged(rule, func, args, kwargs, m[1])
             try:
                 return rule(self, func, args, kwargs)
             except Decline:
                 pass
+            except Unbatched:
+                if self.rule_batched:
+                    raise
+                # No operand carries the batch: credited where the result meets it.
+                return shared.run_shared(self, func, args, kwargs, found, [])
         return self.unknown(func, args, kwargs, found)
+
+    def _unmerged(self, rule: Any, func: Callable[..., Any], args: tuple[Any, ...],
+                  kwargs: dict[str, Any], per: int) -> Any:
+        """A row-wise layer on a merged batch ``(B * per, ...)``: run as ``(B, per, ...)``."""
+        x, B = args[0], self.batch_size
+        m = getattr(x, batchdim.ATTR)
+        x2 = x.view(B, per, *x.shape[1:]) if x.is_contiguous() else x.reshape(
+            B, per, *x.shape[1:])
+        self.mark_batched(x2, 0, m[2])
+        self._site = None
+        out = rule(self, func, (x2, *args[1:]), kwargs)
+        return out.reshape(B * per, *out.shape[2:])
 
     def find_params(self, args: Sequence[Any], kwargs: dict[str, Any]) -> list[Tensor]:
         """Trainable parameters and recorded parameter slices anywhere in the arguments."""
         return self.scan(args, kwargs)[0]
 
     def scan(self, args: Sequence[Any], kwargs: dict[str, Any]
-             ) -> tuple[list[Tensor], tuple[Tensor, int | None] | None]:
+             ) -> tuple[list[Tensor], tuple[Tensor, int | None] | None, list[Tensor]]:
         """The one argument walk of the engine, at any nesting depth.
 
         Positional and keyword arguments, nested lists, tuples and dicts.
 
         Returns:
-            ``(params, src)``: the trainable parameters and recorded parameter
-            slices found, and the first argument carrying the batch with its
-            batch dimension (``None`` when no argument carries it).
+            ``(params, src, shared)``: the trainable parameters and recorded
+            parameter slices found, the first argument carrying the batch with
+            its batch dimension (``None`` when no argument carries it), and the
+            arguments computed from parameters without the batch
+            (:mod:`.shared`).
         """
         # No nested function: a closure that calls itself is a reference cycle
         # holding the found tensors (activations) until the cyclic gc runs, once
         # per routed op. Top-level tensors inline, containers by _scan_into.
         trainable, views, token = self.trainable, self.views, self.batch_token
         out: list[Tensor] = []
-        state: list[Any] = [None, False]  # first batched argument, any virtual batch
+        state: list[Any] = [None, False, []]  # first batched argument, any virtual, shared
         for seq in (args, kwargs.values()) if kwargs else (args,):
             for x in seq:
                 if isinstance(x, Tensor):
@@ -279,12 +326,14 @@ class Tracer(TorchFunctionMode):
                             state[0] = (x, m[1])
                         if m[2]:
                             state[1] = True
+                    elif getattr(x, shared.ATTR, None) is not None and shared.read(x, token):
+                        state[2].append(x)
                 elif isinstance(x, (list, tuple, dict)):
                     _scan_into(x, trainable, views, token, out, state)
         batched: tuple[Tensor, int | None] | None = state[0]
         if state[1] and batched is not None:
             batched = (batched[0], batched[1], True)  # type: ignore[assignment]
-        return out, batched
+        return out, batched, state[2]
 
     # ------------------------------------------------------ the Recorder
     @property
@@ -368,7 +417,7 @@ class Tracer(TorchFunctionMode):
 
     def broadcast_batch(self, t: Tensor, dim: int) -> None:
         """See :meth:`swiftdp.clipping.contract.Recorder.broadcast_batch`."""
-        self.mark_batched(t, dim, virtual=True)
+        self.mark_batched(t, dim, batchdim.VIRTUAL)
 
     # ----------------------------------------------------------- fallbacks
     def generic_call_for(self, p: Tensor) -> ModuleCall | None:
@@ -445,6 +494,8 @@ def _scan_into(x: Any, trainable: dict[int, Tensor], views: dict[int, Any], toke
                     state[0] = (x, m[1])
                 if m[2]:
                     state[1] = True
+            elif getattr(x, shared.ATTR, None) is not None and shared.read(x, token):
+                state[2].append(x)
     elif isinstance(x, (list, tuple)):
         for y in x:
             _scan_into(y, trainable, views, token, out, state)

@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import Tensor
 
-from swiftdp.clipping.contract import Site
+from swiftdp.clipping.contract import Site, Unbatched
 from swiftdp.errors import UnsupportedModuleError
 
 
@@ -40,7 +40,7 @@ def check_batch(site: Site, t: Tensor, dim: int, what: str) -> None:
     batch = site.batch_size
     if (t.dim() > dim and t.shape[dim] == batch and not site.carries_batch(t)
             and not (batch > 1 and t.stride(dim) == 0)):
-        raise UnsupportedModuleError(
+        raise Unbatched(
             f"In module `{site.module_path}`, {what} has shape {tuple(t.shape)} but does not "
             "derive from the model's batched inputs: it is the same for every example (its "
             f"dimension {dim} only happens to equal the batch size {batch}). swiftdp cannot "
@@ -56,7 +56,7 @@ def check_batch(site: Site, t: Tensor, dim: int, what: str) -> None:
             f"pass batch_first={not site.batch_first} if the model is sequence-first."
         )
     if t.dim() <= dim or t.shape[dim] != batch:
-        raise UnsupportedModuleError(
+        raise (UnsupportedModuleError if site.carries_batch(t) else Unbatched)(
             f"In module `{site.module_path}`, {what} has shape {tuple(t.shape)}, whose "
             f"dimension {dim} should be the batch of size {batch}. swiftdp needs "
             "every layer to see the batch along one dimension; pass batch_first="
@@ -67,7 +67,7 @@ def check_batch(site: Site, t: Tensor, dim: int, what: str) -> None:
 
 def raise_unbatched(site: Site, x: Tensor) -> None:
     """Refuse an input without a batch dimension."""
-    raise UnsupportedModuleError(
+    raise Unbatched(
         f"In module `{site.module_path}`, a layer got an input of shape {tuple(x.shape)} "
         "without a batch dimension. Per-example clipping needs batched inputs."
     )

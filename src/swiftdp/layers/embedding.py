@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from swiftdp.clipping.contract import Unbatched
 from swiftdp.clipping.contributions import (
     F64,
     U64,
@@ -395,7 +396,9 @@ def _batched_indices(rec: Recorder, idx: Tensor, bd: int) -> tuple[Tensor, bool]
     shape ``(1, T)``, Hugging Face's default, or a buffer expanded to the
     batch) are the same for every example: they are expanded along ``bd`` and
     the output's batch is marked as broadcast, so each row's gradient is its
-    example's (later ops must keep the rows aligned). Indices with no batch
+    example's (later ops must keep the rows aligned). So are indices of the
+    batch's size whose rows are all alike (BART's ``arange(T).expand(B, T) +
+    2``). Indices with no batch
     dimension at all, or whose size only happens to equal the batch's, are
     refused: the batch is tracked, never guessed from a size.
     """
@@ -403,16 +406,28 @@ def _batched_indices(rec: Recorder, idx: Tensor, bd: int) -> tuple[Tensor, bool]
     carried = rec.site.carries_batch(idx)
     if carried and idx.shape[bd] == B:
         return idx, False
-    if not carried and idx.dim() >= 2 and (
-            idx.shape[bd] == 1 or (idx.shape[bd] == B and idx.stride(bd) == 0)):
+    if not carried and idx.dim() >= 2 and (idx.shape[bd] == 1 or (
+            idx.shape[bd] == B and (idx.stride(bd) == 0 or _rows_alike(idx, bd)))):
         shape = list(idx.shape)
         shape[bd] = B
-        return idx.expand(shape), True
+        return idx.narrow(bd, 0, 1).expand(shape), True
     raise _unbatched_indices(rec, idx, bd)
 
 
+def _rows_alike(idx: Tensor, bd: int) -> bool:
+    """Whether every row of ``idx`` along ``bd`` is the first (a broadcast, whatever its strides).
+
+    BART's ``arange(T).expand(B, T) + 2`` is contiguous but has one row for the
+    whole batch: its lookups are the same for every example, so it is a shared
+    lookup like ``(1, T)`` ids. Read from the values, which prove it; a size
+    that merely equals the batch's proves nothing.
+    """
+    return bool(torch.equal(idx, idx.narrow(bd, 0, 1).expand_as(idx)))
+
+
 def _unbatched_indices(rec: Recorder, idx: Tensor, bd: int) -> UnsupportedModuleError:
-    return UnsupportedModuleError(
+    kind = UnsupportedModuleError if rec.site.carries_batch(idx) else Unbatched
+    return kind(
         f"In module `{rec.site.module_path}`, the embedding got indices of shape "
         f"{tuple(idx.shape)}, whose dimension {bd} should be the batch of size "
         f"{rec.site.batch_size} (tracked from the model's inputs, not read from sizes). "
