@@ -61,6 +61,15 @@ def merged(t: Any, token: object) -> tuple[int, int] | None:
     return m[1], m[3]
 
 
+BROADCASTING = frozenset({
+    "add", "sub", "mul", "div", "true_divide", "where", "maximum", "minimum", "masked_fill",
+    "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__",
+    "__rtruediv__", "__pow__", "__rpow__", "pow", "addcmul", "addcdiv", "lerp", "atan2",
+    "matmul", "__matmul__", "__rmatmul__", "expand", "expand_as", "broadcast_to", "eq", "ne",
+    "lt", "le", "gt", "ge", "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__",
+    "__and__", "__or__", "__xor__", "logical_and", "logical_or", "copysign", "fmod",
+    "remainder", "__mod__", "hypot", "__floordiv__", "floor_divide",
+})
 RESHAPES = frozenset({"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as"})
 
 
@@ -267,6 +276,11 @@ def out_dim(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], x: Tensor,
     if name in ("unsqueeze", "unsqueeze_"):
         k = _norm(rest[0] if rest else kwargs.get("dim"), n + 1)
         return d + 1 if k is not None and k <= d else d
+    # A broadcasting op that adds dimensions aligns its operands from the
+    # right: ``(B, 1) + (B, 1, 1)`` puts the first operand's batch at 1.
+    if name in BROADCASTING and out.dim() > n:
+        r = d + out.dim() - n
+        return r if out.shape[r] == x.shape[d] else None
     # Everything else: the batch keeps its place when the leading dimensions
     # up to it are unchanged (elementwise ops, matmuls, reshapes of the tail),
     # or its place from the right when shapes broadcast.

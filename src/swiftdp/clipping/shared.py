@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from swiftdp.clipping import batchdim
 from swiftdp.clipping.args import flat, replace_in
 from swiftdp.clipping.contract import Build, Policy
 from swiftdp.clipping.contributions import Contribution, PerSampleGrads
@@ -121,6 +122,15 @@ def run_shared(tr: Tracer, func: Callable[..., Any], args: tuple[Any, ...],
     for s in shared:
         for base, a in read(s, tr.batch_token) or ():
             pairs[id(base)] = (base, a)
+    for t in flat((args, kwargs)):
+        if (isinstance(t, Tensor) and t.requires_grad and id(t) not in subs
+                and not any(t is s for s in shared)):
+            raise UnsupportedModuleError(
+                f"In module `{tr.module_path()}`, `{getattr(func, '__name__', func)}` uses "
+                "trainable parameters without the batch, together with a tensor that requires "
+                "grad but derives neither from the batch nor from the parameters (a value "
+                "rebuilt from the data, e.g. through .tolist() or .item()): its gradient could "
+                "not be credited to examples. Compute it from the model's inputs.")
     out = func(*replace_in(args, subs), **replace_in(kwargs, subs))
     _mark(out, tr.batch_token, tuple(pairs.values()))
     return out
@@ -137,8 +147,9 @@ def meet(tr: Tracer, func: Callable[..., Any], args: tuple[Any, ...], kwargs: di
         raise _refuse(tr, name, "it does not broadcast the value against the batch")
     x, d = src[0], src[1]
     assert isinstance(x, Tensor)
-    if d is None:
-        raise _refuse(tr, name, "the batch's dimension is not known here")
+    if d is None or batchdim.merged(x, tr.batch_token) is not None:
+        raise _refuse(tr, name, "the batch's dimension is not known here (or it is merged "
+                      "with another one)")
     tensors = [t for t in top if isinstance(t, Tensor)]
     m = max(t.dim() for t in tensors)
     if name == "scaled_dot_product_attention":
@@ -165,13 +176,16 @@ def meet(tr: Tracer, func: Callable[..., Any], args: tuple[Any, ...], kwargs: di
         shape = list(view)
         shape[r] = B
         s_det = s.detach()
+        # The pull-back starts from the value as it is now, whatever later
+        # in-place ops do to ``s``.
+        snap = s.clone()
         bases = [p for p, _ in pairs]
 
         def compute(s_det: Tensor = s_det, view: tuple[int, ...] = view,
                     shape: list[int] = shape) -> Tensor:
             return s_det.reshape(view).expand(shape)
 
-        exp = tr.track(compute, [], bases, _pull_back(tr, s, pairs, r, B))
+        exp = tr.track(compute, [], bases, _pull_back(tr, snap, pairs, r, B))
         tr.broadcast_batch(exp, r)
         subs[id(s)] = (s, exp, None)
     return replace_in(args, subs), replace_in(kwargs, subs)
