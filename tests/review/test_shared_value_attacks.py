@@ -390,7 +390,11 @@ _MIXED = {  # make_private (probe on), bk; GradClipper measured identical
 }
 
 
-_FIXED = {"emb_bcast_matmul"}  # broadcasting ops align from the right (out_dim)
+# Fixed: broadcasting ops align from the right (out_dim); tainted rows are held
+# to the virtual rows' rules (no reduction, split, repeat or innermost flatten
+# along the batch).
+_FIXED = {"emb_bcast_matmul", "split_cat", "repeat_narrow", "sum0", "amax0", "bcast_add",
+          "bcast_matmul", "tflat_roll", "unbind_stack"}
 
 
 @pytest.mark.parametrize("how", [

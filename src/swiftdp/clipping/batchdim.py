@@ -105,18 +105,21 @@ def is_virtual(t: Any, token: object) -> bool:
 
 
 def check_virtual(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-                  operands: list[tuple[Tensor, int | None, int]], outs: list[Tensor]) -> int:
+                  operands: list[tuple[Tensor, int | None, int, int]], outs: list[Tensor],
+                  batch: int) -> int:
     """For an op with an operand whose batch is virtual or tainted: the rows must stay aligned.
 
     No op may move or mix the rows of such an operand along its batch (a
     flip, a sort, a permutation by indexing; one that keeps them, such as
-    indexing with ``arange(B)``, passes). For a virtual operand, every batched
-    operand's batch must also land on one and the same known output
-    dimension; otherwise the broadcast parameter's rows would be credited to
-    examples they do not belong to (a reduction over them, a transpose
-    against the data's batch). A tainted operand whose batch dimension is no
-    longer known (merged with another by a reshape, as a loss flattens its
-    tokens) is let through.
+    indexing with ``arange(B)``, passes). Every batched operand's batch must
+    also land on one and the same known output dimension (a reshape may merge
+    it into the rows, examples outermost); otherwise the broadcast rows would
+    be credited to examples they do not belong to (a reduction over them,
+    ``unbind``/``split``/``repeat`` along the batch, a transpose against the
+    data's batch, a flatten with the examples innermost). Tainted operands
+    are held to the same rules: the rows credited to an example must stay
+    with it even after they met the data (``bias + zeros_like(x)`` holds no
+    data the independence probe could see move).
 
     Returns:
         The output's kind: ``VIRTUAL`` when no operand carries real data, else
@@ -128,9 +131,8 @@ def check_virtual(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
     from swiftdp.errors import UnsupportedModuleError
 
     name = getattr(func, "__name__", "") or repr(func)
-    for x, d, kind in operands:
-        if (kind == VIRTUAL or (kind == TAINTED and d is not None)) and _touches_batch(
-                name, args, kwargs, x, d):
+    for x, d, kind, _ in operands:
+        if kind != REAL and _touches_batch(name, args, kwargs, x, d):
             raise UnsupportedModuleError(
                 f"`{name}` acts along the batch dimension of a value broadcast to the batch "
                 "(a parameter expanded to it, or a lookup with indices shared by the batch): "
@@ -138,8 +140,9 @@ def check_virtual(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                 "changing the forward, and each example's gradient could no longer be told "
                 "apart. Apply the op before broadcasting, or along another dimension."
             )
-    for o in outs if any(k == VIRTUAL for _, _, k in operands) else []:
-        dims = {out_dim(func, args, kwargs, x, d, o) for x, d, _ in operands}
+    for o in outs:
+        dims = {reshaped(x, d, per, o, batch)[0] if name in RESHAPES and d is not None
+                else out_dim(func, args, kwargs, x, d, o) for x, d, _, per in operands}
         if len(dims) != 1 or None in dims:
             raise UnsupportedModuleError(
                 f"`{getattr(func, '__name__', func)}` combines a parameter broadcast to the "
@@ -148,7 +151,7 @@ def check_virtual(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                 "so swiftdp cannot credit the parameter's gradient to examples. Use the "
                 "parameter without expanding it to the batch."
             )
-    return VIRTUAL if all(k == VIRTUAL for _, _, k in operands) else TAINTED
+    return VIRTUAL if all(k == VIRTUAL for _, _, k, _ in operands) else TAINTED
 
 
 # ops that read or reorder along a dimension argument (``dim``, ``dims``)
@@ -195,7 +198,12 @@ def _touches_batch(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], x: 
         return d in [_norm(k, n) for k in dims]
     if name in ("matmul", "__matmul__", "__rmatmul__", "bmm") and n >= 3 and d < n - 2:
         return False  # a batch dimension of the product: each row meets its own
-    if name in ("matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "baddbmm", "addmm"):
+    if name in ("addmm", "baddbmm"):  # (input, mat1, mat2): input is added to the product
+        if args and args[0] is x:
+            return d != 0
+        first = len(args) > 1 and args[1] is x
+        return (not first) or d >= n - 1 or (name == "baddbmm" and d != 0)
+    if name in ("matmul", "__matmul__", "__rmatmul__", "mm", "bmm"):
         first = args and args[0] is x
         return (not first) or d >= n - 1 or (n == 2 and d == 0 and not first)
     if name in ("__getitem__", "__setitem__"):
@@ -273,6 +281,9 @@ def out_dim(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], x: Tensor,
         it = iter(order)
         final = [p if p is not None else next(it) for p in placed]
         return final.index(d) if d in final else None
+    if name in ("unbind", "select"):  # dimension k removed: never matched by sizes
+        k = _norm(rest[0] if rest else kwargs.get("dim", 0), n)
+        return None if k is None or k == d else (d - 1 if k < d else d)
     if name in ("unsqueeze", "unsqueeze_"):
         k = _norm(rest[0] if rest else kwargs.get("dim"), n + 1)
         return d + 1 if k is not None and k <= d else d
