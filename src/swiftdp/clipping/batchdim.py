@@ -204,8 +204,8 @@ def _touches_batch(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], x: 
         first = len(args) > 1 and args[1] is x
         return (not first) or d >= n - 1 or (name == "baddbmm" and d != 0)
     if name in ("matmul", "__matmul__", "__rmatmul__", "mm", "bmm"):
-        first = args and args[0] is x
-        return (not first) or d >= n - 1 or (n == 2 and d == 0 and not first)
+        lead = bool(args) and args[0] is x
+        return (not lead) or d >= n - 1
     if name in ("__getitem__", "__setitem__"):
         idx = rest[0] if rest else None
         items = idx if isinstance(idx, tuple) else (idx,)

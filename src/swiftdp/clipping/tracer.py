@@ -194,8 +194,9 @@ class Tracer(TorchFunctionMode):
                 if isinstance(t, Tensor):
                     m = getattr(t, batchdim.ATTR, None)
                     if m is not None and m[0] is token:
-                        operands.append((t, m[1], m[2]))
-            virtual = batchdim.check_virtual(func, args, kwargs, operands, outs)
+                        operands.append((t, m[1], m[2], m[3]))
+            virtual = batchdim.check_virtual(func, args, kwargs, operands, outs,
+                                             self.batch_size)
         fname = getattr(func, "__name__", "")
         if fname == "multi_head_attention_forward" and len(outs) == 2:
             # (output, weights): the weights are (B, ...) whatever the query's layout;
