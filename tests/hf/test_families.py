@@ -127,10 +127,11 @@ class _SharedLookup(nn.Module):
         self.head = nn.Linear(4, 2)
 
     def forward(self, ids: Tensor) -> Tensor:
+        tok = self.tok(ids)
         pos = self.pos(torch.arange(ids.shape[1])[None])
-        if self.mix:
-            pos = pos.sum(0, keepdim=True)  # sums the broadcast rows: not one row per example
-        return self.head(self.tok(ids) + pos).mean(1)
+        if self.mix:  # the rows copied to the batch, then summed over it: not one per example
+            pos = (pos + torch.zeros_like(tok)).sum(0, keepdim=True)
+        return self.head(tok + pos).mean(1)
 
 
 def test_shared_lookup_rows_must_stay_aligned_with_the_examples():

@@ -319,11 +319,7 @@ def test_single_token_relative_bias(how):
     _refused_or_exact_and_private(_rel(how), _x(t=1))
 
 
-@pytest.mark.xfail(strict=True, raises=(*NOT_FIXED, RuntimeError), reason=(
-    "measured: T5 with one-token decoder labels (text-to-text classification): the decoder's "
-    "(1, 1) bucket index is expanded along the batch, position_bias becomes (1, H, B, 1) and "
-    "the forward fails: RuntimeError 'output with shape [3, 2, 1, 1] doesn't match the "
-    "broadcast shape [3, 2, 3, 1]', not a SwiftDPError"))
+# fixed (was: a RuntimeError in the forward; lookups without the batch stay batch-free)
 def test_t5_single_token_decoder_is_exact_or_refused():
     import transformers as tf
 

@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from swiftdp.clipping import batchdim
@@ -53,11 +54,19 @@ _ELEMENTWISE = frozenset({
 _MATMUL = frozenset({"matmul", "__matmul__", "__rmatmul__"})
 
 
+# A lookup of a table without the batch: (table, looked-up rows, indices, padding_idx).
+# Its per-example contribution is formed from the rows' per-example gradients
+# (:func:`swiftdp.layers.embedding.lookup_contributions`), never a dense table.
+Origin = tuple[Tensor, Tensor, Tensor, "int | None"]
+_LOOKUPS = {"embedding"}
+
+
 class SharedState:
     """The shared computations of one forward: the parameters' aliases."""
 
     def __init__(self) -> None:
         self.aliases: dict[int, tuple[Tensor, Tensor]] = {}  # id(param) -> (param, alias)
+        self.dense: set[int] = set()  # parameters used by an op other than a lookup
         self.pulling = 0  # inside a batched pull-back (the aliases' hooks stay quiet)
 
     def alias(self, tr: Tracer, p: Tensor) -> Tensor:
@@ -94,13 +103,43 @@ def read(t: Any, token: object) -> tuple[tuple[Tensor, Tensor], ...] | None:
     return pairs
 
 
-def _mark(out: Any, token: object, pairs: tuple[tuple[Tensor, Tensor], ...]) -> None:
+def _origins(t: Any) -> tuple[Origin, ...]:
+    m = getattr(t, ATTR, None)
+    return () if m is None else m[2]
+
+
+def _mark(out: Any, token: object, pairs: tuple[tuple[Tensor, Tensor], ...],
+          origins: tuple[Origin, ...]) -> None:
     for t in flat(out) if isinstance(out, (list, tuple)) else [out]:
         if isinstance(t, Tensor) and t.requires_grad:
             try:
-                setattr(t, ATTR, (token, pairs))
+                setattr(t, ATTR, (token, pairs, origins))
             except (AttributeError, RuntimeError):
                 pass
+
+
+def _lookup(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+            ) -> tuple[Tensor, Tensor, int | None] | None:
+    """``(weight, indices, padding_idx)`` of a plain embedding call (no max_norm, ...)."""
+    name = getattr(func, "__name__", "")
+    if name not in _LOOKUPS:
+        return None
+    if func is torch.embedding:
+        names: tuple[str, ...] = ("weight", "input", "padding_idx", "scale_grad_by_freq", "sparse")
+    else:
+        names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq",
+                 "sparse")
+    a = dict(zip(names, args, strict=False))
+    a.update(kwargs)
+    if "indices" in a:
+        a["input"] = a.pop("indices")
+    w, idx, pad = a.get("weight"), a.get("input"), a.get("padding_idx")
+    if (not isinstance(w, Tensor) or not isinstance(idx, Tensor) or a.get("max_norm") is not None
+            or a.get("scale_grad_by_freq") or a.get("sparse")):
+        return None
+    if pad is not None and pad < 0:
+        pad = None if func is torch.embedding else int(w.shape[0]) + pad
+    return w, idx, pad
 
 
 def run_shared(tr: Tracer, func: Callable[..., Any], args: tuple[Any, ...],
@@ -109,6 +148,18 @@ def run_shared(tr: Tracer, func: Callable[..., Any], args: tuple[Any, ...],
     state = tr.shared
     subs: dict[int, tuple[Tensor, Tensor, Any]] = {}
     pairs: dict[int, tuple[Tensor, Tensor]] = {}
+    lookup = _lookup(func, args, kwargs)
+    if lookup is not None and not any(lookup[0] is p for p in found):
+        lookup = None
+    if lookup is not None and not shared:
+        w, idx, pad = lookup
+        bd = tr.batch_dim if idx.dim() >= 2 else 0
+        if (idx.dim() >= 2 and tr.batch_size > 1 and idx.shape[bd] == tr.batch_size
+                and alike_rows(idx, bd)):
+            # The same ids for every example, copied to the batch (BART's
+            # arange(T).expand(B, T) + 2): one lookup, copied as virtual rows.
+            one = run_shared(tr, F.embedding, (idx.narrow(bd, 0, 1), w, pad), {}, found, [])
+            return _expanded(tr, one, tuple(one.shape), bd)
     for p in found:
         if id(p) in tr.views and tr.views[id(p)][0] is p:
             base = tr.base_param(p)
@@ -119,9 +170,14 @@ def run_shared(tr: Tracer, func: Callable[..., Any], args: tuple[Any, ...],
             base = p
             subs[id(p)] = (p, state.alias(tr, p), None)
         pairs[id(base)] = (base, state.alias(tr, base))
+        if lookup is None or p is not lookup[0] or base is not p:
+            state.dense.add(id(base))
+    origins: dict[int, Origin] = {}
     for s in shared:
         for base, a in read(s, tr.batch_token) or ():
             pairs[id(base)] = (base, a)
+        for o in _origins(s):
+            origins[id(o[1])] = o
     for t in flat((args, kwargs)):
         if (isinstance(t, Tensor) and t.requires_grad and id(t) not in subs
                 and not any(t is s for s in shared)):
@@ -132,7 +188,12 @@ def run_shared(tr: Tracer, func: Callable[..., Any], args: tuple[Any, ...],
                 "rebuilt from the data, e.g. through .tolist() or .item()): its gradient could "
                 "not be credited to examples. Compute it from the model's inputs.")
     out = func(*replace_in(args, subs), **replace_in(kwargs, subs))
-    _mark(out, tr.batch_token, tuple(pairs.values()))
+    if lookup is not None and isinstance(out, Tensor):
+        # The model gets a copy: an in-place op on it leaves the rows the
+        # pull-back reaches as they were looked up.
+        origins[id(out)] = (lookup[0], out, lookup[1].detach(), lookup[2])
+        out = out.clone()
+    _mark(out, tr.batch_token, tuple(pairs.values()), tuple(origins.values()))
     return out
 
 
@@ -165,51 +226,107 @@ def meet(tr: Tracer, func: Callable[..., Any], args: tuple[Any, ...], kwargs: di
     if name in _MATMUL and (min(t.dim() for t in tensors) < 2 or d >= x.dim() - 2):
         raise _refuse(tr, name, "a product over the batch's rows is not a broadcast")
     r = d + m - x.dim()
-    B = tr.batch_size
     subs: dict[int, tuple[Tensor, Tensor, Any]] = {}
     for s in shared:
-        pairs = read(s, tr.batch_token) or ()
         view = (1,) * (m - s.dim()) + tuple(s.shape)
         if view[r] != 1:
             raise _refuse(tr, name, f"its dimension {r - (m - s.dim())} (size {view[r]}) lies "
                           "where the batch is, so its rows would be taken for examples")
-        shape = list(view)
-        shape[r] = B
-        s_det = s.detach()
-        # The pull-back starts from the value as it is now, whatever later
-        # in-place ops do to ``s``.
-        snap = s.clone()
-        bases = [p for p, _ in pairs]
-
-        def compute(s_det: Tensor = s_det, view: tuple[int, ...] = view,
-                    shape: list[int] = shape) -> Tensor:
-            return s_det.reshape(view).expand(shape)
-
-        exp = tr.track(compute, [], bases, _pull_back(tr, snap, pairs, r, B))
-        tr.broadcast_batch(exp, r)
-        subs[id(s)] = (s, exp, None)
+        subs[id(s)] = (s, _expanded(tr, s, view, r), None)
     return replace_in(args, subs), replace_in(kwargs, subs)
 
 
-def _pull_back(tr: Tracer, s: Tensor, pairs: Sequence[tuple[Tensor, Tensor]], r: int,
-               B: int) -> Build:
+def _expanded(tr: Tracer, s: Tensor, view: tuple[int, ...], r: int) -> Tensor:
+    """``s`` viewed as ``view`` (size 1 at ``r``) expanded to the batch there: virtual rows.
+
+    Each row's gradient is captured and pulled back to the parameters as its
+    example's contribution.
+    """
+    B = tr.batch_size
+    pairs = read(s, tr.batch_token) or ()
+    shape = list(view)
+    shape[r] = B
+    s_det = s.detach()
+    # The pull-back starts from the value as it is now, whatever later
+    # in-place ops do to ``s``.
+    snap = s.clone()
+
+    def compute() -> Tensor:
+        return s_det.reshape(view).expand(shape)
+
+    exp: Tensor = tr.track(compute, [], [p for p, _ in pairs],
+                           _pull_back(tr, snap, pairs, _origins(s), r, B))
+    tr.broadcast_batch(exp, r)
+    return exp
+
+
+_EXPANDS = frozenset({"expand", "repeat", "broadcast_to", "expand_as", "tile"})
+
+
+def to_batch(tr: Tracer, func: Callable[..., Any], args: tuple[Any, ...],
+             kwargs: dict[str, Any], shared: Sequence[Tensor]) -> Tensor | None:
+    """A shared value copied along the batch explicitly (``prompts.repeat(B, 1, 1)``).
+
+    As for ``cls_token.expand(B, ...)``: the copies become virtual rows of the
+    batch (dimension 0, or 1 for a sequence-first model), each credited to the
+    example it stays with; ``None`` when the op is not such a copy.
+    """
+    name = getattr(func, "__name__", "")
+    if name not in _EXPANDS or len(shared) != 1 or not args or args[0] is not shared[0]:
+        return None
+    s = shared[0]
+    with torch.no_grad():
+        ref = func(*args, **kwargs)
+    if not isinstance(ref, Tensor) or ref.dim() < s.dim():
+        return None
+    r = tr.batch_dim if ref.dim() >= 3 else 0
+    view = (1,) * (ref.dim() - s.dim()) + tuple(s.shape)
+    want = list(view)
+    want[r] = tr.batch_size
+    if view[r] != 1 or tuple(ref.shape) != tuple(want):
+        return None
+    return _expanded(tr, s, view, r)
+
+
+def alike_rows(idx: Tensor, dim: int) -> bool:
+    """Whether every slice of ``idx`` along ``dim`` is the first (stride 0, or equal values)."""
+    if idx.stride(dim) == 0:
+        return True
+    return bool(torch.equal(idx, idx.narrow(dim, 0, 1).expand_as(idx)))
+
+
+def _pull_back(tr: Tracer, s: Tensor, pairs: Sequence[tuple[Tensor, Tensor]],
+               origins: Sequence[Origin], r: int, B: int) -> Build:
+    """Per-example contributions from the gradient of the expanded copy of ``s``.
+
+    A table used only by lookups is credited through the looked-up rows'
+    per-example gradients (sparse, as a batched lookup); any other parameter
+    through its alias (dense per-example gradients).
+    """
     state = tr.shared
-    aliases = [a for _, a in pairs]
 
     def build(grads: Sequence[Tensor | None], policy: Policy) -> list[Contribution]:
-        del policy
         g = grads[0]
         if g is None:
             return []
+        from swiftdp.layers.embedding import lookup_contributions
+
+        rows = [o for o in origins if id(o[0]) not in state.dense]
+        dense = [(p, a) for p, a in pairs if id(p) in state.dense]
         per_row = g.movedim(r, 0).reshape(B, *s.shape)
         state.pulling += 1
         try:
-            per = torch.autograd.grad(s, aliases, per_row, retain_graph=True, allow_unused=True,
-                                      is_grads_batched=True)
+            per = torch.autograd.grad(s, [o[1] for o in rows] + [a for _, a in dense], per_row,
+                                      retain_graph=True, allow_unused=True, is_grads_batched=True)
         finally:
             state.pulling -= 1
-        return [PerSampleGrads(p, gp) for (p, _), gp in zip(pairs, per, strict=True)
-                if gp is not None]
+        out: list[Contribution] = []
+        for (w, _, idx, pad), gr in zip(rows, per[:len(rows)], strict=True):
+            if gr is not None:
+                out.extend(lookup_contributions(w, idx, pad, gr, policy))
+        out.extend(PerSampleGrads(p, gp) for (p, _), gp in zip(dense, per[len(rows):], strict=True)
+                   if gp is not None)
+        return out
 
     return build
 

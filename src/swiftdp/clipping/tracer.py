@@ -147,7 +147,9 @@ class Tracer(TorchFunctionMode):
         found, src, meets = self.scan(args, kwargs)
         if meets and torch.is_grad_enabled():
             if src is None:  # still without the batch: on the parameters' aliases
-                return shared.run_shared(self, func, args, kwargs, found, meets)
+                out = None if found else shared.to_batch(self, func, args, kwargs, meets)
+                return out if out is not None else shared.run_shared(
+                    self, func, args, kwargs, found, meets)
             args, kwargs = shared.meet(self, func, args, kwargs, meets, src)
             found, src, _ = self.scan(args, kwargs)
         if not torch.is_grad_enabled():  # no gradient: only the batch tracking goes on

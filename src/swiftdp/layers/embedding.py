@@ -355,7 +355,7 @@ def embedding_use(
     if idx.dim() < 1:
         raise_unbatched(rec.site, idx)
     bd = rec.site.batch_dim if idx.dim() >= 2 else 0
-    idx, shared = _batched_indices(rec, idx, bd)
+    idx = _batched_indices(rec, idx, bd)
     check_batch(rec.site, idx, bd, "the embedding's indices")
     wd = weight.detach()
     V = int(weight.shape[0])
@@ -382,47 +382,46 @@ def embedding_use(
         )
         return [EmbeddingGrads(weight, i2, g3, method=method)]
 
-    out = rec.track(run, [idx], [weight], build)
-    if shared:
-        rec.broadcast_batch(out, bd)
-    return out
+    return rec.track(run, [idx], [weight], build)
 
 
-def _batched_indices(rec: Recorder, idx: Tensor, bd: int) -> tuple[Tensor, bool]:
-    """The indices with the batch along ``bd``, and whether they are shared by the batch.
+def _batched_indices(rec: Recorder, idx: Tensor, bd: int) -> Tensor:
+    """The indices, which must carry the batch along ``bd`` (tracked, never read from a size).
 
-    Indices derived from the batch must have it along ``bd``. Indices that do
-    not derive from it (a position lookup ``wpe(position_ids)`` with ids of
-    shape ``(1, T)``, Hugging Face's default, or a buffer expanded to the
-    batch) are the same for every example: they are expanded along ``bd`` and
-    the output's batch is marked as broadcast, so each row's gradient is its
-    example's (later ops must keep the rows aligned). So are indices of the
-    batch's size whose rows are all alike (BART's ``arange(T).expand(B, T) +
-    2``). Indices with no batch
-    dimension at all, or whose size only happens to equal the batch's, are
-    refused: the batch is tracked, never guessed from a size.
+    Indices that do not derive from the batch (a position lookup
+    ``wpe(position_ids)`` with ids of shape ``(1, T)``, Hugging Face's default;
+    a ``(T, T)`` relative-position table; BART's ``arange(T).expand(B, T)``)
+    look up the same rows for every example: the rule refuses them with
+    :class:`~swiftdp.clipping.contract.Unbatched`, and the dispatcher runs the
+    lookup without the batch, crediting each example where the rows meet it
+    (:func:`lookup_contributions`).
     """
-    B = rec.site.batch_size
-    carried = rec.site.carries_batch(idx)
-    if carried and idx.shape[bd] == B:
-        return idx, False
-    if not carried and idx.dim() >= 2 and (idx.shape[bd] == 1 or (
-            idx.shape[bd] == B and (idx.stride(bd) == 0 or _rows_alike(idx, bd)))):
-        shape = list(idx.shape)
-        shape[bd] = B
-        return idx.narrow(bd, 0, 1).expand(shape), True
+    if rec.site.carries_batch(idx) and idx.shape[bd] == rec.site.batch_size:
+        return idx
     raise _unbatched_indices(rec, idx, bd)
 
 
-def _rows_alike(idx: Tensor, bd: int) -> bool:
-    """Whether every row of ``idx`` along ``bd`` is the first (a broadcast, whatever its strides).
+def lookup_contributions(weight: Tensor, idx: Tensor, padding_idx: int | None, grads: Tensor,
+                         policy: Policy) -> list[Contribution]:
+    """Per-example contributions of a lookup without the batch.
 
-    BART's ``arange(T).expand(B, T) + 2`` is contiguous but has one row for the
-    whole batch: its lookups are the same for every example, so it is a shared
-    lookup like ``(1, T)`` ids. Read from the values, which prove it; a size
-    that merely equals the batch's proves nothing.
+    Args:
+        weight: the table ``(V, d)``.
+        idx: the indices, of any shape ``S``, the same for every example.
+        padding_idx: row that receives no gradient, or ``None``.
+        grads: example ``b``'s gradient of the looked-up rows at ``grads[b]``,
+            ``(B, *S, d)``.
+        policy: the mode's choices.
     """
-    return bool(torch.equal(idx, idx.narrow(bd, 0, 1).expand_as(idx)))
+    B, d = grads.shape[0], grads.shape[-1]
+    n = idx.numel()
+    i2 = idx.reshape(1, n).long().expand(B, n)
+    g3 = grads.reshape(B, n, d)
+    if padding_idx is not None:
+        g3 = g3.masked_fill((i2 == padding_idx).unsqueeze(2), 0.0)
+    method = choose_norm_method(B, n, int(weight.shape[0]), d, objective=policy.cost_objective,
+                                allow_pairs=policy.allow_pairs)
+    return [EmbeddingGrads(weight, i2, g3, method=method)]
 
 
 def _unbatched_indices(rec: Recorder, idx: Tensor, bd: int) -> UnsupportedModuleError:
@@ -431,14 +430,8 @@ def _unbatched_indices(rec: Recorder, idx: Tensor, bd: int) -> UnsupportedModule
         f"In module `{rec.site.module_path}`, the embedding got indices of shape "
         f"{tuple(idx.shape)}, whose dimension {bd} should be the batch of size "
         f"{rec.site.batch_size} (tracked from the model's inputs, not read from sizes). "
-        "Indices shared by the whole batch are supported with a batch dimension of size 1 "
-        "(`pos_emb(torch.arange(T)[None])`, Hugging Face's default `position_ids` of shape "
-        "(1, T)); indices without one (`pos_emb(torch.arange(T))`, a (T, T) relative-position "
-        "table) give one gradient for all examples, which cannot be clipped per example: "
-        "index with a leading dimension of size 1 or expand them to the batch "
-        "(`pos_emb(positions.expand(B, T))`; for a Hugging Face model, pass "
-        "`position_ids=positions.expand(B, T)`). If the model is sequence-first, pass "
-        f"batch_first={not rec.site.batch_first}."
+        "Keep the batch where the layer reads it (undo the transpose or reshape); if the "
+        f"model is sequence-first, pass batch_first={not rec.site.batch_first}."
     )
 
 
