@@ -6,6 +6,11 @@ Wiring (in the CLI's main module)::
     bench_cli.add_parser(subparsers)   # sets ``func=bench_cli.run``
 
 Also runnable alone as ``python -m swiftdp.bench``.
+
+``--models`` takes model names and group names: ``default`` (the suite, run
+when ``--models`` is not given) and ``hf`` (the Hugging Face rows: GPT-2
+small full and LoRA, BERT-base, a Llama; slow on a CPU, need the ``[hf]``
+extra), e.g. ``--models hf`` or ``--models default,hf``.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from pathlib import Path
 import torch
 
 from swiftdp.bench.methods import DEFAULT_METHODS, METHODS, check_methods
-from swiftdp.bench.models import EXTRA, SIZES, SUITE, describe, get_model
+from swiftdp.bench.models import EXTRA, GROUPS, HF_SUITE, SIZES, SUITE, describe, get_model
 from swiftdp.bench.report import markdown_table, targets, targets_markdown, write_chart, write_json
 from swiftdp.bench.runner import SuiteConfig, machine_info, run_suite
 from swiftdp.errors import SwiftDPError
@@ -29,15 +34,25 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
+def _models(text: str) -> tuple[str, ...]:
+    """Model names, with group names (``default``, ``hf``) expanded, each name once."""
+    names = [m for n in _names(text) for m in GROUPS.get(n, (n,))]
+    return tuple(dict.fromkeys(names))
+
+
 def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``bench`` options to ``p``."""
-    p.add_argument("--models", type=_names, default=SUITE,
-                   help=f"comma-separated models from {', '.join(SUITE + EXTRA)} (default: all "
-                        "of the suite)")
+    p.add_argument("--models", type=_models, default=SUITE,
+                   help=f"comma-separated models from {', '.join(SUITE + EXTRA)}, or the "
+                        f"Hugging Face rows {', '.join(HF_SUITE)} (need the [hf] extra; slow on "
+                        "a CPU: batch 4, T=128), or groups: 'default' (the suite, the default) "
+                        "and 'hf' (the four HF rows)")
     p.add_argument("--methods", type=_names, default=DEFAULT_METHODS,
                    help=f"comma-separated methods from {', '.join(METHODS)} (default: "
                         f"{', '.join(DEFAULT_METHODS)})")
-    p.add_argument("--size", choices=SIZES, default="small", help="model widths")
+    p.add_argument("--size", choices=(*SIZES, "tiny"), default="small",
+                   help="model widths (the HF rows use their published configs at small and "
+                        "medium; tiny, for tests, exists for them only)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="examples per step (default: each model's suite batch size)")
     p.add_argument("--steps", type=int, default=20, help="most timed steps per configuration")

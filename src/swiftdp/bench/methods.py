@@ -11,11 +11,20 @@ divide by the expected batch size, and record the step in their accountant.
 * ``opacus-<mode>``: Opacus 1.6 ``PrivacyEngine.make_private`` in
   ``hooks``, ``functorch`` or ``ghost`` mode, after ``ModuleValidator.fix``
   when Opacus' validator rejects the model (the replaced modules are noted).
+
+The loss is the suite model's own (:attr:`SuiteModel.loss`; for the Hugging
+Face rows the model's ``labels=`` loss). Only parameters with
+``requires_grad`` are trained (LoRA: the adapters). A method that fails says
+where (:attr:`MethodSetupError.where`): the innermost library frame, the
+module being processed and, for Opacus, which per-sample gradients came out
+with the wrong batch size.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import traceback
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -26,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from swiftdp.bench.models import SuiteModel, suite_loss
+from swiftdp.bench.models import SuiteModel
 from swiftdp.errors import InvalidArgumentError
 
 SWIFTDP_METHODS: tuple[str, ...] = (
@@ -55,11 +64,17 @@ class MethodSetupError(RuntimeError):
 
     Attributes:
         notes: what happened before the failure.
+        where: where it failed (library frame, module, offending parameters), or ``""``.
     """
 
-    def __init__(self, cause: BaseException, notes: list[str]) -> None:
+    def __init__(self, cause: BaseException, notes: list[str], where: str = "") -> None:
         super().__init__(f"{type(cause).__name__}: {cause}")
         self.notes = notes
+        self.where = where
+
+
+class MethodStepError(MethodSetupError):
+    """A training step of a wrapped model failed (same attributes as :class:`MethodSetupError`)."""
 
 
 @dataclass
@@ -112,10 +127,10 @@ def prepare(method: str, spec: SuiteModel, model: nn.Module, x: Tensor, y: Tenso
     """
     check_methods([method])
     if method == BASELINE:
-        return _nonprivate(model)
+        return _nonprivate(spec, model)
     if method.startswith("swiftdp"):
         mode = method.partition("-")[2] or "bk"
-        return _swiftdp(model, mode, x, y, default=method == "swiftdp")
+        return _swiftdp(spec, model, mode, x, y, default=method == "swiftdp")
     if not opacus_available():
         raise MethodUnavailableError(
             "Opacus is not installed; install the optional extra: pip install 'swiftdp[bench]'."
@@ -123,21 +138,27 @@ def prepare(method: str, spec: SuiteModel, model: nn.Module, x: Tensor, y: Tenso
     return _opacus(method.partition("-")[2], spec, model, x, y)
 
 
-def _nonprivate(model: nn.Module) -> PreparedMethod:
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters a method trains: those with ``requires_grad`` (LoRA: the adapters)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _nonprivate(spec: SuiteModel, model: nn.Module) -> PreparedMethod:
+    opt = torch.optim.SGD(trainable(model), lr=LR)
 
     def step(x: Tensor, y: Tensor) -> None:
         opt.zero_grad(set_to_none=True)
-        suite_loss(model(x), y).backward()
+        spec.loss(model, x, y).backward()
         opt.step()
 
     return PreparedMethod(model, step)
 
 
-def _swiftdp(model: nn.Module, mode: str, x: Tensor, y: Tensor, default: bool) -> PreparedMethod:
+def _swiftdp(spec: SuiteModel, model: nn.Module, mode: str, x: Tensor, y: Tensor,
+             default: bool) -> PreparedMethod:
     from swiftdp.api.private import make_private
 
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    opt = torch.optim.SGD(trainable(model), lr=LR)
     fixed: list[tuple[Tensor, Tensor]] = [(x, y)]
     # A fixed batch (timing needs the same work every step), handed out by
     # dp.data_loader as every DP step requires: the loader's own cost is one
@@ -157,7 +178,7 @@ def _swiftdp(model: nn.Module, mode: str, x: Tensor, y: Tensor, default: bool) -
         fixed[0] = (xb, yb)
         xb, yb = next(batches)
         dp_opt.zero_grad(set_to_none=True)
-        suite_loss(model(xb), yb).backward()
+        spec.loss(model, xb, yb).backward()
         dp_opt.step()
 
     return PreparedMethod(model, step, ["default: mode bk"] if default else [])
@@ -210,7 +231,9 @@ def _opacus(mode: str, spec: SuiteModel, model: nn.Module, x: Tensor, y: Tensor)
     from opacus import PrivacyEngine
 
     model, notes = opacus_fix(model)
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    if mode == "hooks":
+        notes += opacus_fallbacks(model)
+    opt = torch.optim.SGD(trainable(model), lr=LR)
     loader = DataLoader(TensorDataset(x, y), batch_size=x.shape[0])
     engine = PrivacyEngine(accountant="rdp")
     kwargs: dict[str, Any] = dict(
@@ -227,18 +250,90 @@ def _opacus(mode: str, spec: SuiteModel, model: nn.Module, x: Tensor, y: Tensor)
                 gsm, dp_opt, _ = engine.make_private(**kwargs)
                 criterion = None
     except Exception as exc:
-        raise MethodSetupError(exc, notes) from exc
+        raise MethodSetupError(exc, notes, failure_site(exc, model, x.shape[0])) from exc
 
     def step(xb: Tensor, yb: Tensor) -> None:
-        dp_opt.zero_grad(set_to_none=True)
-        out = gsm(xb)
-        if criterion is None:
-            loss = suite_loss(out, yb)
-        elif spec.sequence_output:
-            loss = criterion(out.reshape(-1, out.shape[-1]), yb.reshape(-1), shape=yb.shape)
-        else:
-            loss = criterion(out, yb)
-        loss.backward()
-        dp_opt.step()
+        try:
+            dp_opt.zero_grad(set_to_none=True)
+            if criterion is None:
+                loss = spec.loss(gsm, xb, yb)
+            else:
+                loss = spec.ghost_loss(gsm, xb, yb, criterion)
+            loss.backward()
+            dp_opt.step()
+        except Exception as exc:
+            raise MethodStepError(exc, notes, failure_site(exc, gsm, xb.shape[0])) from exc
 
     return PreparedMethod(gsm, step, notes)
+
+
+def opacus_fallbacks(model: nn.Module) -> list[str]:
+    """Notes on the layer types Opacus' ``hooks`` mode has no rule for (it runs vmap on them)."""
+    from opacus.grad_sample import GradSampleModule
+
+    kinds = Counter(
+        type(m).__name__ for m in model.modules()
+        if any(p.requires_grad for p in m.parameters(recurse=False))
+        and type(m) not in GradSampleModule.GRAD_SAMPLERS
+    )
+    return [f"no Opacus hooks rule for {k} x{c} (functorch fallback)"
+            for k, c in sorted(kinds.items())]
+
+
+def failure_site(exc: BaseException, model: nn.Module | None, batch_size: int) -> str:
+    """Where a method failed, for the results table.
+
+    Args:
+        exc: the exception.
+        model: the model as the method wraps it (names are read from it), if known.
+        batch_size: the batch the step ran on.
+
+    Returns:
+        ``"<file>:<line> in <function>"`` of the innermost frame of the
+        library that raised (Opacus, swiftdp, transformers, peft, else the
+        innermost frame), then the module that frame was processing (a local
+        named ``module`` or ``layer``) and the parameters whose Opacus
+        per-sample gradients (``p.grad_sample``) do not have ``batch_size`` rows.
+    """
+    frames = traceback.extract_tb(exc.__traceback__)
+    tb = exc.__traceback__
+    locals_: list[dict[str, Any]] = []
+    while tb is not None:
+        locals_.append(tb.tb_frame.f_locals)
+        tb = tb.tb_next
+    parts: list[str] = []
+    libs = ("opacus", "swiftdp", "transformers", "peft")
+    lib_frames = [f for f in frames if any(f"{os.sep}{lib}{os.sep}" in f.filename for lib in libs)]
+    if lib_frames or frames:
+        frame = (lib_frames or frames)[-1]
+        parts.append(f"{_short_path(frame.filename, libs)}:{frame.lineno} in {frame.name}")
+    if model is None:
+        return "; ".join(parts)
+    names = {id(m): n for n, m in model.named_modules()}
+    for scope in reversed(locals_):
+        mod = next((scope[k] for k in ("module", "layer") if isinstance(scope.get(k), nn.Module)
+                    and id(scope[k]) in names), None)
+        if mod is not None:
+            parts.append(f"module {_clean(names[id(mod)])} ({type(mod).__name__})")
+            break
+    odd = [(_clean(n), int(gs.shape[0])) for n, p in model.named_parameters()
+           if isinstance(gs := getattr(p, "grad_sample", None), Tensor)
+           and gs.dim() > 0 and gs.shape[0] != batch_size]
+    if odd:
+        shown = ", ".join(f"{n} ({b} row{'' if b == 1 else 's'})" for n, b in odd[:3])
+        more = f" and {len(odd) - 3} more" if len(odd) > 3 else ""
+        parts.append(f"per-sample gradients without {batch_size} rows: {shown}{more}")
+    return "; ".join(parts)
+
+
+def _short_path(path: str, libs: tuple[str, ...]) -> str:
+    parts = path.split(os.sep)
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i] in libs:
+            return "/".join(parts[i:])
+    return "/".join(parts[-2:])
+
+
+def _clean(name: str) -> str:
+    """A parameter or module name without the wrappers' prefixes (``_module.``)."""
+    return name.removeprefix("_module.") or "(root)"

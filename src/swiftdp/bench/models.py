@@ -7,6 +7,10 @@ synthetic tensors of the right shapes (nothing is downloaded).
 
 ``size="small"`` keeps the CPU suite fast; ``size="medium"`` uses the
 published widths (full ResNet-18, ViT-tiny).
+
+The Hugging Face rows (:data:`HF_SUITE`: GPT-2 small, its LoRA, BERT-base,
+a Llama) live in :mod:`swiftdp.bench.hf`; they are not in the default suite
+(slow on a CPU) and need the ``[hf]`` extra.
 """
 
 from __future__ import annotations
@@ -21,6 +25,29 @@ from torch import Tensor, nn
 from swiftdp.errors import InvalidArgumentError
 
 SIZES: tuple[str, ...] = ("small", "medium")
+LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
+GhostLossFn = Callable[[nn.Module, Tensor, Tensor, Callable[..., Tensor]], Tensor]
+
+
+def suite_loss(output: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy, averaged over examples (and over tokens for ``(B, T, V)`` logits)."""
+    if output.dim() == 3:
+        return F.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1))
+    return F.cross_entropy(output, target)
+
+
+def call_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """The suite's loss of a plain model: :func:`suite_loss` of ``model(x)``."""
+    return suite_loss(model(x), y)
+
+
+def call_ghost_loss(model: nn.Module, x: Tensor, y: Tensor, criterion: Callable[..., Tensor]
+                    ) -> Tensor:
+    """:func:`call_loss` through Opacus' ghost criterion (per-token losses reduced per example)."""
+    out = model(x)
+    if out.dim() == 3:
+        return criterion(out.reshape(-1, out.shape[-1]), y.reshape(-1), shape=y.shape)
+    return criterion(out, y)
 
 
 @dataclass(frozen=True)
@@ -37,6 +64,14 @@ class SuiteModel:
         vocab: vocabulary size for integer inputs.
         sequence_output: the output is ``(B, T, V)`` logits with per-token targets.
         batch_size: the suite's default batch size for this model.
+        labels_are_inputs: the targets are the inputs (a causal LM whose loss shifts them).
+        loss: ``(model, x, y) -> loss``, the loss every method backpropagates
+            (default: :func:`call_loss`, cross-entropy of ``model(x)``).
+        ghost_loss: ``(model, x, y, criterion) -> loss`` through Opacus' ghost-clipping
+            criterion wrapper (default: :func:`call_ghost_loss`).
+        extra: the optional dependency group the model needs (``"hf"``), or ``""``.
+        time_target: the issue's DP step-time target for this model (× non-private),
+            or ``None`` for the suite's general one.
     """
 
     name: str
@@ -48,6 +83,11 @@ class SuiteModel:
     vocab: int = 0
     sequence_output: bool = False
     batch_size: int = 64
+    labels_are_inputs: bool = False
+    loss: LossFn = call_loss
+    ghost_loss: GhostLossFn = call_ghost_loss
+    extra: str = ""
+    time_target: float | None = None
 
     def make_batch(self, batch_size: int, seed: int = 0) -> tuple[Tensor, Tensor]:
         """A synthetic batch ``(x, y)`` of ``batch_size`` examples (CPU tensors)."""
@@ -57,18 +97,13 @@ class SuiteModel:
             x = torch.randint(0, self.vocab, shape, generator=g)
         else:
             x = torch.randn(shape, generator=g)
-        if self.sequence_output:
+        if self.labels_are_inputs:
+            y = x.clone()
+        elif self.sequence_output:
             y = torch.randint(0, self.num_classes, shape, generator=g)
         else:
             y = torch.randint(0, self.num_classes, (batch_size,), generator=g)
         return x, y
-
-
-def suite_loss(output: Tensor, target: Tensor) -> Tensor:
-    """Cross-entropy, averaged over examples (and over tokens for ``(B, T, V)`` logits)."""
-    if output.dim() == 3:
-        return F.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1))
-    return F.cross_entropy(output, target)
 
 
 # ------------------------------------------------------------------- models
@@ -266,6 +301,9 @@ class EncoderOnly(nn.Module):
 # -------------------------------------------------------------------- suite
 SUITE: tuple[str, ...] = ("mlp", "cnn", "resnet18", "vit", "transformer", "gpt", "lstm")
 EXTRA: tuple[str, ...] = ("encoder",)
+HF_SUITE: tuple[str, ...] = ("gpt2-small", "gpt2-small-lora", "bert-base", "llama")
+# names --models accepts for a whole group of rows
+GROUPS: dict[str, tuple[str, ...]] = {"default": SUITE, "hf": HF_SUITE}
 SEQ_LEN = 128
 TEXT_VOCAB = 10000
 LM_VOCAB = 8192
@@ -355,11 +393,15 @@ def get_model(name: str, size: str = "small", *, use_zoo: bool = True) -> SuiteM
     ``resnet18`` (``resnet-gn``), ``vit`` (``vit-tiny``), ``transformer``,
     ``gpt`` and ``lstm`` when it is installed; ``cnn`` (the GroupNorm CNN)
     and ``encoder`` (the engine-overhead encoder) are defined here, as are
-    fallbacks for the others.
+    fallbacks for the others. The Hugging Face rows come from
+    :func:`swiftdp.bench.hf.hf_model` (no ``transformers`` import until a
+    model is built).
 
     Args:
-        name: one of :data:`SUITE` (or ``"encoder"``).
-        size: ``"small"`` (CPU-friendly widths) or ``"medium"`` (published widths).
+        name: one of :data:`SUITE`, :data:`HF_SUITE` (or ``"encoder"``).
+        size: ``"small"`` (CPU-friendly widths) or ``"medium"`` (published widths);
+            the HF rows also take ``"tiny"`` (a test size) and use their published
+            configuration at both ``small`` and ``medium``.
         use_zoo: take the model from the zoo when it has it.
 
     Returns:
@@ -368,20 +410,52 @@ def get_model(name: str, size: str = "small", *, use_zoo: bool = True) -> SuiteM
     Raises:
         InvalidArgumentError: unknown name or size.
     """
+    if name in HF_SUITE:
+        from swiftdp.bench.hf import HF_SIZES, hf_model
+
+        if size not in HF_SIZES:
+            raise InvalidArgumentError(f"Expected size in {HF_SIZES} for {name!r}, got {size!r}.")
+        return hf_model(name, size)
     if size not in SIZES:
-        raise InvalidArgumentError(f"Expected size in {SIZES}, got {size!r}.")
+        raise InvalidArgumentError(
+            f"Expected size in {SIZES}, got {size!r}"
+            + (" (size 'tiny' exists for the Hugging Face rows only)." if size == "tiny" else ".")
+        )
     if name not in SUITE + EXTRA:
         raise InvalidArgumentError(
-            f"Unknown benchmark model {name!r}; expected one of {SUITE + EXTRA}."
+            f"Unknown benchmark model {name!r}; expected one of {SUITE + EXTRA + HF_SUITE} "
+            f"or a group from {tuple(GROUPS)}."
         )
     if use_zoo and name in _ZOO and zoo_available():
         return _zoo_model(name, size)
     return _own_model(name, size)
 
 
+def missing_extra(spec: SuiteModel) -> str | None:
+    """Why ``spec`` cannot run here (its optional extra is not installed), or ``None``."""
+    if spec.extra == "hf":
+        from swiftdp.bench.hf import hf_available, missing_extra_message
+
+        return None if hf_available() else missing_extra_message()
+    return None
+
+
 def describe(name: str, size: str = "small") -> dict[str, object]:
-    """Description, trainable parameter count, input shape and default batch of a suite model."""
+    """Description, trainable parameter count, input shape and default batch of a suite model.
+
+    The HF rows are counted on the meta device (no memory); without their
+    extra, ``params`` is ``None`` and ``missing`` says why.
+    """
     spec = get_model(name, size)
-    n = sum(p.numel() for p in spec.build().parameters() if p.requires_grad)
-    return {"description": spec.description, "params": n, "input_shape": list(spec.input_shape),
-            "batch_size": spec.batch_size}
+    info: dict[str, object] = {"description": spec.description, "params": None,
+                               "input_shape": list(spec.input_shape),
+                               "batch_size": spec.batch_size}
+    missing = missing_extra(spec)
+    if missing is not None:
+        return info | {"missing": missing}
+    if spec.extra == "hf":
+        from swiftdp.bench.hf import count_parameters
+
+        return info | count_parameters(spec)
+    return info | {"params": sum(p.numel() for p in spec.build().parameters()
+                                 if p.requires_grad)}

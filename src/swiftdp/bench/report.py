@@ -24,7 +24,8 @@ def _fmt(v: Any, spec: str) -> str:
 def _notes(r: dict[str, Any]) -> str:
     parts = list(r.get("notes") or [])
     if r.get("status") == "failed":
-        parts.append(f"FAILED: {r.get('error')}")
+        where = f" at {r['where']}" if r.get("where") else ""
+        parts.append(f"FAILED{where}: {r.get('error')}")
     elif r.get("status") == "unavailable":
         parts.append(f"not run: {r.get('error')}")
     elif r.get("rounds") is not None:
@@ -57,7 +58,8 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
             _fmt(r.get("mem_ratio") if ok else None, ".2f"),
             _fmt(r.get("train_mb") if ok else None, ".0f"),
             _fmt(r.get("train_mem_ratio") if ok else None, ".2f"),
-            _fmt(r.get("examples_per_s") if ok else None, ".0f"),
+            _fmt(r.get("examples_per_s") if ok else None,
+                 ".0f" if (r.get("examples_per_s") or 0) >= 10 else ".2f"),
         ]
         if has_max:
             row.append(str(r.get("max_batch", "—")))
@@ -73,7 +75,9 @@ def _geomean(values: list[float]) -> float | None:
 def targets(results: list[dict[str, Any]], method: str = DEFAULT_METHOD) -> dict[str, Any]:
     """Check the issue's targets for ``method`` (swiftdp default).
 
-    * time: ``ratio <= 1.3`` on every model;
+    * time: ``ratio <= 1.3`` on every model, or the model's own
+      ``time_target`` where its result carries one (GPT-2 small on a CPU:
+      1.2 full fine-tuning, 1.1 LoRA);
     * memory: ``mem_ratio <= 1.2`` (raw peaks) on every model (the peak
       above the idle process, ``train_mem_ratio``, is reported alongside);
     * Opacus: the geometric mean over the models where some Opacus mode ran
@@ -98,10 +102,11 @@ def targets(results: list[dict[str, Any]], method: str = DEFAULT_METHOD) -> dict
         opac = {m: rs[m]["ratio"] for m in OPACUS_METHODS
                 if m in rs and rs[m].get("status") == "ok"}
         best = min(opac.items(), key=lambda kv: kv[1]) if opac else None
+        limit = float(s.get("time_target") or TIME_TARGET)
         entry: dict[str, Any] = {
             "ratio": s["ratio"], "mem_ratio": s.get("mem_ratio"),
-            "train_mem_ratio": s.get("train_mem_ratio"),
-            "time_ok": s["ratio"] <= TIME_TARGET,
+            "train_mem_ratio": s.get("train_mem_ratio"), "time_target": limit,
+            "time_ok": s["ratio"] <= limit,
             "memory_ok": (s.get("mem_ratio") or math.inf) <= MEMORY_TARGET,
             "best_opacus": best[0] if best else None,
             "speedup_vs_opacus": best[1] / s["ratio"] if best else None,
@@ -127,8 +132,11 @@ def targets_markdown(t: dict[str, Any]) -> str:
     def mark(ok: bool | None) -> str:
         return "n/a" if ok is None else ("met" if ok else "MISSED")
 
+    own = {m: e["time_target"] for m, e in t["per_model"].items()
+           if e.get("time_target", TIME_TARGET) != TIME_TARGET}
+    limits = f"{TIME_TARGET}x" + "".join(f"; {m} {v}x" for m, v in own.items())
     lines = [
-        f"- swiftdp default ≤ {TIME_TARGET}x non-private step time on every model: "
+        f"- swiftdp default ≤ its target × non-private step time ({limits}) on every model: "
         f"**{mark(t['time_met'])}**",
         f"- swiftdp default ≤ {MEMORY_TARGET}x non-private peak memory on every model: "
         f"**{mark(t['memory_met'])}**",
@@ -137,15 +145,17 @@ def targets_markdown(t: dict[str, Any]) -> str:
         + ("" if t["opacus_geomean_speedup"] is None
            else f"({t['opacus_geomean_speedup']:.2f}x)"),
         "",
-        "| model | × time | × mem (raw) | × mem (above idle) | best Opacus | speed-up vs it |",
-        "|---|---|---|---|---|---|",
+        "| model | × time | target | × mem (raw) | × mem (above idle) | best Opacus "
+        "| speed-up vs it |",
+        "|---|---|---|---|---|---|---|",
     ]
     for model, e in t["per_model"].items():
         if "ratio" not in e:
-            lines.append(f"| {model} | — | — | — | — | {e.get('status')} |")
+            lines.append(f"| {model} | — | — | — | — | — | {e.get('status')} |")
             continue
         lines.append(
             f"| {model} | {e['ratio']:.2f}{'' if e['time_ok'] else ' ✗'} | "
+            f"≤ {e['time_target']:g} | "
             f"{_fmt(e['mem_ratio'], '.2f')}{'' if e['memory_ok'] else ' ✗'} | "
             f"{_fmt(e['train_mem_ratio'], '.2f')} | {e['best_opacus'] or 'none ran'} | "
             f"{_fmt(e['speedup_vs_opacus'], '.2f')} |"

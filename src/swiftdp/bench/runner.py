@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from swiftdp.bench.methods import BASELINE, OPACUS_METHODS, opacus_available
-from swiftdp.bench.models import get_model
+from swiftdp.bench.models import get_model, missing_extra
 from swiftdp.bench.worker import RESULT_PREFIX
 
 
@@ -121,6 +121,9 @@ def parse_worker_output(stdout: str) -> dict[str, Any] | None:
 def run_worker(cfg: SuiteConfig, model: str, method: str) -> dict[str, Any]:
     """Run one configuration in a fresh process; a crash or timeout becomes a failed result."""
     base: dict[str, Any] = {"model": model, "method": method, "notes": [], "size": cfg.size}
+    missing = missing_extra(get_model(model, cfg.size))
+    if missing is not None:
+        return base | {"status": "unavailable", "error": missing}
     if method in OPACUS_METHODS and not opacus_available():
         return base | {"status": "unavailable",
                        "error": "Opacus is not installed (pip install 'swiftdp[bench]')."}
@@ -147,7 +150,7 @@ Runner = Callable[[SuiteConfig, str, str], dict[str, Any]]
 
 def summary_line(r: dict[str, Any]) -> str:
     """One line about a finished configuration (printed above the progress bar)."""
-    head = f"{r['model']:>12} {r['method']:<20}"
+    head = f"{r['model']:>15} {r['method']:<20}"
     if r.get("status") != "ok":
         return f"{head} {r.get('status', 'failed').upper()}: {str(r.get('error'))[:100]}"
     return (f"{head} {r['step_ms']:9.1f} ms  x{r['ratio']:.2f} time  "

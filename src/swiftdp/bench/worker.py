@@ -37,10 +37,11 @@ from swiftdp.bench.methods import (
     MethodSetupError,
     MethodUnavailableError,
     PreparedMethod,
+    failure_site,
     opacus_available,
     prepare,
 )
-from swiftdp.bench.models import SuiteModel, get_model
+from swiftdp.bench.models import SuiteModel, get_model, missing_extra
 from swiftdp.bench.timing import interleaved_times, largest_batch, median, plan_rounds
 
 RESULT_PREFIX = "SWIFTDP_BENCH_RESULT "
@@ -105,9 +106,11 @@ def measure(
 
     Returns:
         A JSON-serialisable dict: ``status`` (``"ok"``, ``"failed"`` or
-        ``"unavailable"``), ``error``, ``notes``, ``step_ms`` and
-        ``base_step_ms`` (medians), ``ratio``, ``peak_mb``, ``idle_mb``,
-        ``examples_per_s``, ``rounds``, ``max_batch``.
+        ``"unavailable"``: the method's library or the model's extra is not
+        installed), ``error``, ``where`` (of a failure), ``notes``, ``step_ms``
+        and ``base_step_ms`` (medians), ``ratio``, ``peak_mb``, ``idle_mb``,
+        ``examples_per_s``, ``rounds``, ``max_batch``, ``time_target`` (the
+        model's own target, if it has one).
     """
     cuda = device.startswith("cuda")
     sync: Callable[[], None] | None = torch.cuda.synchronize if cuda else None
@@ -115,6 +118,12 @@ def measure(
         "model": spec.name, "method": method, "batch_size": batch_size, "device": device,
         "threads": torch.get_num_threads(), "status": "ok", "error": None, "notes": [],
     }
+    if spec.time_target is not None:
+        res["time_target"] = spec.time_target
+    missing = missing_extra(spec)
+    if missing is not None:
+        res.update(status="unavailable", error=missing)
+        return res
     if opacus_available():  # every process loads the same libraries before "idle"
         import opacus  # noqa: F401
     x, y = (t.to(device) for t in spec.make_batch(batch_size, seed))
@@ -151,6 +160,10 @@ def measure(
         res.update(status="failed", error=_error_text(exc))
         if isinstance(exc, MethodSetupError):
             res["notes"] = list(exc.notes)
+        where = exc.where if isinstance(exc, MethodSetupError) else failure_site(
+            exc, None, batch_size)
+        if where:
+            res["where"] = where
         res["traceback"] = traceback.format_exc(limit=6)
         return res
     step_s = median(times[-1])
