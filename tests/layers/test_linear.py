@@ -141,3 +141,30 @@ def test_sliced_parameter_uses_expand_rule_not_generic(mode, monkeypatch):
     x = torch.randn(5, 4, 4, dtype=torch.float64)
     y = torch.randn(5, 2, dtype=torch.float64)
     check_against_oracle(model, x, y, mode=mode)
+
+
+class _Conv1D(nn.Module):
+    """Hugging Face's Conv1D: ``torch.addmm(bias, x.view(-1, d), weight)``, weight ``(d, p)``."""
+
+    def __init__(self, d: int, p: int, merged: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d, p) * 0.3)
+        self.bias = nn.Parameter(torch.randn(p) * 0.1)
+        self.merged = merged
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.merged:  # (B, d)
+            return torch.addmm(self.bias, x, self.weight)
+        out = torch.addmm(self.bias, x.view(-1, x.shape[-1]), self.weight)  # (B * T, p)
+        return out.view(*x.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("merged", [True, False])
+def test_addmm_with_a_transposed_weight_is_exact(mode, merged):
+    torch.manual_seed(0)
+    model = nn.Sequential(_Conv1D(5, 3, merged), nn.Tanh(), _Conv1D(3, 2, merged)).double()
+    shape = (4, 6, 5) if merged else (4, 5)
+    x = torch.randn(*shape, dtype=torch.float64)
+    y = torch.randn(*shape[:-1], 2, dtype=torch.float64)
+    check_against_oracle(model, x, y, mode=mode)

@@ -68,7 +68,9 @@ RECURRENT = frozenset({"lstm", "gru", "rnn_tanh", "rnn_relu"})
 
 # Layers acting on each row of their input alone: on a batch merged into the
 # rows (OPT's ``(B * T, d)``), run as ``(B, T, d)``.
-_UNMERGE: set[Any] = {F.linear, F.layer_norm, F.embedding, getattr(F, "rms_norm", F.linear)}
+# (function: position of the batched input)
+_UNMERGE: dict[Any, int] = {F.linear: 0, F.layer_norm: 0, F.embedding: 0, F.rms_norm: 0,
+                            torch.addmm: 1}
 
 
 class Tracer(TorchFunctionMode):
@@ -265,10 +267,11 @@ class Tracer(TorchFunctionMode):
             return self.unknown(func, args, kwargs, found)  # slices: expand or generic only
         rule = RULES.get(func)
         if rule is not None:
-            if func in _UNMERGE and args and isinstance(args[0], Tensor):
-                m = batchdim.merged(args[0], self.batch_token)
+            pos = _UNMERGE.get(func)
+            if pos is not None and len(args) > pos and isinstance(args[pos], Tensor):
+                m = batchdim.merged(args[pos], self.batch_token)
                 if m is not None and m[0] == 0 == self.batch_dim:
-                    return self._unmerged(rule, func, args, kwargs, m[1])
+                    return self._unmerged(rule, func, args, kwargs, m[1], pos)
             try:
                 return rule(self, func, args, kwargs)
             except Decline:
@@ -281,15 +284,18 @@ class Tracer(TorchFunctionMode):
         return self.unknown(func, args, kwargs, found)
 
     def _unmerged(self, rule: Any, func: Callable[..., Any], args: tuple[Any, ...],
-                  kwargs: dict[str, Any], per: int) -> Any:
+                  kwargs: dict[str, Any], per: int, pos: int) -> Any:
         """A row-wise layer on a merged batch ``(B * per, ...)``: run as ``(B, per, ...)``."""
-        x, B = args[0], self.batch_size
+        x, B = args[pos], self.batch_size
         m = getattr(x, batchdim.ATTR)
         x2 = x.view(B, per, *x.shape[1:]) if x.is_contiguous() else x.reshape(
             B, per, *x.shape[1:])
         self.mark_batched(x2, 0, m[2])
         self._site = None
-        out = rule(self, func, (x2, *args[1:]), kwargs)
+        try:
+            out = rule(self, func, (*args[:pos], x2, *args[pos + 1:]), kwargs)
+        except Decline:
+            return self.unknown(func, args, kwargs, self.find_params(args, kwargs))
         return out.reshape(B * per, *out.shape[2:])
 
     def find_params(self, args: Sequence[Any], kwargs: dict[str, Any]) -> list[Tensor]:

@@ -18,6 +18,7 @@ from swiftdp.layers import attention, conv, embedding, linear, norm, recurrent
 
 RULES: dict[Any, Rule] = {
     F.linear: linear.linear_rule,
+    torch.addmm: linear.addmm_rule,
     torch.conv1d: conv.conv_rule,
     torch.conv2d: conv.conv_rule,
     torch.conv3d: conv.conv_rule,

@@ -15,9 +15,11 @@ from torch import Tensor
 from swiftdp.clipping.contributions import Contribution, LinearFactors, PerSampleGrads
 from swiftdp.errors import UnsupportedModuleError
 
+from swiftdp.clipping.contract import Decline
+from swiftdp.layers._common import bind, check_batch, raise_unbatched
+
 if TYPE_CHECKING:
     from swiftdp.clipping.contract import Policy, Recorder
-from swiftdp.layers._common import bind, check_batch, raise_unbatched
 
 
 def as_sequence(t: Tensor, batch_dim: int) -> Tensor:
@@ -35,15 +37,19 @@ def linear_use(
     weight: Tensor,
     bias: Tensor | None,
     compute: Callable[[], Tensor] | None = None,
+    transposed: bool = False,
 ) -> Tensor:
     """Run ``F.linear(x, weight, bias)`` and capture it for clipping.
 
     Args:
         rec: the active tracer.
         x: input ``(..., d)``.
-        weight: ``(p, d)``; captured when it is a trainable parameter.
+        weight: ``(p, d)`` (``(d, p)`` when ``transposed``: ``x @ weight``);
+            captured when it is a trainable parameter.
         bias: ``(p,)`` or ``None``; captured when trainable.
         compute: optional replacement of the forward computation.
+        transposed: the weight is stored ``(d, p)`` (``torch.addmm(bias, x,
+            weight)``, Hugging Face's ``Conv1D``).
 
     Returns:
         The output, identical to ``F.linear``'s.
@@ -61,7 +67,9 @@ def linear_use(
     bdt = bias.detach() if (bias is not None and b_t) else bias
 
     def run() -> Tensor:
-        return F.linear(x, wd, bdt) if compute is None else compute()
+        if compute is not None:
+            return compute()
+        return F.linear(x, wd.t() if transposed else wd, bdt)
 
     def build(grads: Sequence[Tensor | None], policy: Policy) -> list[Contribution]:
         g = grads[0]
@@ -78,13 +86,34 @@ def linear_use(
                 )
             a3 = as_sequence(xd, bd)
             t, d, p = a3.shape[1], a3.shape[2], g3.shape[2]
-            out.append(LinearFactors(weight, a3, g3, ghost=policy.factored(t, d, p)))
+            if transposed:  # G_i = a_iᵀ g_i, (d, p): the same factors, roles swapped
+                out.append(LinearFactors(weight, g3, a3, ghost=policy.factored(t, p, d)))
+            else:
+                out.append(LinearFactors(weight, a3, g3, ghost=policy.factored(t, d, p)))
         if b_t:
             assert bias is not None
             out.append(PerSampleGrads(bias, g3[:, 0] if g3.shape[1] == 1 else g3.sum(1)))
         return out
 
     return rec.track(run, [x], [weight if w_t else None, bias if b_t else None], build)
+
+
+def addmm_rule(rec: Recorder, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Rule for ``torch.addmm(bias, x, weight)`` with a trainable ``(d, p)`` weight.
+
+    Hugging Face's ``Conv1D`` (GPT-2) on a batch merged into the rows; the
+    dispatcher hands it ``x`` as ``(B, T, d)``. Anything else (``beta`` or
+    ``alpha`` set, the weight as the first matrix) is declined to the generic
+    rule.
+    """
+    a = bind(("input", "mat1", "mat2"), args, kwargs, {})
+    bias, x, weight = a.get("input"), a.get("mat1"), a.get("mat2")
+    if (kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1 or len(args) > 3
+            or not isinstance(x, Tensor) or not isinstance(weight, Tensor)
+            or not rec.site.is_trainable(weight) or rec.site.is_trainable(x)
+            or not isinstance(bias, Tensor) or bias.dim() != 1):
+        raise Decline
+    return linear_use(rec, x, weight, bias, transposed=True)
 
 
 def linear_rule(rec: Recorder, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
