@@ -12,10 +12,9 @@ from typing import TYPE_CHECKING, Any
 import torch.nn.functional as F
 from torch import Tensor
 
+from swiftdp.clipping.contract import Decline
 from swiftdp.clipping.contributions import Contribution, LinearFactors, PerSampleGrads
 from swiftdp.errors import UnsupportedModuleError
-
-from swiftdp.clipping.contract import Decline
 from swiftdp.layers._common import bind, check_batch, raise_unbatched
 
 if TYPE_CHECKING:
