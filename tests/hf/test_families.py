@@ -300,3 +300,82 @@ def test_t5_with_the_sequence_as_long_as_the_batch_is_exact():
     finally:
         clipper.remove()
     assert max_rel_error([p.grad for p in model.parameters()], want) < 1e-6
+
+
+# --- DeBERTa-v2 (position keys tiled over its (B * H, ...) batch) and HF Swin
+# (relative bias table[index] and the window mask tiled over (B * windows, ...)) ---
+
+def _deberta() -> nn.Module:
+    torch.manual_seed(0)
+    return tf.DebertaV2ForSequenceClassification(tf.DebertaV2Config(
+        vocab_size=V, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=16, num_labels=2, relative_attention=True,
+        position_buckets=8, pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm",
+        max_relative_positions=8, **_NO_DROPOUT)).double()
+
+
+@pytest.mark.parametrize("mode", ["bk", "ghost"])
+def test_deberta_v2_disentangled_attention_is_exact(mode):
+    batch, labels = _batch(), _labels("classify")
+    model = _deberta()
+    want, _ = reference_clipped_sum(copy.deepcopy(model), _classify, batch, labels, C,
+                                    call=lambda m, x: m(**x))
+    clipper = swiftdp.GradClipper(model, C, mode=mode)
+    try:
+        model(**batch, labels=labels).loss.backward()
+    finally:
+        clipper.remove()
+    assert max_rel_error([p.grad for p in model.parameters()], want) < 1e-9
+
+
+def _swin() -> nn.Module:
+    torch.manual_seed(0)
+    return tf.SwinForImageClassification(tf.SwinConfig(
+        image_size=16, patch_size=2, num_channels=3, embed_dim=8, depths=[2], num_heads=[2],
+        window_size=4, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        drop_path_rate=0.0)).double()
+
+
+@pytest.mark.parametrize("mode", ["bk", "ghost"])
+def test_swin_shifted_windows_are_exact(mode):
+    x = torch.randn(B, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 1])
+    model = _swin()
+    want, _ = reference_clipped_sum(copy.deepcopy(model), _classify, x, y, C,
+                                    call=lambda m, a: m(pixel_values=a))
+    clipper = swiftdp.GradClipper(model, C, mode=mode)
+    try:
+        model(pixel_values=x, labels=y).loss.backward()
+    finally:
+        clipper.remove()
+    got = [p.grad for p in model.parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in got)  # the bias tables included
+    assert max_rel_error(got, want) < 1e-9
+
+
+@pytest.mark.parametrize(("name", "make"), [("deberta", _deberta), ("swin", _swin)])
+def test_deberta_and_swin_neighbour_sensitivity_stays_within_c(name, make):
+    base = make()
+    if name == "swin":
+        data = (torch.randn(B, 3, 16, 16, dtype=torch.float64,
+                            generator=torch.Generator().manual_seed(0)) * 3,
+                torch.tensor([0, 1, 1]))
+
+        def call(m, x, y):
+            return m(pixel_values=x, labels=y)
+    else:
+        data = (_batch(), _labels("classify"))
+
+        def call(m, x, y):
+            return m(**x, labels=y)
+
+    def clipped_sum(d):
+        model = copy.deepcopy(base)
+        clipper = swiftdp.GradClipper(model, C)
+        try:
+            call(model, *d).loss.backward()
+        finally:
+            clipper.remove()
+        return [p.grad.detach().clone() for p in model.parameters()]
+
+    assert neighbour_sensitivity(clipped_sum, data, B) <= C * (1 + 1e-9)

@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.func import functional_call, vjp, vmap
 from torch.utils import _pytree as pytree
 
+from swiftdp.clipping import batchdim
 from swiftdp.clipping.capture import Capture, ModuleCall, Source
 from swiftdp.clipping.contract import Policy
 from swiftdp.clipping.contributions import Contribution, PerSampleGrads
@@ -40,6 +41,18 @@ def capture_module_output(engine: GradClipper, tracer: Tracer, call: ModuleCall,
     idx = [i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.is_floating_point()]
     if not idx:
         return None
+    # The batch dimensions, tracked from the model's inputs (never read from sizes).
+    token = tr.batch_token
+    in_leaves = pytree.tree_leaves((call.args, call.kwargs))
+    in_dims = [_tracked(t, token) for t in in_leaves]
+    out_dims = [_tracked(leaves[i], token) for i in idx]
+    if all(d is None for d in in_dims) and all(d is None for d in out_dims):
+        raise UnsupportedModuleError(
+            f"Module `{call.path}` uses parameters {sorted(n for n, _ in _named(call))} in a "
+            "way no layer rule covers, and neither its inputs nor its outputs carry the batch "
+            "(tracked from the model's inputs): its parameters' gradient is the whole batch's "
+            "and cannot be split per example. Compute the value from the batch inside a layer "
+            "swiftdp supports, or freeze these parameters with requires_grad_(False).")
     changed = False
     for i in idx:
         if not leaves[i].requires_grad:
@@ -48,7 +61,8 @@ def capture_module_output(engine: GradClipper, tracer: Tracer, call: ModuleCall,
             changed = True
     names = {id(p): n for n, p in call.module.named_parameters()}
     params = {names[pid]: p for pid, p in call.generic.items()}
-    cap = Capture(tr, len(idx), _builder(engine, step.batch_size, call, params, idx),
+    cap = Capture(tr, len(idx), _builder(engine, step.batch_size, call, params, idx,
+                                         in_dims, out_dims),
                   list(params.values()),
                   tuple(c.call_id for c in tr.stack))
     for j, i in enumerate(idx):
@@ -78,19 +92,16 @@ def _absorb_inner_captures(captures: list[Capture], call: ModuleCall) -> None:
 
 def _builder(
     engine: GradClipper, batch: int, call: ModuleCall, params: dict[str, Tensor],
-    out_idx: list[int],
+    out_idx: list[int], in_dims: list[int | None], out_dims: list[int | None],
 ) -> Any:
     module, args, kwargs = call.module, call.args, call.kwargs
-    bd0 = 0 if engine.batch_first else 1
 
     def build(grads: Sequence[Tensor | None], policy: Policy) -> list[Contribution]:
         leaves, spec = pytree.tree_flatten((args, kwargs))
-        dims: list[int | None] = []
-        for t in leaves:
-            dims.append(_bdim(t, bd0, batch) if isinstance(t, Tensor) else None)
+        dims = list(in_dims)
         batched = [t if d is not None else None for t, d in zip(leaves, dims, strict=True)]
         gs = [torch.zeros(()) if g is None else g for g in grads]
-        gdims = [None if g is None else _bdim(g, bd0, batch) for g in grads]
+        gdims = [None if g is None else d for g, d in zip(grads, out_dims, strict=True)]
         detached = {k: v.detach() for k, v in params.items()}
 
         def one(bl: list[Any], gl: list[Tensor]) -> tuple[Tensor, ...]:
@@ -139,6 +150,19 @@ def _builder(
         return [PerSampleGrads(p, g) for p, g in zip(params.values(), per, strict=True)]
 
     return build
+
+
+def _tracked(t: Any, token: object) -> int | None:
+    """``t``'s tracked batch dimension (``None``: not a tensor, no batch, or unknown)."""
+    if not isinstance(t, Tensor):
+        return None
+    carries, d = batchdim.read(t, token)
+    return d if carries else None
+
+
+def _named(call: ModuleCall) -> list[tuple[str, Tensor]]:
+    names = {id(p): n for n, p in call.module.named_parameters()}
+    return [(names.get(pid, "?"), p) for pid, p in call.generic.items()]
 
 
 def _bdim(t: Tensor, bd0: int, batch: int) -> int | None:

@@ -118,10 +118,24 @@ def _mark(out: Any, token: object, pairs: tuple[tuple[Tensor, Tensor], ...],
                 pass
 
 
+def table_lookup(args: tuple[Any, ...]) -> tuple[Tensor, Tensor] | None:
+    """``(table, indices)`` when ``table[indices]`` picks rows of a 2-D table by integer ids."""
+    if len(args) != 2 or not isinstance(args[0], Tensor) or args[0].dim() != 2:
+        return None
+    idx = args[1]
+    if (not isinstance(idx, Tensor) or idx.dtype not in (torch.long, torch.int)
+            or idx.dim() == 0):
+        return None
+    return args[0], idx
+
+
 def _lookup(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
             ) -> tuple[Tensor, Tensor, int | None] | None:
     """``(weight, indices, padding_idx)`` of a plain embedding call (no max_norm, ...)."""
     name = getattr(func, "__name__", "")
+    if func is Tensor.__getitem__:
+        got = table_lookup(args)
+        return None if got is None else (got[0], got[1], None)
     if name not in _LOOKUPS:
         return None
     if func is torch.embedding:
@@ -208,9 +222,14 @@ def meet(tr: Tracer, func: Callable[..., Any], args: tuple[Any, ...], kwargs: di
         raise _refuse(tr, name, "it does not broadcast the value against the batch")
     x, d = src[0], src[1]
     assert isinstance(x, Tensor)
-    if d is None or batchdim.merged(x, tr.batch_token) is not None:
-        raise _refuse(tr, name, "the batch's dimension is not known here (or it is merged "
-                      "with another one)")
+    merged = batchdim.merged(x, tr.batch_token)
+    per = 1
+    if merged is not None:  # Swin's windows (B * nW, ...): each example's rows share s
+        if merged[0] != 0 or d != 0:
+            raise _refuse(tr, name, "the batch is merged into a dimension other than the first")
+        per = merged[1]
+    if d is None:
+        raise _refuse(tr, name, "the batch's dimension is not known here")
     tensors = [t for t in top if isinstance(t, Tensor)]
     m = max(t.dim() for t in tensors)
     if name == "scaled_dot_product_attention":
@@ -229,34 +248,55 @@ def meet(tr: Tracer, func: Callable[..., Any], args: tuple[Any, ...], kwargs: di
     subs: dict[int, tuple[Tensor, Tensor, Any]] = {}
     for s in shared:
         view = (1,) * (m - s.dim()) + tuple(s.shape)
+        if per > 1 and r == 0 and s.dim() == m and s.shape[0] == tr.batch_size * per:
+            blocks = s.detach().reshape(tr.batch_size, per, *s.shape[1:])
+            if bool(torch.equal(blocks, blocks[:1].expand_as(blocks))):
+                # The same rows for every example, tiled over the merged batch (Swin's
+                # window mask expanded to B * nW and added to the bias): one copy tiled.
+                one = s.reshape(tr.batch_size, per, *s.shape[1:])[0]
+                setattr(one, ATTR, getattr(s, ATTR))  # the same parameters, the same origins
+                subs[id(s)] = (s, _expanded(tr, one, tuple(one.shape), 0, tiled=True), None)
+                continue
         if view[r] != 1:
             raise _refuse(tr, name, f"its dimension {r - (m - s.dim())} (size {view[r]}) lies "
                           "where the batch is, so its rows would be taken for examples")
-        subs[id(s)] = (s, _expanded(tr, s, view, r), None)
+        subs[id(s)] = (s, _expanded(tr, s, view, r, per=per), None)
     return replace_in(args, subs), replace_in(kwargs, subs)
 
 
-def _expanded(tr: Tracer, s: Tensor, view: tuple[int, ...], r: int) -> Tensor:
+def _expanded(tr: Tracer, s: Tensor, view: tuple[int, ...], r: int, tiled: bool = False,
+              per: int = 1) -> Tensor:
     """``s`` viewed as ``view`` (size 1 at ``r``) expanded to the batch there: virtual rows.
 
-    Each row's gradient is captured and pulled back to the parameters as its
-    example's contribution.
+    ``tiled``: ``s`` repeated ``B`` times along dimension 0 instead (``s.repeat(B,
+    1, ...)``, DeBERTa's position keys against its ``(B * H, ...)`` batch): a
+    batch merged into the rows, ``s.shape[0]`` per example. Each example's
+    rows' gradient is captured and pulled back to the parameters as its
+    contribution. ``per``: the batch it meets is merged into dimension 0,
+    ``per`` rows per example (each example's rows share ``s``).
     """
     B = tr.batch_size
     pairs = read(s, tr.batch_token) or ()
     shape = list(view)
-    shape[r] = B
+    shape[r] = B * per
     s_det = s.detach()
     # The pull-back starts from the value as it is now, whatever later
     # in-place ops do to ``s``.
     snap = s.clone()
 
     def compute() -> Tensor:
+        if tiled:
+            return s_det.repeat(B, *([1] * (s_det.dim() - 1)))
         return s_det.reshape(view).expand(shape)
 
     exp: Tensor = tr.track(compute, [], [p for p, _ in pairs],
-                           _pull_back(tr, snap, pairs, _origins(s), r, B))
-    tr.broadcast_batch(exp, r)
+                           _pull_back(tr, snap, pairs, _origins(s), r, B, per))
+    if tiled:
+        tr.mark_batched(exp, 0, batchdim.VIRTUAL, int(s.shape[0]))
+    elif per > 1:
+        tr.mark_batched(exp, 0, batchdim.VIRTUAL, per)
+    else:
+        tr.broadcast_batch(exp, r)
     return exp
 
 
@@ -280,6 +320,9 @@ def to_batch(tr: Tracer, func: Callable[..., Any], args: tuple[Any, ...],
     if not isinstance(ref, Tensor) or ref.dim() < s.dim():
         return None
     r = tr.batch_dim if ref.dim() >= 3 else 0
+    if (name == "repeat" and r == 0 and ref.dim() == s.dim() and s.shape[0] > 1
+            and tuple(ref.shape) == (tr.batch_size * s.shape[0], *s.shape[1:])):
+        return _expanded(tr, s, tuple(s.shape), 0, tiled=True)
     view = (1,) * (ref.dim() - s.dim()) + tuple(s.shape)
     want = list(view)
     want[r] = tr.batch_size
@@ -296,7 +339,7 @@ def alike_rows(idx: Tensor, dim: int) -> bool:
 
 
 def _pull_back(tr: Tracer, s: Tensor, pairs: Sequence[tuple[Tensor, Tensor]],
-               origins: Sequence[Origin], r: int, B: int) -> Build:
+               origins: Sequence[Origin], r: int, B: int, per: int = 1) -> Build:
     """Per-example contributions from the gradient of the expanded copy of ``s``.
 
     A table used only by lookups is credited through the looked-up rows'
@@ -313,19 +356,23 @@ def _pull_back(tr: Tracer, s: Tensor, pairs: Sequence[tuple[Tensor, Tensor]],
 
         rows = [o for o in origins if id(o[0]) not in state.dense]
         dense = [(p, a) for p, a in pairs if id(p) in state.dense]
-        per_row = g.movedim(r, 0).reshape(B, *s.shape)
+        g0 = g.movedim(r, 0)
+        if per > 1:  # an example's rows each met s: its gradient is their sum
+            g0 = g0.reshape(B, per, *g0.shape[1:]).sum(1)
+        per_row = g0.reshape(B, *s.shape)
         state.pulling += 1
         try:
-            per = torch.autograd.grad(s, [o[1] for o in rows] + [a for _, a in dense], per_row,
-                                      retain_graph=True, allow_unused=True, is_grads_batched=True)
+            pulled = torch.autograd.grad(s, [o[1] for o in rows] + [a for _, a in dense],
+                                         per_row, retain_graph=True, allow_unused=True,
+                                         is_grads_batched=True)
         finally:
             state.pulling -= 1
         out: list[Contribution] = []
-        for (w, _, idx, pad), gr in zip(rows, per[:len(rows)], strict=True):
+        for (w, _, idx, pad), gr in zip(rows, pulled[:len(rows)], strict=True):
             if gr is not None:
                 out.extend(lookup_contributions(w, idx, pad, gr, policy))
-        out.extend(PerSampleGrads(p, gp) for (p, _), gp in zip(dense, per[len(rows):], strict=True)
-                   if gp is not None)
+        out.extend(PerSampleGrads(p, gp) for (p, _), gp in zip(dense, pulled[len(rows):],
+                                                                strict=True) if gp is not None)
         return out
 
     return build

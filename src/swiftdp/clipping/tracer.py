@@ -445,6 +445,11 @@ class Tracer(TorchFunctionMode):
             name == "__get__" and getattr(owner, "__name__", "") in _PASSTHROUGH_GETTERS
         ):
             return func(*args, **kwargs)
+        if (func is Tensor.__getitem__ and len(found) == 1 and args and args[0] is found[0]
+                and not self.rule_batched and shared.table_lookup(args) is not None):
+            # table[idx] with indices that carry no batch (Swin's relative position
+            # bias): a lookup without the batch, credited where its rows meet it.
+            return shared.run_shared(self, func, args, kwargs, found, [])
         if func is Tensor.__getitem__ and len(found) == 1 and args and args[0] is found[0]:
             p = found[0]
             region = slice_region(args[1] if len(args) > 1 else None, p.shape)
