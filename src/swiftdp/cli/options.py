@@ -3,8 +3,11 @@
 Every option is declared once in :data:`TRAIN_OPTIONS`. The resolved value of
 an option is, by priority: the command line, then the ``--config`` file
 (YAML or TOML, keys spelt like the options with ``-`` or ``_``), then the
-default. Every value is checked here, in one place, and a bad one raises
-:class:`~swiftdp.errors.InvalidArgumentError` naming the option.
+dataset's recipe (:data:`RECIPES`: ``--dataset text`` trains a language
+model with its own defaults), then the default. Every value is checked here,
+in one place, and a bad one raises :class:`~swiftdp.errors.InvalidArgumentError`
+naming the option; so do options that do not fit together
+(:func:`check_combination`).
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ import yaml
 from swiftdp.accounting import MECHANISMS
 from swiftdp.clipping.clip_fns import CLIPPING_STYLES
 from swiftdp.clipping.engine import MODES
-from swiftdp.data import DATASETS
+from swiftdp.data import DATASETS, DEFAULT_SEQ_LEN, TEXT_DATASETS
 from swiftdp.errors import InvalidArgumentError
 from swiftdp.models import IMAGE_MODELS, SIZES
+from swiftdp.models.causal_lm import CAUSAL_LMS, HF_PREFIX, is_causal_lm
 
 OPTIMIZERS = ("sgd", "adam")
 DEVICES = ("cpu", "cuda")
@@ -35,6 +39,8 @@ class TrainConfig:
 
     dataset: str = "mnist5k"
     data_dir: str | None = None
+    data_file: str | None = None
+    seq_len: int = DEFAULT_SEQ_LEN
     model: str = "cnn"
     model_size: str = "small"
     epsilon: float = 3.0
@@ -63,6 +69,20 @@ class TrainConfig:
 
 RUN_ONLY = ("device", "threads")
 """Options that change how a run executes, not what it computes: free to change on resume."""
+
+TEXT_RECIPE: dict[str, Any] = {
+    "model": "gpt-tiny",
+    "optimizer": "adam",
+    "lr": 5e-3,
+    "max_grad_norm": 1.0,
+    "epochs": 20,
+    "batch_size": None,
+    "ema": 0.9,
+}
+"""The defaults of ``--dataset text`` that differ from the image recipe (see the README)."""
+
+RECIPES: dict[str, dict[str, Any]] = {name: TEXT_RECIPE for name in TEXT_DATASETS}
+"""Per-dataset defaults, between the global defaults and the config file."""
 
 
 @dataclass(frozen=True)
@@ -111,13 +131,34 @@ def _unit_left_closed(v: Any) -> str | None:
     return None if 0 <= v < 1 else "a number in [0, 1)"
 
 
+MODEL_NAMES = (*IMAGE_MODELS, *CAUSAL_LMS)
+"""``--model`` names besides ``hf:CONFIG``."""
+
+
+def _model_name(v: Any) -> str | None:
+    if v in MODEL_NAMES or v.startswith(HF_PREFIX):
+        return None
+    return f"one of {', '.join(MODEL_NAMES)} or {HF_PREFIX}path/to/config.json"
+
+
 TRAIN_OPTIONS: tuple[Option, ...] = (
-    Option("dataset", str, "dataset (mnist/cifar10 read from --data-dir)", DATASETS),
+    Option("dataset", str, "dataset (mnist/cifar10 read from --data-dir, text from --data-file)",
+           DATASETS),
     Option("data_dir", str, "folder of a torchvision-format dataset, for mnist and cifar10 (never "
            "downloaded; default: none)",
            nullable=True),
-    Option("model", str, "model of the zoo (swiftdp.models)", IMAGE_MODELS),
-    Option("model_size", str, "model size", SIZES),
+    Option("data_file", str, "text file for --dataset text, read as bytes (256 byte ids and a "
+           "start id) and cut into blocks of --seq-len bytes; ONE BLOCK IS ONE EXAMPLE, the "
+           "unit the (ε, δ) guarantee protects (not one user or document); the last 10%% of "
+           "the blocks are the test split (default: none)",
+           nullable=True),
+    Option("seq_len", int, "bytes per example (block) of --dataset text", check=_at_least_one),
+    Option("model", str, "model: an image model of the zoo (cnn, cnn-classic, mlp, resnet-gn, "
+           "vit-tiny), or for --dataset text a causal LM: gpt-tiny (GPT-2 layout, 2 layers, "
+           "width 128) or hf:CONFIG (AutoModelForCausalLM.from_config of a local config.json "
+           "or its folder; needs vocab_size >= 257; nothing downloaded)",
+           check=_model_name),
+    Option("model_size", str, "model size (ignored by hf:)", SIZES),
     Option("epsilon", float, "privacy budget ε (σ is calibrated to reach it)", check=_positive),
     Option("delta", float, "δ of the (ε, δ) guarantee", check=_unit_open),
     Option("epochs", int, "passes over the training data", check=_at_least_one),
@@ -144,10 +185,16 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
     Option("non_private", bool, "train without DP (the baseline: same recipe, no clipping "
            "or noise)"),
     Option("validation", bool, "train on 80%% of the training split and evaluate on the other "
-           "20%% (for choosing settings without touching the test split)"),
+           "20%% (text: its last 20%% of blocks) for choosing settings without touching the "
+           "test split"),
 )
 OPTIONS_BY_NAME = {o.name: o for o in TRAIN_OPTIONS}
 DEFAULTS = TrainConfig()
+
+
+def recipe_defaults(dataset: str) -> dict[str, Any]:
+    """The defaults in force for ``dataset``: the global ones, overridden by its recipe."""
+    return {**DEFAULTS.to_dict(), **RECIPES.get(dataset, {})}
 
 
 def check_value(option: Option, value: Any, source: str) -> Any:
@@ -248,11 +295,40 @@ def resolve(command_line: Mapping[str, Any], file_values: Mapping[str, Any]) -> 
     Raises:
         InvalidArgumentError: a value is out of range.
     """
-    merged = DEFAULTS.to_dict()
+    dataset = command_line.get("dataset", file_values.get("dataset", DEFAULTS.dataset))
+    merged = recipe_defaults(dataset)
     merged.update(file_values)
     for name, value in command_line.items():
         merged[name] = check_value(OPTIONS_BY_NAME[name], value, OPTIONS_BY_NAME[name].flag)
-    return TrainConfig(**{f.name: merged[f.name] for f in fields(TrainConfig)})
+    cfg = TrainConfig(**{f.name: merged[f.name] for f in fields(TrainConfig)})
+    check_combination(cfg)
+    return cfg
+
+
+def check_combination(cfg: TrainConfig) -> None:
+    """Refuse options that are valid alone but do not fit together.
+
+    Raises:
+        InvalidArgumentError: a language model on images or an image model on
+            text, or ``--data-file`` without ``--dataset text``.
+    """
+    text = cfg.dataset in TEXT_DATASETS
+    if cfg.data_file is not None and not text:
+        raise InvalidArgumentError(
+            f"--data-file is read by --dataset text only, got --dataset {cfg.dataset}; add "
+            "--dataset text to train a language model on the file."
+        )
+    if text and not is_causal_lm(cfg.model):
+        raise InvalidArgumentError(
+            f"--model {cfg.model!r} takes images, but --dataset {cfg.dataset} trains a causal "
+            f"language model: use --model {CAUSAL_LMS[0]} (the default for text) or "
+            f"--model {HF_PREFIX}path/to/config.json."
+        )
+    if not text and is_causal_lm(cfg.model):
+        raise InvalidArgumentError(
+            f"--model {cfg.model!r} is a causal language model; it trains on --dataset text "
+            f"--data-file PATH, not on --dataset {cfg.dataset}."
+        )
 
 
 def conflicts(saved: TrainConfig, requested: Mapping[str, Any]) -> list[str]:

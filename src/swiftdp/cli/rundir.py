@@ -5,12 +5,14 @@ file                  content
 ====================  =========================================================
 ``config.yaml``       the resolved options, plus a ``derived`` section (σ, q,
                       steps, dataset sizes, versions); ``--config`` reads it back
-``metrics.json``      per epoch: loss, train and test accuracy, ε, steps, time;
-                      rewritten atomically after every epoch
+``metrics.json``      per epoch: loss, train and test metric (accuracy, or
+                      perplexity for text), ε, steps, time; rewritten
+                      atomically after every epoch
 ``checkpoint.pt``     the complete training state after the last complete epoch
                       (``--resume`` continues from it); written atomically
 ``model.pt``          the final model's ``state_dict`` (the evaluated weights)
 ``accuracy_vs_epsilon.png``  test accuracy against ε spent
+                      (``perplexity_vs_epsilon.png`` for text)
 ====================  =========================================================
 """
 
@@ -31,6 +33,12 @@ METRICS = "metrics.json"
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
 PLOT = "accuracy_vs_epsilon.png"
+"""The plot of a classification run (:func:`plot_name` in general)."""
+
+
+def plot_name(metric: str) -> str:
+    """The plot's file name for ``metric``: ``accuracy_vs_epsilon.png``, ``perplexity_vs_epsilon.png``."""
+    return f"{metric}_vs_epsilon.png"
 
 
 def check_out(out: str | None) -> None:
@@ -108,26 +116,44 @@ def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
     atomic_write_text(run_dir / METRICS, json.dumps(metrics, indent=2) + "\n")
 
 
-def plot_accuracy(run_dir: Path, epochs: list[dict[str, Any]], eval_name: str,
-                  private: bool) -> Path:
-    """Plot evaluation accuracy against ε spent (against epochs when non-private)."""
+def plot_metric(run_dir: Path, epochs: list[dict[str, Any]], eval_name: str, metric: str,
+                private: bool) -> Path:
+    """Plot the evaluated metric against ε spent (against epochs when non-private).
+
+    Accuracy is shown in percent; perplexity on a log scale (lower is better).
+
+    Args:
+        run_dir: the run folder.
+        epochs: the per-epoch rows of ``metrics.json``.
+        eval_name: ``"test"`` or ``"validation"``.
+        metric: ``"accuracy"`` or ``"perplexity"``.
+        private: whether ε is finite (the x axis).
+
+    Returns:
+        The file written, :func:`plot_name` of ``metric``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
-    acc = [100 * e[f"{eval_name}_accuracy"] for e in epochs]
+    scale = 100.0 if metric == "accuracy" else 1.0
+    values = [scale * e[f"{eval_name}_{metric}"] for e in epochs]
     if private:
-        ax.plot([e["epsilon"] for e in epochs], acc, marker="o")
+        ax.plot([e["epsilon"] for e in epochs], values, marker="o")
         ax.set_xlabel("ε spent")
     else:
-        ax.plot([e["epoch"] for e in epochs], acc, marker="o")
+        ax.plot([e["epoch"] for e in epochs], values, marker="o")
         ax.set_xlabel("epoch (non-private)")
-    ax.set_ylabel(f"{eval_name} accuracy (%)")
+    if metric == "accuracy":
+        ax.set_ylabel(f"{eval_name} accuracy (%)")
+    else:
+        ax.set_yscale("log")
+        ax.set_ylabel(f"{eval_name} {metric} (lower is better)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = run_dir / PLOT
+    path = run_dir / plot_name(metric)
     fig.savefig(path)
     plt.close(fig)
     return path

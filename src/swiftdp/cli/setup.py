@@ -10,9 +10,10 @@ import torch
 from torch import Tensor, nn
 
 from swiftdp.cli.options import TrainConfig
-from swiftdp.data import Dataset, Split, load_dataset, validation_split
+from swiftdp.cli.tasks import TrainTask, task_for
+from swiftdp.data import Dataset, Split, load_dataset
 from swiftdp.errors import InvalidArgumentError
-from swiftdp.models import FeatureClassifier, build_model
+from swiftdp.models import FeatureClassifier
 
 DEFAULT_BATCH_SIZE = 1000
 """The default expected batch size (a quarter of the data for sets under 4,000 examples)."""
@@ -24,6 +25,7 @@ class Prepared:
 
     Attributes:
         data: the dataset.
+        task: what is trained and evaluated (classification or language modelling).
         eval_name: ``"test"``, or ``"validation"`` with ``--validation``.
         model: the full model (what ``model.pt`` holds).
         trainable: the part that is trained: ``model.classifier`` for a
@@ -37,6 +39,7 @@ class Prepared:
     """
 
     data: Dataset
+    task: TrainTask
     eval_name: str
     model: nn.Module
     trainable: nn.Module
@@ -83,13 +86,14 @@ def prepare(cfg: TrainConfig) -> Prepared:
     """Load the data, build the model, cache frozen features.
 
     Raises:
-        InvalidArgumentError: bad dataset folder, model that does not fit the
-            data, batch size larger than the training set, missing GPU.
+        InvalidArgumentError: bad dataset folder or text file, model that does
+            not fit the data, batch size larger than the training set, missing GPU.
     """
     device = resolve_device(cfg.device)
-    data = load_dataset(cfg.dataset, cfg.data_dir)
+    data = load_dataset(cfg.dataset, cfg.data_dir, data_file=cfg.data_file, seq_len=cfg.seq_len)
+    task = task_for(data)
     if cfg.validation:
-        train, evaluation = validation_split(data.train)
+        train, evaluation = task.split_validation(data.train)
         eval_name = "validation"
     else:
         train, evaluation = data.train, data.test
@@ -102,11 +106,11 @@ def prepare(cfg: TrainConfig) -> Prepared:
         )
     seed = cfg.seed if cfg.seed is not None else secrets.randbits(62)
     torch.manual_seed(seed)
-    model = build_model(cfg.model, data.input_shape, data.num_classes, cfg.model_size)
+    model = task.build_model(cfg, data)
     trainable: nn.Module = model
     if isinstance(model, FeatureClassifier):
         trainable = model.classifier
         train = Split(featurize(model.features, train.x, device), train.y)
         evaluation = Split(featurize(model.features, evaluation.x, device), evaluation.y)
-    return Prepared(data, eval_name, model, trainable.to(device), train, evaluation,
+    return Prepared(data, task, eval_name, model, trainable.to(device), train, evaluation,
                     batch_size, seed, device)

@@ -11,8 +11,12 @@ post-processing and cost no privacy.
 Not covered by the guarantee: the training loss and training accuracy shown
 in the progress bar and written to ``metrics.json`` are computed on the
 private training examples as they are used. They are for the person running
-the job; do not publish them with the model. Test accuracy is computed from
-the model and the (public) test split only.
+the job; do not publish them with the model. Test accuracy (perplexity, for
+text) is computed from the model and the (public) test split only.
+
+For ``--dataset text`` one example is one block of ``--seq-len`` bytes of the
+file (:mod:`swiftdp.data.text`): the guarantee protects any one block, not a
+person or a document that spans several.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -38,8 +41,9 @@ from swiftdp.io import atomic_torch_save
 
 NONPRIVATE_FORMAT = "swiftdp-cli-nonprivate"
 PRIVACY_NOTE = (
-    "The model is (epsilon, delta)-DP for the training split. loss and train_accuracy are "
-    "computed on the training examples without privacy protection: do not publish them."
+    "The model is (epsilon, delta)-DP for the training split (one example: one image, or one "
+    "block of the text file). loss and train_accuracy / train_perplexity are computed on the "
+    "training examples without privacy protection: do not publish them."
 )
 
 
@@ -110,9 +114,9 @@ class Trainer:
                 a.mul_(decay).add_(p.detach(), alpha=1.0 - decay)
 
     def train_epoch(self, progress: bool) -> dict[str, float]:
-        """Run one epoch; returns its mean loss and training accuracy."""
-        dev = self.prep.device
-        loss_sum, correct, seen = 0.0, 0, 0
+        """Run one epoch; returns its mean loss and training metric (``train_<metric>``)."""
+        dev, task = self.prep.device, self.prep.task
+        loss_sum, hits, seen = 0.0, 0.0, 0
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
                    unit="step", disable=not progress, leave=True, file=sys.stderr,
                    dynamic_ncols=True)
@@ -120,26 +124,22 @@ class Trainer:
         for x, y in self.loader:
             x, y = x.to(dev), y.to(dev)
             self.optimizer.zero_grad()
-            out = self.model(x)
-            if self.dp is None:
-                loss = F.cross_entropy(out, y)
-                batch_loss = loss.item() * len(y)
-            else:
-                loss = F.cross_entropy(out, y, reduction="sum")
-                batch_loss = loss.item()
-            loss.backward()
+            if len(y):  # an empty Poisson batch needs no backward: its step adds noise only
+                batch = task.batch_loss(self.model, x, y, summed=self.dp is not None)
+                batch.loss.backward()
+                loss_sum += batch.total
+                hits += batch.hits
+                seen += len(y)
             before = self.dp.steps if self.dp is not None else self.steps
             self.optimizer.step()
-            loss_sum += batch_loss
-            correct += int((out.argmax(1) == y).sum())
-            seen += len(y)
             if self.dp is not None and self.dp.steps == before:
                 continue  # a physical chunk of a logical batch; the step is not complete
             self.steps += 1
             self._update_average()
             bar.update(1)
-            post = {"loss": f"{loss_sum / max(seen, 1):.3f}", "acc": f"{correct / max(seen, 1):.3f}"}
-            if self.dp is not None:
+            post = {"loss": f"{loss_sum / max(seen, 1):.3f}",
+                    task.short: f"{task.train_metric(loss_sum, hits, seen):.3f}"}
+            if self.dp is not None and progress:
                 # ε costs a PLD composition: refresh it at most every 2 s and at epoch end.
                 now = time.monotonic()
                 if bar.n >= (bar.total or 0) or now - self._eps_shown_at > 2.0:
@@ -149,23 +149,23 @@ class Trainer:
             bar.set_postfix(post)
             _after_step(self.steps)
         bar.close()
-        return {"loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
+        return {"loss": loss_sum / max(seen, 1),
+                f"train_{task.metric}": task.train_metric(loss_sum, hits, seen)}
 
-    @torch.no_grad()
     def evaluate(self) -> float:
-        """Accuracy of the averaged model on the evaluation split."""
-        split, dev = self.prep.evaluation, self.prep.device
-        correct = 0
-        for i in range(0, len(split), 1000):
-            out = self.eval_model(split.x[i: i + 1000].to(dev))
-            correct += int((out.argmax(1).cpu() == split.y[i: i + 1000]).sum())
-        return correct / max(len(split), 1)
+        """The task's metric (accuracy, perplexity) of the averaged model on the evaluation split."""
+        return self.prep.task.evaluate(self.eval_model, self.prep.evaluation, self.prep.device)
+
+    @property
+    def eval_key(self) -> str:
+        """The metrics key of the evaluated metric: ``test_accuracy``, ``validation_perplexity``."""
+        return f"{self.prep.eval_name}_{self.prep.task.metric}"
 
     def record(self, stats: dict[str, float], elapsed: float) -> dict[str, Any]:
         """Append the epoch's metrics to the history; returns them."""
-        row = {"epoch": self.epoch, "loss": stats["loss"],
-               "train_accuracy": stats["train_accuracy"],
-               f"{self.prep.eval_name}_accuracy": self.evaluate(),
+        train_key = f"train_{self.prep.task.metric}"
+        row = {"epoch": self.epoch, "loss": stats["loss"], train_key: stats[train_key],
+               self.eval_key: self.evaluate(),
                "epsilon": self.epsilon(), "steps": self.steps, "elapsed_s": elapsed}
         self.history.append(row)
         return row
@@ -257,7 +257,8 @@ def metrics_document(trainer: Trainer, final: dict[str, Any] | None) -> dict[str
     cfg = trainer.cfg
     return {
         "dataset": cfg.dataset, "model": cfg.model, "private": not cfg.non_private,
-        "eval_split": trainer.prep.eval_name, "target_epsilon": None if cfg.non_private
+        "eval_split": trainer.prep.eval_name, "metric": trainer.prep.task.metric,
+        "higher_is_better": trainer.prep.task.higher_is_better, "target_epsilon": None if cfg.non_private
         else cfg.epsilon, "delta": None if cfg.non_private else cfg.delta,
         "epochs": trainer.history, "final": final,
         "note": PRIVACY_NOTE if not cfg.non_private else "non-private baseline: no guarantee",

@@ -16,6 +16,7 @@ import swiftdp
 from swiftdp.cli import rundir
 from swiftdp.cli.options import (
     OPTIONS_BY_NAME,
+    RECIPES,
     RUN_ONLY,
     TRAIN_OPTIONS,
     TrainConfig,
@@ -24,7 +25,7 @@ from swiftdp.cli.options import (
     read_config_file,
     resolve,
 )
-from swiftdp.cli.setup import prepare, set_threads
+from swiftdp.cli.setup import Prepared, prepare, set_threads
 from swiftdp.cli.train import Trainer, metrics_document, run_epochs
 from swiftdp.errors import InvalidArgumentError
 from swiftdp.io import atomic_torch_save
@@ -37,7 +38,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # t
     p: argparse.ArgumentParser = sub.add_parser(
         "train", help="train a model with differential privacy (the main job)",
         description="Train with DP-SGD. With no option: the default recipe on the 5,000 "
-                    "bundled MNIST digits (4,000 train / 1,000 test) at ε = 3, δ = 1e-5.",
+                    "bundled MNIST digits (4,000 train / 1,000 test) at ε = 3, δ = 1e-5. "
+                    "--dataset text --data-file PATH trains a byte-level causal language "
+                    "model on a local text file (one example = one block of --seq-len "
+                    "bytes) with the text recipe's defaults (shown as 'text:'), and reports "
+                    "test perplexity per byte.",
         argument_default=argparse.SUPPRESS,
     )
     for o in TRAIN_OPTIONS:
@@ -45,7 +50,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # t
             p.add_argument(o.flag, action="store_true", dest=o.name, help=o.help)
             continue
         default = getattr(TrainConfig(), o.name)
-        text = o.help if "default:" in o.help else f"{o.help} (default: {default})"
+        text = o.help if "default:" in o.help else f"{o.help} (default: {default}"
+        for dataset, recipe in RECIPES.items():
+            if o.name in recipe and recipe[o.name] != default:
+                text += f"; {dataset}: {recipe[o.name]}"
+        text += "" if "default:" in o.help else ")"
         p.add_argument(o.flag, dest=o.name, type=o.kind, choices=o.choices,
                        metavar=None if o.choices else o.name.upper(), help=text)
     p.add_argument("--config", metavar="FILE", help="YAML or TOML file of these options")
@@ -107,11 +116,12 @@ def _derived(trainer: Trainer) -> dict[str, Any]:
 
 def _summary(trainer: Trainer, wall: float) -> dict[str, Any]:
     cfg, last = trainer.cfg, trainer.history[-1] if trainer.history else {}
-    acc = last.get(f"{trainer.prep.eval_name}_accuracy", math.nan)
-    final: dict[str, Any] = {f"{trainer.prep.eval_name}_accuracy": acc,
+    task = trainer.prep.task
+    value = last.get(trainer.eval_key, math.nan)
+    final: dict[str, Any] = {trainer.eval_key: value,
                              "epochs": trainer.epoch, "steps": trainer.steps,
                              "wall_time_s": wall}
-    rows = [(f"{trainer.prep.eval_name} accuracy", f"{100 * acc:.2f}%")]
+    rows = [(f"{trainer.prep.eval_name} {task.metric}", task.show(value))]
     if trainer.dp is not None:
         priv = trainer.dp.privacy
         final.update({"epsilon": trainer.epsilon(), "delta": priv.delta,
@@ -197,11 +207,26 @@ def run(args: argparse.Namespace, started: float) -> int:
         return EXIT_INTERRUPTED
     wall = time.time() - started
     final = _summary(trainer, wall)
-    atomic_torch_save({"model": cfg.model, "model_size": cfg.model_size,
-                       "input_shape": list(prep.data.input_shape),
-                       "num_classes": prep.data.num_classes,
-                       "state_dict": trainer.final_state_dict()}, run_dir / rundir.MODEL)
+    atomic_torch_save(_model_file(cfg, prep, trainer), run_dir / rundir.MODEL)
     rundir.write_metrics(run_dir, metrics_document(trainer, final))
     if trainer.history:
-        rundir.plot_accuracy(run_dir, trainer.history, prep.eval_name, trainer.dp is not None)
+        rundir.plot_metric(run_dir, trainer.history, prep.eval_name, prep.task.metric,
+                           trainer.dp is not None)
     return 0
+
+
+def _model_file(cfg: TrainConfig, prep: Prepared, trainer: Trainer) -> dict[str, Any]:
+    """The content of ``model.pt``: what rebuilds the evaluated model, and its weights.
+
+    A causal LM also carries its Hugging Face config (``config``, a dict:
+    ``AutoModelForCausalLM.from_config(CONFIG_CLASS.from_dict(config))`` rebuilds it)
+    and the data's ``seq_len``.
+    """
+    out: dict[str, Any] = {"model": cfg.model, "model_size": cfg.model_size,
+                           "task": prep.data.task, "input_shape": list(prep.data.input_shape),
+                           "num_classes": prep.data.num_classes,
+                           "state_dict": trainer.final_state_dict()}
+    config = getattr(prep.model, "config", None)
+    if prep.data.task == "language-modelling" and config is not None:
+        out.update({"config": config.to_dict(), "seq_len": cfg.seq_len})
+    return out

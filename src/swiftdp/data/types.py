@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
 from swiftdp.errors import InvalidArgumentError
+
+Task = Literal["classification", "language-modelling"]
+"""What a dataset's examples are for: class labels, or next-token prediction."""
 
 
 class DataError(InvalidArgumentError):
@@ -20,8 +24,10 @@ class Split:
     """One part of a dataset held in memory.
 
     Attributes:
-        x: inputs, ``(N, C, H, W)`` float32 in [0, 1] for images.
-        y: int64 class labels, ``(N,)``.
+        x: inputs, ``(N, C, H, W)`` float32 in [0, 1] for images, int64 token
+            ids ``(N, T)`` for text.
+        y: int64 class labels ``(N,)``; for language modelling the token ids
+            ``(N, T)`` again (the model shifts them).
     """
 
     x: Tensor = field(repr=False)
@@ -48,7 +54,8 @@ class Dataset:
         train: the training split (the only part DP training reads).
         test: the held-out test split.
         input_shape: shape of one input, e.g. ``(1, 28, 28)``.
-        num_classes: number of classes.
+        num_classes: number of classes; for language modelling the vocabulary size.
+        task: ``"classification"``, or ``"language-modelling"`` (``y`` is ``x``).
     """
 
     name: str
@@ -56,6 +63,7 @@ class Dataset:
     test: Split
     input_shape: tuple[int, ...]
     num_classes: int
+    task: Task = "classification"
 
     @staticmethod
     def from_splits(name: str, train: Split, test: Split) -> Dataset:
