@@ -1,8 +1,9 @@
 """PEFT adapters beyond LoRA, and bias-only fine-tuning, against the float64 reference.
 
 IA3 (learned scales on GPT-2's attention and MLP), LoRA with a
-``modules_to_save`` classifier head, and BiTFiT (only biases and the head
-trainable): each example's clipped gradient is the one-example-at-a-time
+``modules_to_save`` classifier head, prefix tuning (GPT-2), prompt tuning
+(BERT: the prompt looked up once and ``repeat``-ed to the batch) and BiTFiT
+(only biases and the head trainable): each example's clipped gradient is the one-example-at-a-time
 one, and only the trainable parameters get a gradient.
 """
 
@@ -58,6 +59,16 @@ def _lora_head() -> nn.Module:
         task_type="SEQ_CLS", r=2, target_modules=["query", "value"], modules_to_save=["classifier"]))
 
 
+def _prefix() -> nn.Module:  # learned keys and values prepended in every layer
+    return peft.get_peft_model(_gpt2(), peft.PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=3))
+
+
+def _prompt() -> nn.Module:  # learned input embeddings prepended, copied to the batch
+    return peft.get_peft_model(_bert(), peft.PromptTuningConfig(
+        task_type="SEQ_CLS", num_virtual_tokens=3))
+
+
 def _bitfit() -> nn.Module:
     model = _bert()
     for n, p in model.named_parameters():
@@ -74,6 +85,7 @@ def _classify(out, y):
 
 
 CASES = [("ia3", _ia3, "causal"), ("lora_modules_to_save", _lora_head, "classify"),
+         ("prefix", _prefix, "causal"), ("prompt", _prompt, "classify"),
          ("bitfit", _bitfit, "classify")]
 
 
