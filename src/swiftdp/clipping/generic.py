@@ -46,6 +46,16 @@ def capture_module_output(engine: GradClipper, tracer: Tracer, call: ModuleCall,
     in_leaves = pytree.tree_leaves((call.args, call.kwargs))
     in_dims = [_tracked(t, token) for t in in_leaves]
     out_dims = [_tracked(leaves[i], token) for i in idx]
+    unknown = [t for t in [*in_leaves, *(leaves[i] for i in idx)]
+               if isinstance(t, Tensor) and batchdim.read(t, token) == (True, None)]
+    if unknown:
+        raise UnsupportedModuleError(
+            f"Module `{call.path}` uses parameters {sorted(n for n, _ in _named(call))} in a "
+            "way no layer rule covers, on or into a tensor whose batch dimension is no longer "
+            f"known (shape {tuple(unknown[0].shape)}: the batch merged with another dimension, "
+            "examples innermost, or moved by an op swiftdp does not follow), so it cannot be "
+            "recomputed one example at a time. Keep the batch in its own dimension (or "
+            "outermost in a reshape) around this module.")
     if all(d is None for d in in_dims) and all(d is None for d in out_dims):
         raise UnsupportedModuleError(
             f"Module `{call.path}` uses parameters {sorted(n for n, _ in _named(call))} in a "

@@ -368,9 +368,20 @@ def _pull_back(tr: Tracer, s: Tensor, pairs: Sequence[tuple[Tensor, Tensor]],
         finally:
             state.pulling -= 1
         out: list[Contribution] = []
+        tables: dict[int, list[tuple[Tensor, Tensor, int | None, Tensor]]] = {}
         for (w, _, idx, pad), gr in zip(rows, pulled[:len(rows)], strict=True):
             if gr is not None:
-                out.extend(lookup_contributions(w, idx, pad, gr, policy))
+                tables.setdefault(id(w), []).append((w, idx, pad, gr))
+        for uses in tables.values():
+            # one contribution per table: its lookups' rows together (their
+            # cross terms are the rows' own)
+            w = uses[0][0]
+            idx = torch.cat([i.reshape(-1) for _, i, _, _ in uses])
+            gr = torch.cat([g.reshape(B, -1, g.shape[-1]) if pad is None else
+                            g.reshape(B, -1, g.shape[-1]).masked_fill(
+                                (i.reshape(1, -1, 1) == pad), 0.0)
+                            for _, i, pad, g in uses], dim=1)
+            out.extend(lookup_contributions(w, idx, None, gr, policy))
         out.extend(PerSampleGrads(p, gp) for (p, _), gp in zip(dense, pulled[len(rows):],
                                                                 strict=True) if gp is not None)
         return out
