@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from swiftdp import distributed
 from swiftdp.accounting import PrivacyAccountant, get_noise_multiplier
 from swiftdp.api import checkpoint as ckpt
 from swiftdp.checks import (
@@ -324,9 +325,31 @@ def make_private(
 
     # secure=True: the sampling is seeded from OS entropy too (batch membership
     # is as secret as the noise); seed= then only seeds nothing private.
-    loader, sample_rate, expected = _sampling(train_loader, poisson_sampling,
-                                              None if secure else seed)
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        raise InvalidArgumentError(
+            "make_private got a DistributedDataParallel model: DDP all-reduces the plain "
+            "gradients during the backward, which swiftdp never lets reach the parameters "
+            "(its per-example clipped sums are all-reduced by the DP optimizer's step). Pass "
+            "the plain module (`ddp.module`), in a process group: make_private then trains "
+            "data-parallel itself (swiftdp.distributed).")
+    rank, world = distributed.rank_and_world()
+    sample_seed = None if secure else seed
+    if world > 1:  # data-parallel (swiftdp.distributed): one sample, split by rank
+        if not poisson_sampling:
+            raise InvalidArgumentError(
+                "poisson_sampling=False is not supported in a process group: the ranks "
+                "split one Poisson sample of the whole dataset. Use poisson_sampling=True.")
+        distributed.broadcast_model(model)
+        sample_seed = distributed.shared_seed(sample_seed)
+    loader, sample_rate, expected = _sampling(train_loader, poisson_sampling, sample_seed,
+                                              rank, world)
     num_samples = len(loader.dataset)  # type: ignore[arg-type]
+    if world > 1:
+        distributed.check_same(
+            [num_samples, sample_rate, expected, float(max_grad_norm),
+             -1.0 if noise_multiplier is None else float(noise_multiplier),
+             -1.0 if target_epsilon is None else float(target_epsilon), float(delta)],
+            "the dataset size, sample rate, expected batch size, C, σ, target ε or δ")
     if delta >= 1.0 / num_samples:
         warnings.warn(
             f"delta={delta} is not below 1/N = 1/{num_samples}: a mechanism that publishes "
@@ -356,7 +379,9 @@ def make_private(
     speed = SpeedSettings(mode=mode, max_physical_batch_size=max_physical_batch_size)
     params = _trainable_params(model, optimizer)
     acct = PrivacyAccountant(accountant)
-    gen, _ = make_noise_generator(None if seed is None else seed + 1, secure=secure)
+    # Each rank its own noise stream (its share of the noise, independent).
+    gen, _ = make_noise_generator(None if seed is None else seed + 1 + 7919 * rank,
+                                  secure=secure)
     state = StepState()
     receiver: list[DPOptimizer] = []
     clipper = GradClipper(
@@ -380,9 +405,10 @@ def make_private(
 
 
 def _sampling(train_loader: DataLoader[Any], poisson: bool, seed: int | None,
-              ) -> tuple[DataLoader[Any], float, float]:
+              rank: int = 0, world: int = 1) -> tuple[DataLoader[Any], float, float]:
     if poisson:
-        pl = poisson_data_loader(train_loader, seed=seed, name="train_loader")
+        pl = poisson_data_loader(train_loader, seed=seed, name="train_loader", rank=rank,
+                                 world_size=world)
         return pl, float(pl.sample_rate), float(pl.expected_batch_size)
     if not isinstance(train_loader, DataLoader):
         raise InvalidArgumentError(

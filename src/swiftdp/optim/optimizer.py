@@ -27,6 +27,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from swiftdp import distributed
 from swiftdp.accounting import PrivacyAccountant
 from swiftdp.checks import check_noise_multiplier
 from swiftdp.errors import PrivacyBudgetExceededError, StepStructureError
@@ -437,7 +439,10 @@ class DPOptimizer(torch.optim.Optimizer):
         self.check_budget()
         s = self.settings
         sums = self._sums
-        params = list(self._sum_params.values()) if sums else self._trainable()
+        _, world = distributed.rank_and_world()
+        # In a process group every rank reduces the same list, in the model's order.
+        params = (self._trainable() if world > 1 or not sums
+                  else list(self._sum_params.values()))
         trainable_ids = {id(p) for p in params}
         self._check_optimizer_params(trainable_ids)
         for p in self.params:
@@ -447,7 +452,13 @@ class DPOptimizer(torch.optim.Optimizer):
         # rounding to a low-precision parameter dtype (bf16) before the noise
         # would depend on every example, outside the sensitivity bound.
         accs = [_Accumulator(p, sums.get(id(p))) for p in params]
-        add_gaussian_noise(accs, s.noise_std(), self.generator)
+        if world > 1:
+            # Each rank adds its independent share N(0, σ²C²/W); the all-reduce sums
+            # shares and clipped sums: the total noise is N(0, σ²C²) (swiftdp.distributed).
+            add_gaussian_noise(accs, s.noise_std() / math.sqrt(world), self.generator)
+            distributed.all_reduce_sum([a.grad for a in accs if a.grad is not None])
+        else:
+            add_gaussian_noise(accs, s.noise_std(), self.generator)
         for p, acc in zip(params, accs, strict=True):
             assert acc.grad is not None
             p.grad = acc.grad.div_(s.expected_batch_size).to(p.dtype)

@@ -201,6 +201,8 @@ def poisson_data_loader(
     *,
     seed: int | None = None,
     name: str = "train_loader",
+    rank: int = 0,
+    world_size: int = 1,
 ) -> PoissonDataLoader:
     """Builds a Poisson-sampled ``DataLoader`` over the same dataset as ``loader``.
 
@@ -297,7 +299,8 @@ def poisson_data_loader(
     check_positive_int(
         num_steps, "num_steps", "Pass the number of steps per epoch, or None for floor(1/q)."
     )
-    sampler = PoissonBatchSampler(num_samples, float(rate), num_steps, generator, seed=seed)
+    sampler = PoissonBatchSampler(num_samples, float(rate), num_steps, generator, seed=seed,
+                                  rank=rank, world_size=world_size)
     collate_fn: Callable[[list[Any]], Any] = loader.collate_fn
     if isinstance(collate_fn, EmptyBatchCollate):
         collate_fn = collate_fn.collate_fn

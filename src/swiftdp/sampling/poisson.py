@@ -142,6 +142,8 @@ class PoissonBatchSampler(Sampler[list[int]]):
         generator: torch.Generator | None = None,
         *,
         seed: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         """Creates the sampler.
 
@@ -154,6 +156,11 @@ class PoissonBatchSampler(Sampler[list[int]]):
                 ``seed``; ``self.seed`` is then None.
             seed: Seed for a new generator; None draws a secret seed from the
                 operating system. Recorded as ``self.seed``.
+            rank: this process' rank in a data-parallel group.
+            world_size: the number of ranks. Every rank draws the same mask
+                over all ``num_samples`` (the same generator state) and keeps
+                the indices ``i`` with ``i % world_size == rank``: the union is
+                the single-process sample, the ranks' batches are disjoint.
 
         Raises:
             InvalidArgumentError: If an argument is out of range, both
@@ -181,6 +188,12 @@ class PoissonBatchSampler(Sampler[list[int]]):
             )
         self.generator: torch.Generator = generator
         self.seed: int | None = seed
+        if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int)
+                and 0 <= rank < world_size):
+            raise InvalidArgumentError(
+                f"Expected 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}.")
+        self.rank, self.world_size = rank, world_size
+        self._mine = (torch.arange(num_samples) % world_size == rank) if world_size > 1 else None
         self.epoch = 0
         self._steps_done = 0
         # (steps drawn in the current epoch, generator state after those draws)
@@ -228,7 +241,10 @@ class PoissonBatchSampler(Sampler[list[int]]):
                     "discard the old iterator before starting a new epoch."
                 )
             draws = torch.rand(self.num_samples, generator=self.generator, dtype=torch.float64)
-            indices: list[int] = torch.nonzero(draws < self.sample_rate).flatten().tolist()
+            kept = draws < self.sample_rate
+            if self._mine is not None:
+                kept &= self._mine
+            indices: list[int] = torch.nonzero(kept).flatten().tolist()
             self._steps_done += 1
             self._snapshots.append((self._steps_done, self.generator.get_state()))
             yield indices

@@ -1,0 +1,99 @@
+"""Data-parallel DP-SGD on ``torch.distributed``: the process group as swiftdp sees it.
+
+When a process group is initialised (``torchrun``, then
+``torch.distributed.init_process_group``) with more than one rank,
+:func:`swiftdp.make_private` trains data-parallel with the same signature:
+
+* **Sampling.** Every rank draws the same Poisson mask over the whole
+  dataset (one sampling seed, shared from rank 0) and keeps the examples
+  ``i`` with ``i % world_size == rank``: the union of the ranks' batches is
+  exactly the single-process Poisson sample with rate ``q = batch_size / N``
+  (``batch_size`` of the loader is the *global* expected batch size), and
+  the ranks' batches are disjoint. The stream does not depend on the number
+  of ranks, so a run resumes on any number of them.
+* **Noise once.** Each rank adds ``N(0, σ²C²/W)`` to its clipped sum from its
+  own generator (independent: with ``secure=True`` each from the operating
+  system's entropy), then one all-reduce sums them: the total noise has
+  variance ``σ²C²``, and no rank knows it. The sum is divided by the global
+  expected batch size ``q·N``.
+* **Identical parameters.** The model's parameters and buffers are broadcast
+  from rank 0 by ``make_private``; every rank then applies the same
+  all-reduced gradient.
+
+Per-example norms never leave a rank: each clips its own examples.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from swiftdp.errors import InvalidArgumentError
+
+
+def active() -> bool:
+    """Whether this process is one of several ranks of an initialised process group."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world_size)``; ``(0, 1)`` without a process group."""
+    if not active():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def shared_seed(seed: int | None) -> int:
+    """The same seed on every rank: ``seed``, or a secret one drawn by rank 0.
+
+    Raises:
+        InvalidArgumentError: ranks passed different seeds.
+    """
+    mine = torch.tensor([secrets.randbits(62) if seed is None else int(seed),
+                         0 if seed is None else 1], dtype=torch.int64)
+    got = mine.clone()
+    dist.broadcast(got, src=0)
+    if seed is not None and (int(got[1]) != 1 or int(got[0]) != int(seed)):
+        raise InvalidArgumentError(
+            f"make_private got seed={seed!r} on rank {dist.get_rank()} but another seed on "
+            "rank 0: pass the same seed on every rank (or none).")
+    return int(got[0])
+
+
+def broadcast_model(model: nn.Module) -> None:
+    """Copy rank 0's parameters and buffers to every rank (in place)."""
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(t.data, src=0)
+
+
+def check_same(values: list[float], what: str) -> None:
+    """Refuse a run whose ranks disagree on ``values`` (dataset size, batch size, ...)."""
+    mine = torch.tensor(values, dtype=torch.float64)
+    world = dist.get_world_size()
+    gathered = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine)
+    for r, g in enumerate(gathered):
+        if not torch.equal(g, mine):
+            raise InvalidArgumentError(
+                f"The ranks disagree on {what}: rank {dist.get_rank()} has "
+                f"{mine.tolist()}, rank {r} has {g.tolist()}. Every rank must pass the same "
+                "dataset, batch size and privacy arguments to make_private.")
+
+
+def all_reduce_sum(tensors: list[Tensor]) -> None:
+    """Sum ``tensors`` over the ranks, in place, one all-reduce per dtype."""
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for t in group:
+            n = t.numel()
+            t.copy_(flat[offset:offset + n].view_as(t))
+            offset += n
