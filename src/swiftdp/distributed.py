@@ -12,10 +12,16 @@ When a process group is initialised (``torchrun``, then
   the ranks' batches are disjoint. The stream does not depend on the number
   of ranks, so a run resumes on any number of them.
 * **Noise once.** Each rank adds ``N(0, σ²C²/W)`` to its clipped sum from its
-  own generator (independent: with ``secure=True`` each from the operating
-  system's entropy), then one all-reduce sums them: the total noise has
-  variance ``σ²C²``, and no rank knows it. The sum is divided by the global
-  expected batch size ``q·N``.
+  own generator (independent: without ``seed=``, or with ``secure=True``,
+  each from the operating system's entropy), then one all-reduce sums them:
+  the total noise has variance ``σ²C²``, and no rank knows it (with ``seed=``
+  the run is reproducible, so every stream can be recomputed). The sum is
+  divided by the global expected batch size ``q·N``.
+* **Checked.** ``make_private`` refuses ranks that disagree on the model's
+  parameters and buffers (names, shapes, dtypes), the dataset (fingerprint),
+  σ, the planned steps, ``secure``, the mode, the loss reduction, the clipping
+  or physical batching; every ``step()`` refuses ranks at different logical
+  steps or with different σ (``set_noise_multiplier`` on one rank only).
 * **Identical parameters.** The model's parameters and buffers are broadcast
   from rank 0 by ``make_private``; every rank then applies the same
   all-reduced gradient.
@@ -26,12 +32,36 @@ Per-example norms never leave a rank: each clips its own examples.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from swiftdp.errors import InvalidArgumentError
+from swiftdp.errors import InvalidArgumentError, StepStructureError
+
+
+@contextmanager
+def step_collective() -> Iterator[None]:
+    """A collective of ``optimizer.step()``: a peer that left or crashed is a clear error.
+
+    Raises:
+        StepStructureError: the collective failed (another rank stopped, crashed,
+            or is not at this step), with the backend's message.
+    """
+    try:
+        yield
+    except (RuntimeError, dist.DistError) as e:
+        if isinstance(e, StepStructureError):
+            raise
+        raise StepStructureError(
+            f"Rank {dist.get_rank()}: a collective of optimizer.step() failed, so another "
+            "rank stopped, crashed or is not at this step (e.g. it skipped a batch of "
+            "dp.data_loader, or raised): every rank must call optimizer.step() once per "
+            "batch, empty batches included. Nothing was applied on this rank for this step; "
+            f"the backend said: {str(e)[:300]}") from e
 
 
 def active() -> bool:
@@ -70,18 +100,43 @@ def broadcast_model(model: nn.Module) -> None:
             dist.broadcast(t.data, src=0)
 
 
-def check_same(values: list[float], what: str) -> None:
-    """Refuse a run whose ranks disagree on ``values`` (dataset size, batch size, ...)."""
+def check_same(values: list[float], what: str,
+               error: type[Exception] = InvalidArgumentError, fix: str = "") -> None:
+    """Refuse a run whose ranks disagree on ``values`` (dataset size, batch size, ...).
+
+    Every rank takes part and sees every rank's values, so all of them raise
+    together (none is left waiting in a later collective).
+    """
     mine = torch.tensor(values, dtype=torch.float64)
     world = dist.get_world_size()
     gathered = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(gathered, mine)
     for r, g in enumerate(gathered):
-        if not torch.equal(g, mine):
-            raise InvalidArgumentError(
-                f"The ranks disagree on {what}: rank {dist.get_rank()} has "
-                f"{mine.tolist()}, rank {r} has {g.tolist()}. Every rank must pass the same "
-                "dataset, batch size and privacy arguments to make_private.")
+        if not torch.equal(g, gathered[0]):
+            raise error(
+                f"The ranks disagree on {what}: rank 0 has {gathered[0].tolist()}, rank {r} "
+                f"has {g.tolist()}. " + (fix or "Every rank must pass the same model, "
+                                         "dataset and privacy arguments to make_private."))
+
+
+def check_same_objects(values: dict[str, Any], error: type[Exception] = InvalidArgumentError
+                       ) -> None:
+    """:func:`check_same` for any picklable values (names, shapes, flags, fingerprints)."""
+    world = dist.get_world_size()
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, values)
+    for r, g in enumerate(gathered):
+        for key, v in g.items():
+            if v != gathered[0].get(key):
+                raise error(
+                    f"The ranks disagree on {key}: rank 0 has {_short(gathered[0].get(key))}, "
+                    f"rank {r} has {_short(v)}. Every rank must pass the same model, dataset "
+                    "and privacy arguments to make_private.")
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def all_reduce_sum(tensors: list[Tensor]) -> None:

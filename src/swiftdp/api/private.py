@@ -376,6 +376,19 @@ def make_private(
         poisson_sampling=poisson_sampling, accountant=accountant,
         target_epsilon=None if target_epsilon is None else float(target_epsilon),
     )
+    if world > 1:  # what fixes the mechanism must be the same on every rank
+        from swiftdp.api.fingerprint import dataset_fingerprint
+
+        distributed.check_same_objects({
+            "the noise multiplier σ": privacy.noise_multiplier,
+            "the planned steps": total_steps, "secure": bool(secure), "seeded": seed is not None,
+            "the accountant": accountant, "the mode": mode, "loss_reduction": loss_reduction,
+            "the clipping": clipping, "max_physical_batch_size": max_physical_batch_size,
+            "the model's parameters and buffers (name, shape, dtype, trainable)": [
+                (n, tuple(t.shape), str(t.dtype), t.requires_grad)
+                for n, t in [*model.named_parameters(), *model.named_buffers()]],
+            "the dataset (fingerprint)": dataset_fingerprint(loader.dataset),
+        })
     speed = SpeedSettings(mode=mode, max_physical_batch_size=max_physical_batch_size)
     params = _trainable_params(model, optimizer)
     acct = PrivacyAccountant(accountant)

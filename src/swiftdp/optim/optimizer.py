@@ -453,10 +453,20 @@ class DPOptimizer(torch.optim.Optimizer):
         # would depend on every example, outside the sensitivity bound.
         accs = [_Accumulator(p, sums.get(id(p))) for p in params]
         if world > 1:
-            # Each rank adds its independent share N(0, σ²C²/W); the all-reduce sums
-            # shares and clipped sums: the total noise is N(0, σ²C²) (swiftdp.distributed).
-            add_gaussian_noise(accs, s.noise_std() / math.sqrt(world), self.generator)
-            distributed.all_reduce_sum([a.grad for a in accs if a.grad is not None])
+            with distributed.step_collective():
+                # The same logical step, σ and parameters on every rank, or all refuse.
+                distributed.check_same(
+                    [float(stamp.logical), float(self.steps_taken), s.noise_multiplier,
+                     float(sum(a.shape.numel() for a in accs))],
+                    "the logical step (index, steps taken), the noise multiplier σ or the "
+                    "trainable parameters' size",
+                    StepStructureError,
+                    "Every rank must call optimizer.step() once per batch of dp.data_loader, "
+                    "empty batches included, with the same noise multiplier and parameters.")
+                # Each rank adds its independent share N(0, σ²C²/W); the all-reduce sums
+                # shares and clipped sums: the total noise is N(0, σ²C²) (swiftdp.distributed).
+                add_gaussian_noise(accs, s.noise_std() / math.sqrt(world), self.generator)
+                distributed.all_reduce_sum([a.grad for a in accs if a.grad is not None])
         else:
             add_gaussian_noise(accs, s.noise_std(), self.generator)
         for p, acc in zip(params, accs, strict=True):
