@@ -241,6 +241,25 @@ def _seq2seq(out, y):
     return F.cross_entropy(out.logits[0], y[0], ignore_index=-100)
 
 
+def _clipped_grads(model: nn.Module, run, mode: str = "bk") -> list[Tensor]:
+    """Each parameter's clipped sum after ``run(model).loss.backward()`` under GradClipper."""
+    clipper = swiftdp.GradClipper(model, C, mode=mode)
+    try:
+        run(model).loss.backward()
+    finally:
+        clipper.remove()
+    return [p.grad for p in model.parameters()]
+
+
+def _sensitivity(base: nn.Module, run, data) -> float:
+    """max_j ‖S(D) − S(D∖j)‖ of the clipped sum, ``run(model, data)`` giving the outputs."""
+    def clipped_sum(d):
+        grads = _clipped_grads(copy.deepcopy(base), lambda m: run(m, d))
+        return [g.detach().clone() for g in grads]
+
+    return neighbour_sensitivity(clipped_sum, data, B)
+
+
 # T5's layer norm computes its variance in float32 (the model's own arithmetic:
 # the plain batched gradient differs from the one-example one by ~1e-7 too).
 MORE = [("t5", _t5, "seq2seq", 1e-6), ("bart", _bart, "seq2seq", 1e-8),
@@ -259,30 +278,18 @@ def test_relative_bias_batchless_positions_and_merged_rows_train_exactly(name, m
     else:
         want, _ = reference_clipped_sum(copy.deepcopy(model), _causal, batch, labels, C,
                                         call=lambda m, x: m(**x))
-    clipper = swiftdp.GradClipper(model, C, mode=mode)
-    try:
-        model(**batch, labels=labels).loss.backward()
-    finally:
-        clipper.remove()
-    assert max_rel_error([p.grad for p in model.parameters()], want) < tol
+    got = _clipped_grads(model, lambda m: m(**batch, labels=labels), mode)
+    assert max_rel_error(got, want) < tol
+
+
+def _text_call(m: nn.Module, d):
+    return m(**d[0], labels=d[1])
 
 
 @pytest.mark.parametrize(("name", "make"), [("t5", _t5), ("opt", _opt)])
 def test_t5_and_opt_neighbour_sensitivity_stays_within_c(name, make):
-    batch, labels = _batch(), _labels("causal")
-    base = make()
-
-    def clipped_sum(data):
-        x, y = data
-        model = copy.deepcopy(base)
-        clipper = swiftdp.GradClipper(model, C)
-        try:
-            model(**x, labels=y).loss.backward()
-        finally:
-            clipper.remove()
-        return [p.grad.detach().clone() for p in model.parameters()]
-
-    assert neighbour_sensitivity(clipped_sum, (batch, labels), B) <= C * (1 + 1e-9)
+    data = (_batch(), _labels("causal"))
+    assert _sensitivity(make(), _text_call, data) <= C * (1 + 1e-9)
 
 
 def test_t5_with_the_sequence_as_long_as_the_batch_is_exact():
@@ -294,12 +301,8 @@ def test_t5_with_the_sequence_as_long_as_the_batch_is_exact():
     model = _t5()
     want, _ = reference_clipped_sum(copy.deepcopy(model), _seq2seq, {**batch, "labels": labels},
                                     labels, C, call=lambda m, x: m(**x))
-    clipper = swiftdp.GradClipper(model, C)
-    try:
-        model(**batch, labels=labels).loss.backward()
-    finally:
-        clipper.remove()
-    assert max_rel_error([p.grad for p in model.parameters()], want) < 1e-6
+    got = _clipped_grads(model, lambda m: m(**batch, labels=labels))
+    assert max_rel_error(got, want) < 1e-6
 
 
 # --- DeBERTa-v2 (position keys tiled over its (B * H, ...) batch) and HF Swin
@@ -320,12 +323,8 @@ def test_deberta_v2_disentangled_attention_is_exact(mode):
     model = _deberta()
     want, _ = reference_clipped_sum(copy.deepcopy(model), _classify, batch, labels, C,
                                     call=lambda m, x: m(**x))
-    clipper = swiftdp.GradClipper(model, C, mode=mode)
-    try:
-        model(**batch, labels=labels).loss.backward()
-    finally:
-        clipper.remove()
-    assert max_rel_error([p.grad for p in model.parameters()], want) < 1e-9
+    got = _clipped_grads(model, lambda m: m(**batch, labels=labels), mode)
+    assert max_rel_error(got, want) < 1e-9
 
 
 def _swin() -> nn.Module:
@@ -343,39 +342,20 @@ def test_swin_shifted_windows_are_exact(mode):
     model = _swin()
     want, _ = reference_clipped_sum(copy.deepcopy(model), _classify, x, y, C,
                                     call=lambda m, a: m(pixel_values=a))
-    clipper = swiftdp.GradClipper(model, C, mode=mode)
-    try:
-        model(pixel_values=x, labels=y).loss.backward()
-    finally:
-        clipper.remove()
-    got = [p.grad for p in model.parameters()]
+    got = _clipped_grads(model, lambda m: m(pixel_values=x, labels=y), mode)
     assert all(g is not None and g.abs().sum() > 0 for g in got)  # the bias tables included
     assert max_rel_error(got, want) < 1e-9
 
 
 @pytest.mark.parametrize(("name", "make"), [("deberta", _deberta), ("swin", _swin)])
 def test_deberta_and_swin_neighbour_sensitivity_stays_within_c(name, make):
-    base = make()
     if name == "swin":
         data = (torch.randn(B, 3, 16, 16, dtype=torch.float64,
                             generator=torch.Generator().manual_seed(0)) * 3,
                 torch.tensor([0, 1, 1]))
 
-        def call(m, x, y):
-            return m(pixel_values=x, labels=y)
+        def call(m, d):
+            return m(pixel_values=d[0], labels=d[1])
     else:
-        data = (_batch(), _labels("classify"))
-
-        def call(m, x, y):
-            return m(**x, labels=y)
-
-    def clipped_sum(d):
-        model = copy.deepcopy(base)
-        clipper = swiftdp.GradClipper(model, C)
-        try:
-            call(model, *d).loss.backward()
-        finally:
-            clipper.remove()
-        return [p.grad.detach().clone() for p in model.parameters()]
-
-    assert neighbour_sensitivity(clipped_sum, data, B) <= C * (1 + 1e-9)
+        data, call = (_batch(), _labels("classify")), _text_call
+    assert _sensitivity(make(), call, data) <= C * (1 + 1e-9)

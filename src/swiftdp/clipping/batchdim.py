@@ -11,6 +11,7 @@ alignment for the rest; nothing is guessed from a size alone.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -84,18 +85,11 @@ def reshaped(x: Tensor, d: int, per: int, out: Tensor, batch: int) -> tuple[int 
     """
     if out.dim() <= d or tuple(out.shape[:d]) != tuple(x.shape[:d]):
         return None, 1
-    n_in = per * _prod(x.shape[d + 1:])
-    n_out = _prod(out.shape[d + 1:])
+    n_in = per * math.prod(x.shape[d + 1:])
+    n_out = math.prod(out.shape[d + 1:])
     if n_out == 0 or n_in % n_out or out.shape[d] != batch * (n_in // n_out):
         return None, 1
     return d, n_in // n_out
-
-
-def _prod(shape: Any) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 def is_virtual(t: Any, token: object) -> bool:

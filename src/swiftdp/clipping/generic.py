@@ -174,16 +174,3 @@ def _named(call: ModuleCall) -> list[tuple[str, Tensor]]:
     names = {id(p): n for n, p in call.module.named_parameters()}
     return [(names.get(pid, "?"), p) for pid, p in call.generic.items()]
 
-
-def _bdim(t: Tensor, bd0: int, batch: int) -> int | None:
-    """The batch dimension of ``t``: the layout's one if it has the batch size, else the
-    first dimension of that size (e.g. an RNN's ``(layers, B, H)`` state), else ``None``."""
-    if t.dim() == 0:
-        return None
-    d = bd0 if t.dim() > max(bd0, 1) else 0
-    if t.shape[d] == batch:
-        return d
-    for i, s in enumerate(t.shape):
-        if s == batch:
-            return i
-    return None
