@@ -80,6 +80,7 @@ def main() -> None:
             except Exception as e:
                 found[k] = f"{type(e).__name__}: {e}"[:300]
         _write(found)
+        dist.barrier()
         dist.destroy_process_group()
         return
     dp = swiftdp.make_private(model, opt, DataLoader(data, batch_size=BATCH), **kw)
@@ -121,6 +122,7 @@ def main() -> None:
         prev = json.loads(open(os.environ["OUT"]).read())
         prev["ranks"] = res
         _write(prev)
+    dist.barrier()  # no rank tears gloo down while another is still in a collective
     dist.destroy_process_group()
 
 

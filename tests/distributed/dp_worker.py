@@ -75,7 +75,7 @@ def main() -> None:
             delta = torch.cat([(b - p).reshape(-1) for b, p in
                                zip(before.parameters(), model.parameters(), strict=True)])
             noise.extend((delta / LR).tolist())
-        checksum = float(sum(p.double().sum() for p in model.parameters()))
+        checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
         same = _gather([p.detach().clone() for p in model.parameters()])
         if not all(torch.equal(a, b) for r in same for a, b in  # type: ignore[union-attr]
                    zip(r, model.parameters(), strict=True)):
@@ -89,6 +89,7 @@ def main() -> None:
         with open(os.environ["OUT"], "w") as f:
             json.dump({"errors": errors, "sizes": sizes, "eps": eps, "noise": noise,
                        "expected_batch_size": q_n}, f)
+    dist.barrier()  # no rank tears gloo down while another is still in a collective
     dist.destroy_process_group()
 
 
