@@ -25,15 +25,33 @@ When a process group is initialised (``torchrun``, then
 * **Identical parameters.** The model's parameters and buffers are broadcast
   from rank 0 by ``make_private``; every rank then applies the same
   all-reduced gradient.
+* **Faults.** ``make_private``, every ``step()`` and every checkpoint begin with
+  a monitored barrier (:meth:`Ranks.rendezvous`, on a gloo group, also under
+  NCCL): a rank that crashed, or does not arrive within ``timeout`` seconds
+  (hangs, skipped a step, or did not call a collective method), makes every
+  other rank raise :class:`~swiftdp.errors.StepStructureError` naming it,
+  never a silent hang. Nothing of that step is applied; the last checkpoint
+  stays usable (files are written atomically).
+* **Checkpoints** (:mod:`swiftdp.api.checkpoint`) are collective: every rank
+  calls ``save_checkpoint``; rank 0 writes one file holding every rank's noise
+  generator state (seeded mode). ``load_checkpoint`` on the same number of
+  ranks restores each rank's own stream; on another number of ranks every
+  rank derives a fresh stream (no rank's stream is ever replayed or shared).
+  The sampling stream does not depend on the number of ranks, so the run
+  continues the same Poisson sample with the same ``q`` and its ε exactly.
 
 Per-example norms never leave a rank: each clips its own examples.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -62,6 +80,116 @@ def step_collective() -> Iterator[None]:
             "dp.data_loader, or raised): every rank must call optimizer.step() once per "
             "batch, empty batches included. Nothing was applied on this rank for this step; "
             f"the backend said: {str(e)[:300]}") from e
+
+
+DEFAULT_TIMEOUT = 600.0
+"""Seconds a rank waits for the others at a rendezvous before raising (``make_private(timeout=)``)."""
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """The process group of a data-parallel run, fixed when ``make_private`` ran.
+
+    Attributes:
+        rank: this process' rank.
+        world: the number of ranks.
+        timeout: seconds to wait for every rank at a rendezvous.
+        control: the gloo group the rendezvous runs on (the default group
+            when it is gloo; a gloo group beside an NCCL one otherwise).
+    """
+
+    rank: int
+    world: int
+    timeout: float
+    control: Any
+
+    def rendezvous(self, what: str) -> None:
+        """Wait until every rank has reached ``what``; a missing rank is named.
+
+        Rank 0 hears from each rank, up to :attr:`timeout` seconds, and names
+        every one that did not answer; the others wait for rank 0.
+
+        Args:
+            what: what every rank must reach (``"optimizer.step() of logical step 3"``).
+
+        Raises:
+            StepStructureError: a rank crashed, hangs, or is elsewhere in its
+                program; the message names it and says what to look for.
+        """
+        try:
+            dist.monitored_barrier(group=self.control, timeout=timedelta(seconds=self.timeout),
+                                   wait_all_ranks=True)
+        except RuntimeError as e:
+            text = str(e)
+            found = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", text)
+            if found is not None:
+                missing = [int(r) for r in found.group(1).replace(" ", "").split(",") if r]
+                who = f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))}"
+            else:
+                missing, who = [0], "rank 0"
+            raise StepStructureError(
+                f"Rank {self.rank}: {who} did not reach {what} within {self.timeout:g} s: "
+                f"{'it' if len(missing) == 1 else 'they'} crashed, hang, or skipped this "
+                "collective (every rank must call make_private, optimizer.step() for every "
+                "batch of dp.data_loader, save_checkpoint and load_checkpoint together). "
+                f"See {who}'s log. Nothing was applied on this rank for this call; the "
+                "last checkpoint is intact. Raise make_private(timeout=) if the ranks are "
+                f"only slow. The backend said: {text[:300]}") from e
+
+
+def init_process_group(backend: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
+    """``torch.distributed.init_process_group`` from torchrun's environment, restart-safe.
+
+    Under ``torchrun --max-restarts N`` the workers of a restarted attempt
+    must not read the keys the failed attempt left in the rendezvous store
+    (with torch 2.13 a restarted gloo group otherwise fails in
+    ``connectFullMesh``, "Connection refused", connecting to a dead worker's
+    address). This opens torchrun's store itself and prefixes it with the
+    attempt (``TORCHELASTIC_RESTART_COUNT``); everything else is torch's own.
+    Outside torchrun's elastic agent it calls ``init_process_group`` as is.
+
+    Args:
+        backend: ``"gloo"``, ``"nccl"``, or ``None`` for torch's default (NCCL
+            with CUDA, gloo otherwise).
+        timeout: the process group's own timeout, in seconds.
+    """
+    env = os.environ
+    wait = timedelta(seconds=timeout)
+    if "TORCHELASTIC_RESTART_COUNT" not in env:
+        dist.init_process_group(backend, timeout=wait)
+        return
+    rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+    agent_store = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world,
+                          is_master=not agent_store and rank == 0, timeout=wait)
+    dist.init_process_group(
+        backend, timeout=wait, rank=rank, world_size=world,
+        store=dist.PrefixStore(f"swiftdp-attempt-{env['TORCHELASTIC_RESTART_COUNT']}", store))
+
+
+def make_ranks(timeout: float) -> Ranks | None:
+    """The :class:`Ranks` of the current process group, or ``None`` without one.
+
+    Collective: every rank must call it (it may create the gloo control group).
+
+    Raises:
+        InvalidArgumentError: ``timeout`` is not a positive number of seconds.
+    """
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise InvalidArgumentError(
+            f"Expected timeout > 0 seconds, got {timeout!r}: how long a rank waits for the "
+            f"others at each collective before raising (default {DEFAULT_TIMEOUT:g}).")
+    if not active():
+        return None
+    control = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    return Ranks(dist.get_rank(), dist.get_world_size(), float(timeout), control)
+
+
+def gather_objects(value: Any, group: Any = None) -> list[Any]:
+    """Every rank's ``value`` (picklable), in rank order, on every rank of ``group``."""
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, value, group=group)
+    return gathered
 
 
 def active() -> bool:

@@ -37,17 +37,28 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
+from swiftdp import distributed
 from swiftdp.accounting import PrivacyAccountant
+from swiftdp.api.checkpoint_ranks import (
+    check_same_file,
+    gather_noise_states,
+    noise_state_for,
+    shared_generator_state,
+    together,
+)
+from swiftdp.api.envelope import FORMAT, HEADER_SIZE, VERSION
+from swiftdp.api.envelope import corrupt as _corrupt
+from swiftdp.api.envelope import parse_header as _parse_header
+from swiftdp.api.envelope import write_envelope as _write_envelope
 from swiftdp.api.fingerprint import FINGERPRINT_SAMPLE, FULL_FINGERPRINT_LIMIT, dataset_fingerprint
 from swiftdp.errors import CheckpointError, InvalidArgumentError
 from swiftdp.io import atomic_torch_save, atomic_write
@@ -74,10 +85,6 @@ __all__ = [
     "save",
 ]
 
-FORMAT = "swiftdp-checkpoint"
-VERSION = 2
-HEADER_SIZE = 256
-"""Bytes of the JSON header in front of the payload (newline included)."""
 
 # σ is not matched: a noise schedule changes it during the run; the checkpoint's
 # σ (in the optimizer state) and σ history (in the accountant) are restored.
@@ -155,6 +162,9 @@ def save(run: Run, path: Path, extra: dict[str, Any]) -> None:
 
     In seeded mode the noise generator's state is included, which makes the
     file as secret as the training data; with ``secure=True`` it is left out.
+    In a process group every rank calls it: rank 0 writes the file, with every
+    rank's noise state (:mod:`swiftdp.api.checkpoint_ranks`), and ``extra`` is
+    rank 0's.
 
     Args:
         run: the training run.
@@ -165,7 +175,35 @@ def save(run: Run, path: Path, extra: dict[str, Any]) -> None:
         InvalidArgumentError: the state holds a value that
             ``torch.load(weights_only=True)`` could not rebuild (the message
             names where).
+        StepStructureError: in a process group, a rank did not call it in time.
+        CheckpointError: in a process group, it failed on another rank, or the
+            ranks are at different steps.
     """
+    ranks = run.optimizer.ranks
+    if ranks is not None:
+        ranks.rendezvous(f"save_checkpoint after {run.optimizer.steps_taken} steps")
+    payload = together(ranks, "save_checkpoint", lambda: _payload(run, extra))
+    states = gather_noise_states(ranks, payload["optimizer"].get("noise_generator"))
+    payload["noise_generators"] = states
+    if ranks is not None:
+        mine = run.optimizer.steps_taken
+        steps = together(ranks, "save_checkpoint", lambda: _same_steps(ranks, mine))
+        payload["world_size"] = len(steps)
+    together(ranks, "save_checkpoint", lambda: (
+        atomic_write(path, lambda f: _write_envelope(f, payload))
+        if ranks is None or ranks.rank == 0 else None))
+
+
+def _same_steps(ranks: Any, mine: int) -> list[int]:
+    steps = [int(s) for s in distributed.gather_objects(mine, ranks.control)]
+    if len(set(steps)) != 1:
+        raise CheckpointError(
+            f"save_checkpoint was called at different steps on the ranks ({steps}, by rank): "
+            "call it on every rank between the same two optimizer.step() calls.")
+    return steps
+
+
+def _payload(run: Run, extra: dict[str, Any]) -> dict[str, Any]:
     loader = run.data_loader.loader
     sampler = getattr(loader, "poisson_sampler", None)
     sampler_state = None
@@ -189,14 +227,17 @@ def save(run: Run, path: Path, extra: dict[str, Any]) -> None:
         "accountant": run.accountant.state_dict(),
         "sampler": sampler_state,
         "extra": extra,
+        "world_size": 1,
     }
     for key, value in payload.items():
         _check_plain(value, key)
-    atomic_write(path, lambda f: _write_envelope(f, payload))
+    return payload
 
 
 def read(path: Path) -> dict[str, Any]:
     """Verify a checkpoint file and return its payload (nothing is unpickled before).
+
+    The payload's SHA-256 is under the key ``"sha256"`` of the returned dict.
 
     Args:
         path: the checkpoint file.
@@ -239,14 +280,16 @@ def read(path: Path) -> dict[str, Any]:
                  if not isinstance(obj[k], dict)]
     if not_dicts:
         raise _corrupt(path, f"its parts {not_dicts} are not dicts")
-    return dict(obj)
+    return {**obj, "sha256": digest}
 
 
 def load(run: Run, path: Path) -> dict[str, Any]:
     """Restore ``run`` from ``path``; on any refusal ``run`` is left unchanged.
 
     A secure run's noise generator is reseeded from OS entropy instead of
-    restored (its state was never saved).
+    restored (its state was never saved). In a process group every rank
+    calls it, on the same file, on any number of ranks
+    (:mod:`swiftdp.api.checkpoint_ranks`).
 
     Args:
         run: the training run, built as the one that wrote the checkpoint.
@@ -258,9 +301,23 @@ def load(run: Run, path: Path) -> dict[str, Any]:
     Raises:
         CheckpointError: :func:`read` refuses the file, or it belongs to a
             different run (privacy settings, ``secure``, dataset content,
-            model) or its parts contradict each other.
+            model) or its parts contradict each other; in a process
+            group, it was refused on another rank or the ranks read different files.
+        StepStructureError: in a process group, a rank did not call it in time.
     """
+    ranks = run.optimizer.ranks
+    if ranks is not None:
+        ranks.rendezvous("load_checkpoint")
+    obj, noise = together(ranks, "load_checkpoint", lambda: _checked(run, path))
+    _apply(run, path, obj, noise)
+    return dict(obj["extra"] or {})
+
+
+def _checked(run: Run, path: Path) -> tuple[dict[str, Any], tuple[Tensor | None, int | None]]:
+    """Read and check ``path`` against ``run``; the noise state or seed this rank resumes with."""
+    ranks = run.optimizer.ranks
     obj = read(path)
+    check_same_file(ranks, str(path), obj["sha256"])
     secure = is_secure(run.optimizer.generator)
     saved, now = obj["privacy"], run.privacy.to_dict()
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in _MATCH_KEYS
@@ -286,28 +343,48 @@ def load(run: Run, path: Path) -> dict[str, Any]:
             "the same privacy settings, secure= setting and training data (same examples, "
             "order and preprocessing), or start a new run."
         )
-    optimizer_state = dict(obj["optimizer"])
-    if secure:
-        optimizer_state["noise_generator"] = run.optimizer.generator.get_state()  # replaced below
-    elif "noise_generator" not in optimizer_state:
-        raise _corrupt(path, "it lacks the noise generator's state")
+    noise: tuple[Tensor | None, int | None] = (None, None)
+    if not secure:
+        saved = obj.get("noise_generators") or [obj["optimizer"].get("noise_generator")]
+        if (any(not isinstance(t, Tensor) for t in saved)
+                or len(saved) != obj.get("world_size", 1)):
+            raise _corrupt(path, "it lacks the noise generators' states")
+        noise = noise_state_for(ranks, saved, int(obj["optimizer"]["steps_taken"]))
     _check_model(path, run.model, obj["model"])
+    _check_optimizer(path, run.optimizer, obj["optimizer"])
+    obj["checked_accountant"] = accountant
+    return obj, noise
+
+
+def _apply(run: Run, path: Path, obj: dict[str, Any],
+           noise: tuple[Tensor | None, int | None]) -> None:
+    """Restore the checked checkpoint ``obj`` into ``run``."""
+    ranks = run.optimizer.ranks
+    secure = is_secure(run.optimizer.generator)
+    optimizer_state = dict(obj["optimizer"])
+    state, seed = noise
+    optimizer_state["noise_generator"] = state
     try:
         run.optimizer.load_state_dict(optimizer_state)
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"Checkpoint `{path}` does not match the optimizer: {e}") from None
     if secure:
         reseed_from_os_entropy(run.optimizer.generator)
+    elif seed is not None:  # another number of ranks: a fresh stream per rank
+        run.optimizer.generator.manual_seed(seed)
     run.model.load_state_dict(obj["model"])
-    run.accountant.load_state_dict(accountant.state_dict())
+    run.accountant.load_state_dict(obj["checked_accountant"].state_dict())
     sampler = getattr(run.data_loader.loader, "poisson_sampler", None)
     if sampler is not None and obj["sampler"] is not None:
         sampler_state = dict(obj["sampler"])
         if secure:  # fresh OS-entropy randomness for the batches still to come
             reseed_from_os_entropy(sampler.generator)
+            shared_generator_state(ranks, sampler.generator)  # the same mask on every rank
             sampler_state.update(seed=None, generator_state=sampler.generator.get_state())
         sampler.load_state_dict(sampler_state)
-    return dict(obj["extra"] or {})
+
+
+
 
 
 def run_dataset_fingerprint(run: Run) -> str:
@@ -323,73 +400,6 @@ def run_dataset_fingerprint(run: Run) -> str:
     if cached is None:
         cached = _FINGERPRINTS[run] = dataset_fingerprint(run.data_loader.dataset)
     return cached
-
-
-# -- the envelope ----------------------------------------------------------------------
-
-
-class _HashingWriter:
-    """Forwards writes to a file, hashing and counting the bytes."""
-
-    def __init__(self, file: IO[bytes]) -> None:
-        self.file = file
-        self.sha256 = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> int:
-        view = memoryview(data)
-        self.sha256.update(view)
-        self.size += view.nbytes
-        return self.file.write(view)
-
-    def flush(self) -> None:
-        self.file.flush()
-
-
-def _write_envelope(f: IO[bytes], payload: dict[str, Any]) -> None:
-    """Write a placeholder header, stream the payload through the hash, then the header."""
-    f.write(b" " * HEADER_SIZE)
-    writer = _HashingWriter(f)
-    torch.save(payload, writer)  # type: ignore[arg-type]
-    f.seek(0)
-    f.write(_encode_header(writer.size, writer.sha256.hexdigest()))
-
-
-def _encode_header(payload_bytes: int, payload_sha256: str) -> bytes:
-    fields = {"format": FORMAT, "version": VERSION, "payload_bytes": payload_bytes,
-              "payload_sha256": payload_sha256}
-    return json.dumps(fields, separators=(",", ":")).encode("ascii").ljust(HEADER_SIZE - 1) + b"\n"
-
-
-def _parse_header(path: Path, header: bytes) -> tuple[int, str]:
-    """Return ``(payload_bytes, payload_sha256)`` from a header that is exactly canonical."""
-    if len(header) < HEADER_SIZE:
-        raise _corrupt(path, f"it ends after {len(header)} bytes, inside the {HEADER_SIZE}-byte "
-                             "header (truncated, or not a swiftdp checkpoint)")
-    try:
-        fields = json.loads(header.decode("ascii"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise _corrupt(path, "its header is unreadable (damaged, or not a swiftdp "
-                             "checkpoint)") from None
-    if not isinstance(fields, dict) or fields.get("format") != FORMAT:
-        raise _corrupt(path, "its header does not name the swiftdp checkpoint format")
-    if fields.get("version") != VERSION:
-        raise CheckpointError(
-            f"Checkpoint `{path}` has version {fields.get('version')!r}; this swiftdp reads "
-            f"version {VERSION}. Resume it with the swiftdp version that wrote it."
-        )
-    size, digest = fields.get("payload_bytes"), fields.get("payload_sha256")
-    if (not isinstance(size, int) or not isinstance(digest, str)
-            or header != _encode_header(size, digest)):
-        raise _corrupt(path, "its header is damaged")
-    return size, digest
-
-
-def _corrupt(path: Path, what: str) -> CheckpointError:
-    return CheckpointError(
-        f"Checkpoint `{path}` is corrupt: {what}. Do not resume from it; use an earlier "
-        "checkpoint, or start a new run."
-    )
 
 
 def _check_plain(value: Any, where: str) -> None:
@@ -431,6 +441,20 @@ def _checked_accountant(path: Path, mechanism: str, obj: dict[str, Any]) -> Priv
         raise _corrupt(path, f"its accountant history records {accountant.total_steps} steps but "
                              f"the optimizer took {steps} (history deleted or edited)")
     return accountant
+
+
+def _check_optimizer(path: Path, optimizer: DPOptimizer, saved: dict[str, Any]) -> None:
+    """Refuse an optimizer state whose parameter groups do not match (before anything changes)."""
+    groups = saved.get("optimizer", {}).get("param_groups") if isinstance(
+        saved.get("optimizer"), dict) else None
+    now = [len(g["params"]) for g in optimizer.original_optimizer.param_groups]
+    then = ([len(g.get("params", ())) for g in groups] if isinstance(groups, list)
+            and all(isinstance(g, dict) for g in groups) else None)
+    if then != now:
+        raise CheckpointError(
+            f"Checkpoint `{path}` does not match the optimizer: its parameter groups hold "
+            f"{then} parameters, this optimizer's {now}. Build the same optimizer as the run "
+            "that wrote it.")
 
 
 def _check_model(path: Path, model: nn.Module, saved: Any) -> None:

@@ -233,6 +233,7 @@ def make_private(
     check_independence: bool = True,
     check_loss: bool = True,
     token_reduction: str = "mean",
+    timeout: float = distributed.DEFAULT_TIMEOUT,
 ) -> PrivateTraining:
     """Make a model, optimizer and loader train with differential privacy.
 
@@ -277,6 +278,10 @@ def make_private(
             (non ``-100``) tokens — or ``"sum"``, their sum. The model's own
             loss, a token mean over the whole batch, couples examples and is
             never used (:class:`swiftdp.hf.ModelLoss`).
+        timeout: in a process group, the seconds each rank waits for the
+            others at ``make_private``, every ``step()`` and every checkpoint
+            before raising an error that names the rank that did not arrive
+            (crashed, hangs, or skipped the call). See :mod:`swiftdp.distributed`.
 
     Returns:
         A :class:`PrivateTraining` with ``.model``, ``.optimizer``,
@@ -332,9 +337,12 @@ def make_private(
             "(its per-example clipped sums are all-reduced by the DP optimizer's step). Pass "
             "the plain module (`ddp.module`), in a process group: make_private then trains "
             "data-parallel itself (swiftdp.distributed).")
-    rank, world = distributed.rank_and_world()
+    ranks = distributed.make_ranks(timeout)
+    rank, world = (0, 1) if ranks is None else (ranks.rank, ranks.world)
     sample_seed = None if secure else seed
-    if world > 1:  # data-parallel (swiftdp.distributed): one sample, split by rank
+    if ranks is not None:
+        # Data-parallel (swiftdp.distributed): one sample, split by rank.
+        ranks.rendezvous("make_private")
         if not poisson_sampling:
             raise InvalidArgumentError(
                 "poisson_sampling=False is not supported in a process group: the ranks "
@@ -407,7 +415,7 @@ def make_private(
         token_reduction=token_reduction,  # type: ignore[arg-type]
     )
     dp_opt = DPOptimizer(optimizer, params, privacy, acct, gen, state,
-                         trainable=clipper.trainable_parameters)
+                         trainable=clipper.trainable_parameters, ranks=ranks)
     receiver.append(dp_opt)
     if check_independence:
         clipper.add_probe(IndependenceCheck(model, clipper, batch_dim=0 if batch_first else 1))

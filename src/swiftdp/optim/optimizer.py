@@ -117,6 +117,8 @@ class DPOptimizer(torch.optim.Optimizer):
         step_state: shared with the data loader (which batch is current).
         trainable: returns the parameters the clipping engine treats as
             trainable now (default: ``params``).
+        ranks: the data-parallel process group (``None``: one process); every
+            step all-reduces the ranks' noisy clipped sums over it.
 
     Raises:
         StepStructureError: from :meth:`receive` and :meth:`step` when a step
@@ -138,6 +140,7 @@ class DPOptimizer(torch.optim.Optimizer):
     _chunks_seen: set[int]
     _logical: int | None
     _in_step: bool
+    ranks: distributed.Ranks | None
 
     def __init__(
         self,
@@ -148,6 +151,7 @@ class DPOptimizer(torch.optim.Optimizer):
         generator: torch.Generator,
         step_state: StepState | None = None,
         trainable: Callable[[], list[Tensor]] | None = None,
+        ranks: distributed.Ranks | None = None,
     ) -> None:
         # Not calling Optimizer.__init__: parameter groups and state are the
         # wrapped optimizer's own (shared, not copied), so LR schedulers built
@@ -163,6 +167,8 @@ class DPOptimizer(torch.optim.Optimizer):
         set_(self, "step_state", step_state or StepState())
         set_(self, "_trainable", trainable or (lambda: list(params)))
         set_(self, "steps_taken", 0)
+        # The process group, fixed by make_private (one initialised later changes nothing).
+        set_(self, "ranks", ranks)
         # Largest step count verified to stay within the budget for a history
         # made only of (noise_multiplier, sample_rate) steps: ε grows with the
         # number of steps, so any count up to it is within budget too.
@@ -212,7 +218,7 @@ class DPOptimizer(torch.optim.Optimizer):
                                                    noise_multiplier=float(noise_multiplier)))
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in _GUARANTEE_ATTRS or name in ("settings", "accountant", "generator"):
+        if name in _GUARANTEE_ATTRS or name in ("settings", "accountant", "generator", "ranks"):
             raise AttributeError(
                 f"Cannot set `{name}` on a DPOptimizer: it is part of the privacy guarantee "
                 "and fixed for the run (the noise and the accountant read it from one "
@@ -439,7 +445,8 @@ class DPOptimizer(torch.optim.Optimizer):
         self.check_budget()
         s = self.settings
         sums = self._sums
-        _, world = distributed.rank_and_world()
+        ranks = self.ranks
+        world = 1 if ranks is None else ranks.world
         # In a process group every rank reduces the same list, in the model's order.
         params = (self._trainable() if world > 1 or not sums
                   else list(self._sum_params.values()))
@@ -452,8 +459,9 @@ class DPOptimizer(torch.optim.Optimizer):
         # rounding to a low-precision parameter dtype (bf16) before the noise
         # would depend on every example, outside the sensitivity bound.
         accs = [_Accumulator(p, sums.get(id(p))) for p in params]
-        if world > 1:
+        if ranks is not None:
             with distributed.step_collective():
+                ranks.rendezvous(f"optimizer.step() of logical step {stamp.logical}")
                 # The same logical step, σ and parameters on every rank, or all refuse.
                 distributed.check_same(
                     [float(stamp.logical), float(self.steps_taken), s.noise_multiplier,
