@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from swiftdp.clipping.clip_fns import ClippingStyle, sensitivity
+from swiftdp.clipping.clip_fns import ClippingStyle, Thresholds, sensitivity
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,10 @@ class PrivacySettings:
 
     Attributes:
         noise_multiplier: σ; the noise std per coordinate is σ · sensitivity.
-        max_grad_norm: the clipping threshold C.
+        max_grad_norm: the clipping threshold C; or, for group-wise clipping,
+            the groups ``((module-name prefix, C_k), ...)``, each example's
+            gradient restricted to group ``k`` clipped to ``C_k`` on its own;
+            for a pipeline stage, every stage's ``(("stage 0", C_0), ...)``.
         delta: the target δ.
         sample_rate: q, each example's probability of joining a logical batch.
         expected_batch_size: q · N, the divisor of every noisy sum.
@@ -30,10 +33,13 @@ class PrivacySettings:
             assumes it; ``False`` is for debugging only and says so).
         accountant: ``"pld"``, ``"rdp"`` or ``"prv"``.
         target_epsilon: the budget; a step that would exceed it is refused.
+        pipeline_stage: this process' stage of a pipeline (:mod:`swiftdp.pipeline`):
+            it clips its own parameters to its own ``C_k`` and adds the whole
+            noise ``N(0, σ²S²)`` to them; ``None`` outside a pipeline.
     """
 
     noise_multiplier: float
-    max_grad_norm: float
+    max_grad_norm: Thresholds
     delta: float
     sample_rate: float
     expected_batch_size: float
@@ -41,10 +47,21 @@ class PrivacySettings:
     poisson_sampling: bool = True
     accountant: str = "pld"
     target_epsilon: float | None = None
+    pipeline_stage: int | None = None
 
     def sensitivity(self) -> float:
-        """L2 sensitivity of one logical step's clipped sum."""
+        """L2 sensitivity of one logical step's clipped sum: ``C``, or ``√Σ_k C_k²`` for groups.
+
+        For a pipeline stage it is that of the whole model's clipped sum (all
+        stages' groups): each stage adds ``N(0, σ²S²)`` to its own part.
+        """
         return sensitivity(self.max_grad_norm, self.clipping)
+
+    def clip_thresholds(self) -> Thresholds:
+        """What this process' engine clips to: ``max_grad_norm``, or a pipeline stage's own ``C_k``."""
+        if self.pipeline_stage is None or not isinstance(self.max_grad_norm, tuple):
+            return self.max_grad_norm
+        return self.max_grad_norm[self.pipeline_stage][1]
 
     def noise_std(self) -> float:
         """Std of the Gaussian noise added to each coordinate of the clipped sum."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +22,18 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from swiftdp import distributed
+from swiftdp import distributed, pipeline
 from swiftdp.accounting import PrivacyAccountant, get_noise_multiplier
 from swiftdp.api import checkpoint as ckpt
 from swiftdp.checks import (
+    check_clip_thresholds,
     check_clipping,
     check_delta,
     check_loss_reduction,
-    check_max_grad_norm,
     check_mode,
     check_noise_multiplier,
 )
+from swiftdp.clipping.clip_fns import sensitivity
 from swiftdp.clipping.engine import MODES, GradClipper
 from swiftdp.clipping.guard import IndependenceCheck
 from swiftdp.errors import InvalidArgumentError, StepStructureError
@@ -215,7 +216,7 @@ def make_private(
     optimizer: torch.optim.Optimizer,
     train_loader: DataLoader[Any],
     *,
-    max_grad_norm: float,
+    max_grad_norm: float | Mapping[str, float] | Sequence[float],
     target_epsilon: float | None = None,
     noise_multiplier: float | None = None,
     delta: float = 1e-5,
@@ -234,6 +235,7 @@ def make_private(
     check_loss: bool = True,
     token_reduction: str = "mean",
     timeout: float = distributed.DEFAULT_TIMEOUT,
+    pipeline_stage: int | None = None,
 ) -> PrivateTraining:
     """Make a model, optimizer and loader train with differential privacy.
 
@@ -241,7 +243,11 @@ def make_private(
         model: the model, in training mode; not modified (hooks only).
         optimizer: any ``torch.optim`` optimizer over the model's parameters.
         train_loader: a ``DataLoader`` with ``batch_size`` = the expected batch size.
-        max_grad_norm: the clipping threshold C.
+        max_grad_norm: the clipping threshold C; or group-wise clipping,
+            ``{module-name prefix: C_k}`` (every trainable parameter in exactly
+            one group; each example's gradient on group k clipped to C_k on its
+            own; noise σ·√Σ_k C_k², see :class:`GradClipper`); or, with
+            ``pipeline_stage``, ``[C_0, C_1, ...]``, one per pipeline stage.
         target_epsilon: the budget; σ is calibrated to it over ``epochs`` /
             ``steps`` when ``noise_multiplier`` is not given, and steps that
             would exceed it are refused.
@@ -282,6 +288,10 @@ def make_private(
             others at ``make_private``, every ``step()`` and every checkpoint
             before raising an error that names the rank that did not arrive
             (crashed, hangs, or skipped the call). See :mod:`swiftdp.distributed`.
+        pipeline_stage: this process' stage of a model split into pipeline
+            stages, one per rank: it clips its own parameters to its C_k,
+            draws the whole Poisson sample and adds all the noise to its own
+            parameters (no data parallelism). See :mod:`swiftdp.pipeline`.
 
     Returns:
         A :class:`PrivateTraining` with ``.model``, ``.optimizer``,
@@ -293,7 +303,7 @@ def make_private(
         UnsupportedModuleError: the model has a module that cannot be
             clipped exactly (BatchNorm: use ``swiftdp.fix(model)``).
     """
-    check_max_grad_norm(max_grad_norm)
+    thresholds = check_clip_thresholds(max_grad_norm, pipeline_stage)
     check_delta(delta)
     check_clipping(clipping)
     check_mode(mode, MODES)
@@ -340,6 +350,10 @@ def make_private(
     ranks = distributed.make_ranks(timeout)
     rank, world = (0, 1) if ranks is None else (ranks.rank, ranks.world)
     sample_seed = None if secure else seed
+    # One pipeline stage per rank (swiftdp.pipeline): the whole sample, no all-reduce.
+    stages, sample_seed = pipeline.join_stages(ranks, pipeline_stage, thresholds, sample_seed,
+                                               mode=mode, poisson_sampling=poisson_sampling)
+    ranks = None if stages is not None else ranks
     if ranks is not None:
         # Data-parallel (swiftdp.distributed): one sample, split by rank.
         ranks.rendezvous("make_private")
@@ -350,11 +364,11 @@ def make_private(
         distributed.broadcast_model(model)
         sample_seed = distributed.shared_seed(sample_seed)
     loader, sample_rate, expected = _sampling(train_loader, poisson_sampling, sample_seed,
-                                              rank, world)
+                                              rank if ranks else 0, world if ranks else 1)
     num_samples = len(loader.dataset)  # type: ignore[arg-type]
     if world > 1:
         distributed.check_same(
-            [num_samples, sample_rate, expected, float(max_grad_norm),
+            [num_samples, sample_rate, expected, sensitivity(thresholds),
              -1.0 if noise_multiplier is None else float(noise_multiplier),
              -1.0 if target_epsilon is None else float(target_epsilon), float(delta)],
             "the dataset size, sample rate, expected batch size, C, σ, target ε or δ")
@@ -378,11 +392,12 @@ def make_private(
             steps=total_steps, mechanism=accountant,
         )
     privacy = PrivacySettings(
-        noise_multiplier=float(noise_multiplier), max_grad_norm=float(max_grad_norm),
+        noise_multiplier=float(noise_multiplier), max_grad_norm=thresholds,
         delta=float(delta), sample_rate=float(sample_rate), expected_batch_size=float(expected),
         clipping=clipping,  # type: ignore[arg-type]
         poisson_sampling=poisson_sampling, accountant=accountant,
         target_epsilon=None if target_epsilon is None else float(target_epsilon),
+        pipeline_stage=pipeline_stage,
     )
     if world > 1:  # what fixes the mechanism must be the same on every rank
         from swiftdp.api.fingerprint import dataset_fingerprint
@@ -390,11 +405,13 @@ def make_private(
         distributed.check_same_objects({
             "the noise multiplier σ": privacy.noise_multiplier,
             "the planned steps": total_steps, "secure": bool(secure), "seeded": seed is not None,
-            "the accountant": accountant, "the mode": mode, "loss_reduction": loss_reduction,
+            "the accountant": accountant, "the mode": mode if stages is None else None,
+            "loss_reduction": loss_reduction, "the clipping thresholds": thresholds,
             "the clipping": clipping, "max_physical_batch_size": max_physical_batch_size,
             "the model's parameters and buffers (name, shape, dtype, trainable)": [
                 (n, tuple(t.shape), str(t.dtype), t.requires_grad)
-                for n, t in [*model.named_parameters(), *model.named_buffers()]],
+                for n, t in [*model.named_parameters(), *model.named_buffers()]
+            ] if stages is None else None,
             "the dataset (fingerprint)": dataset_fingerprint(loader.dataset),
         })
     speed = SpeedSettings(mode=mode, max_physical_batch_size=max_physical_batch_size)
@@ -406,16 +423,20 @@ def make_private(
     state = StepState()
     receiver: list[DPOptimizer] = []
     clipper = GradClipper(
-        model, privacy.max_grad_norm, clipping=privacy.clipping,
+        model, privacy.clip_thresholds(), clipping=privacy.clipping,
         mode=mode,  # type: ignore[arg-type]
         loss_reduction=loss_reduction,  # type: ignore[arg-type]
         batch_first=batch_first,
         sink=lambda result: receiver[0].receive(result),
-        check_loss=check_loss,
+        check_loss=check_loss and pipeline.has_loss(privacy),
         token_reduction=token_reduction,  # type: ignore[arg-type]
     )
-    dp_opt = DPOptimizer(optimizer, params, privacy, acct, gen, state,
-                         trainable=clipper.trainable_parameters, ranks=ranks)
+    if stages is None:
+        dp_opt = DPOptimizer(optimizer, params, privacy, acct, gen, state,
+                             trainable=clipper.trainable_parameters, ranks=ranks)
+    else:
+        dp_opt = pipeline.StageOptimizer(optimizer, params, privacy, acct, gen, state,
+                                         trainable=clipper.trainable_parameters, stages=stages)
     receiver.append(dp_opt)
     if check_independence:
         clipper.add_probe(IndependenceCheck(model, clipper, batch_dim=0 if batch_first else 1))

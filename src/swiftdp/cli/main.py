@@ -2,7 +2,8 @@
 
 Bad input (unknown option values, an unreadable data folder, an unreachable ε,
 a resume folder that does not match) prints one line, ``swiftdp: error: ...``,
-on stderr and exits with code 2, without a traceback. Ctrl-C during training
+on stderr and exits with code 2, without a traceback (``swiftdp (rank R): error:
+...`` in a process of a ``--nproc`` run). Ctrl-C during training
 exits with code 130 and leaves the last complete epoch's checkpoint usable
 with ``--resume``.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 import warnings
@@ -53,6 +55,14 @@ def _version() -> str:
     return f"swiftdp {swiftdp.__version__}"
 
 
+def _name() -> str:
+    """``swiftdp``, or ``swiftdp (rank R)`` in a process that torchrun started among several."""
+    rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
+    if rank is None or world in (None, "1"):
+        return "swiftdp"
+    return f"swiftdp (rank {rank})"
+
+
 def _one_line(message: object) -> str:
     return " ".join(str(message).split())
 
@@ -67,6 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         The exit code: 0 on success, 2 on bad input, 130 when interrupted.
     """
     started = _process_start() if argv is None else time.time()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # what ended torchrun's options, if it passed it on
+        argv = argv[1:]
     logging.getLogger("absl").setLevel(logging.ERROR)  # dp_accounting's RDP convergence notes
     try:
         parser = build_parser()
@@ -87,15 +100,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return bench_cli.run(args)
             from swiftdp.cli import train_command
 
-            return train_command.run(args, started)
+            return train_command.run(args, started, argv)
     except (UsageError, SwiftDPError) as e:
-        print(f"swiftdp: error: {_one_line(e)}", file=sys.stderr)
+        print(f"{_name()}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:
-        print(f"swiftdp: error: {_one_line(e)}", file=sys.stderr)
+        print(f"{_name()}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("swiftdp: interrupted", file=sys.stderr)
+        print(f"{_name()}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
@@ -111,7 +124,7 @@ def _process_start() -> float:
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                   file: object = None, line: str | None = None) -> None:
-    print(f"swiftdp: warning: {_one_line(message)}", file=sys.stderr)
+    print(f"{_name()}: warning: {_one_line(message)}", file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -59,6 +59,7 @@ class TrainConfig:
     seed: int | None = None
     device: str = "cpu"
     threads: int | None = None
+    nproc: int = 1
     non_private: bool = False
     validation: bool = False
 
@@ -67,7 +68,7 @@ class TrainConfig:
         return asdict(self)
 
 
-RUN_ONLY = ("device", "threads")
+RUN_ONLY = ("device", "threads", "nproc")
 """Options that change how a run executes, not what it computes: free to change on resume."""
 
 TEXT_RECIPE: dict[str, Any] = {
@@ -180,8 +181,11 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
            "secret random seed)",
            check=_non_negative, nullable=True),
     Option("device", str, "device", DEVICES),
-    Option("threads", int, "CPU threads (default: all cores)", check=_at_least_one,
-           nullable=True),
+    Option("threads", int, "CPU threads per process (default: all cores, shared evenly among "
+           "the --nproc processes)", check=_at_least_one, nullable=True),
+    Option("nproc", int, "processes to train on, data-parallel (torchrun, gloo on the CPU); "
+           "--batch-size stays the global expected batch size, so σ, q and ε are those of "
+           "one process", check=_at_least_one),
     Option("non_private", bool, "train without DP (the baseline: same recipe, no clipping "
            "or noise)"),
     Option("validation", bool, "train on 80%% of the training split and evaluate on the other "
@@ -310,8 +314,20 @@ def check_combination(cfg: TrainConfig) -> None:
 
     Raises:
         InvalidArgumentError: a language model on images or an image model on
-            text, or ``--data-file`` without ``--dataset text``.
+            text, ``--data-file`` without ``--dataset text``, or ``--nproc`` above 1
+            with an option that runs in one process only.
     """
+    if cfg.nproc > 1 and cfg.non_private:
+        raise InvalidArgumentError(
+            f"--non-private cannot run on --nproc {cfg.nproc} processes: the non-private "
+            "baseline trains in one process. Drop --nproc (or use --nproc 1), or drop "
+            "--non-private."
+        )
+    if cfg.nproc > 1 and cfg.device != "cpu":
+        raise InvalidArgumentError(
+            f"--device {cfg.device} cannot run on --nproc {cfg.nproc} processes: they "
+            "communicate with gloo on the CPU. Use --device cpu, or --nproc 1."
+        )
     text = cfg.dataset in TEXT_DATASETS
     if cfg.data_file is not None and not text:
         raise InvalidArgumentError(

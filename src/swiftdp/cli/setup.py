@@ -59,14 +59,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def available_cores() -> int:
+    """The number of CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 def set_threads(threads: int | None) -> None:
     """Use ``threads`` CPU threads (default: every core this process may use)."""
-    if threads is None:
-        try:
-            threads = len(os.sched_getaffinity(0))
-        except AttributeError:  # pragma: no cover - not Linux
-            threads = os.cpu_count() or 1
-    torch.set_num_threads(max(1, threads))
+    torch.set_num_threads(max(1, available_cores() if threads is None else threads))
 
 
 def default_batch_size(num_train: int) -> int:

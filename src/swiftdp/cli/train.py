@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +33,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from swiftdp import distributed
 from swiftdp.api.private import PrivateTraining, make_private
 from swiftdp.cli import rundir
 from swiftdp.cli.options import TrainConfig
+from swiftdp.cli.parallel import on_rank0, sum_over_ranks
 from swiftdp.cli.setup import Prepared
 from swiftdp.errors import CheckpointError
 from swiftdp.io import atomic_torch_save
@@ -89,6 +92,11 @@ class Trainer:
             )
             self.loader = self.dp.data_loader
             self.optimizer = self.dp.optimizer
+            if distributed.active():  # make_private copied rank 0's parameters: so does the average
+                mine: list[Tensor] = [*self.eval_model.parameters(), *self.eval_model.buffers()]
+                with torch.no_grad():
+                    for a, t in zip(mine, [*model.parameters(), *model.buffers()], strict=True):
+                        a.copy_(t.detach())
         self.model = model
         self.epoch = 0
         self.saved_epoch = 0  # the epoch of the checkpoint on disk
@@ -149,6 +157,9 @@ class Trainer:
             bar.set_postfix(post)
             _after_step(self.steps)
         bar.close()
+        # Over every rank's share of the batches (the one-process figures); collective.
+        loss_sum, hits, total = sum_over_ranks([loss_sum, hits, float(seen)])
+        seen = int(total)
         return {"loss": loss_sum / max(seen, 1),
                 f"train_{task.metric}": task.train_metric(loss_sum, hits, seen)}
 
@@ -241,7 +252,9 @@ def run_epochs(trainer: Trainer, progress: bool, started: float) -> None:
     ``elapsed_s`` adds the time of earlier sessions of the run.
 
     ``KeyboardInterrupt`` propagates; the checkpoint on disk is then the
-    last complete epoch's (files are replaced atomically).
+    last complete epoch's (files are replaced atomically). In a ``--nproc``
+    run every rank trains, evaluates and saves the checkpoint (collective);
+    rank 0 alone writes ``metrics.json``.
     """
     while trainer.epoch < trainer.cfg.epochs:
         stats = trainer.train_epoch(progress)
@@ -249,7 +262,8 @@ def run_epochs(trainer: Trainer, progress: bool, started: float) -> None:
         elapsed = trainer.elapsed_before + time.time() - started
         trainer.record(stats, elapsed)
         trainer.save(elapsed)
-        rundir.write_metrics(trainer.run_dir, metrics_document(trainer, None))
+        document = metrics_document(trainer, None)
+        on_rank0(partial(rundir.write_metrics, trainer.run_dir, document), "write metrics.json")
 
 
 def metrics_document(trainer: Trainer, final: dict[str, Any] | None) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""``swiftdp train``: resolve the options, prepare, train, report; resume and Ctrl-C."""
+"""``swiftdp train``: resolve the options, prepare, train, report; resume, Ctrl-C, ``--nproc``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 
 import swiftdp
-from swiftdp.cli import rundir
+from swiftdp.cli import parallel, rundir
 from swiftdp.cli.options import (
     OPTIONS_BY_NAME,
     RECIPES,
@@ -158,60 +159,100 @@ def _silent(message: str) -> None:
     del message
 
 
-def run(args: argparse.Namespace, started: float) -> int:
+def run(args: argparse.Namespace, started: float, argv: Sequence[str]) -> int:
     """Run ``swiftdp train``; returns the exit code (0, or 130 when interrupted).
+
+    With ``--nproc N > 1`` this process relaunches itself on N processes under
+    torchrun and returns torchrun's exit code; a process torchrun started
+    trains as one rank of the run (:mod:`swiftdp.cli.parallel`).
 
     Args:
         args: the parsed command line.
         started: when the command started (``time.time()``), for the wall time.
+        argv: the command line ``args`` was parsed from (passed on to torchrun).
     """
     cli, file_values = _requested(args)
     resume = getattr(args, "resume", None)
+    out = getattr(args, "out", None)
+    run_dir: Path | None = None
     if resume is not None:
-        if getattr(args, "out", None) is not None:
+        if out is not None:
             raise InvalidArgumentError("--out cannot be combined with --resume (the run folder is "
                                        "RUN_DIR).")
         run_dir = Path(resume)
         cfg = _resume_config(run_dir, cli, file_values)
     else:
         cfg = resolve(cli, file_values)
-        rundir.check_out(getattr(args, "out", None))
-    progress = not getattr(args, "quiet", False)
+        rundir.check_out(out)
+    world = parallel.world_from_env()
+    if world > 1:
+        ranked = parallel.worker_config(cfg, cli.get("nproc"), world)
+        return parallel.run_in_group(lambda: _train(args, ranked, run_dir, started))
+    if cfg.nproc > 1:
+        if run_dir is not None:
+            return parallel.launch(argv, cfg, run_dir, created=False)
+        created = out is None or not Path(out).exists()
+        run_dir = rundir.new_run_dir(out, cfg.dataset, cfg.model)
+        return parallel.launch([*argv, "--out", str(run_dir)] if out is None else argv, cfg,
+                               run_dir, created)
+    return _train(args, cfg, run_dir, started)
+
+
+def _train(args: argparse.Namespace, cfg: TrainConfig, resume_dir: Path | None,
+           started: float) -> int:
+    """Prepare, train and report in this process (one rank of a ``--nproc`` run, or alone).
+
+    ``resume_dir`` is the folder to resume, or ``None`` for a new run. Only rank 0
+    prints and writes the run folder; every rank saves and loads the checkpoint.
+    """
+    main_rank = parallel.is_main_rank()
+    progress = not getattr(args, "quiet", False) and main_rank
     say = _status if progress else _silent
-    set_threads(cfg.threads)
+    set_threads(parallel.threads_per_process(cfg.threads, cfg.nproc))
     say(f"loading {cfg.dataset} and building model {cfg.model!r} ...")
     prep = prepare(cfg)
-    if resume is None:
-        run_dir = rundir.new_run_dir(getattr(args, "out", None), cfg.dataset, cfg.model)
+    out = getattr(args, "out", None)
+    run_dir = resume_dir if resume_dir is not None else parallel.on_rank0(
+        lambda: rundir.new_run_dir(out, cfg.dataset, cfg.model), "create the run folder")
     if not cfg.non_private:
         say(f"calibrating the noise to ε = {cfg.epsilon:g}, δ = {cfg.delta:g} over "
             f"{cfg.epochs} epochs ...")
     trainer = Trainer(cfg, prep, run_dir)
     if trainer.dp is not None:
         p = trainer.dp.privacy
+        ranks = f" on {cfg.nproc} processes" if cfg.nproc > 1 else ""
         say(f"{len(prep.train)} training examples, expected batch {p.expected_batch_size:g} "
             f"(q = {p.sample_rate:.4g}), {trainer.steps_per_epoch * cfg.epochs} steps, "
-            f"σ = {p.noise_multiplier:.4f}, C = {p.max_grad_norm:g}")
-    if resume is not None:
-        trainer.load(run_dir / rundir.CHECKPOINT)
+            f"σ = {p.noise_multiplier:.4f}, C = {p.max_grad_norm:g}{ranks}")
+    if resume_dir is not None:
+        trainer.load(run_dir / rundir.CHECKPOINT)  # every rank (collective in a process group)
     else:
-        rundir.write_config(run_dir, cfg.to_dict(), _derived(trainer))
+        config, derived = cfg.to_dict(), _derived(trainer)
+        parallel.on_rank0(lambda: rundir.write_config(run_dir, config, derived),
+                          "write config.yaml")
         trainer.save(0.0)  # epoch 0: --resume works even if the first epoch is interrupted
-        rundir.write_metrics(run_dir, metrics_document(trainer, None))
+        first = metrics_document(trainer, None)
+        parallel.on_rank0(lambda: rundir.write_metrics(run_dir, first), "write metrics.json")
     try:
         run_epochs(trainer, progress, started)
     except KeyboardInterrupt:
-        print(f"\nswiftdp: interrupted; the checkpoint of epoch {trainer.saved_epoch} in "
-              f"{run_dir} is intact. Resume with: swiftdp train --resume {run_dir}",
-              file=sys.stderr)
+        if main_rank:
+            print(f"\nswiftdp: interrupted; the checkpoint of epoch {trainer.saved_epoch} in "
+                  f"{run_dir} is intact. Resume with: swiftdp train --resume {run_dir}",
+                  file=sys.stderr)
         return EXIT_INTERRUPTED
     wall = time.time() - started
-    final = _summary(trainer, wall)
-    atomic_torch_save(_model_file(cfg, prep, trainer), run_dir / rundir.MODEL)
-    rundir.write_metrics(run_dir, metrics_document(trainer, final))
-    if trainer.history:
-        rundir.plot_metric(run_dir, trainer.history, prep.eval_name, prep.task.metric,
-                           trainer.dp is not None)
+    parallel.check_same_epsilon(trainer.epsilon())
+
+    def finish() -> None:
+        final = _summary(trainer, wall)
+        atomic_torch_save(_model_file(cfg, prep, trainer), run_dir / rundir.MODEL)
+        rundir.write_metrics(run_dir, metrics_document(trainer, final))
+        if trainer.history:
+            rundir.plot_metric(run_dir, trainer.history, prep.eval_name, prep.task.metric,
+                               trainer.dp is not None)
+
+    parallel.on_rank0(finish, "write the report, model.pt, metrics.json and the plot")
     return 0
 
 

@@ -14,6 +14,12 @@ from swiftdp.errors import NonFiniteGradientWarning
 ClippingStyle = Literal["flat", "automatic"]
 CLIPPING_STYLES: tuple[str, ...] = ("flat", "automatic")
 
+GroupThresholds = tuple[tuple[str, float], ...]
+"""Group-wise thresholds ``((name, C_k), ...)``, in order: group ``k`` is clipped to ``C_k``."""
+
+Thresholds = float | GroupThresholds
+"""One threshold ``C`` for the whole gradient, or one per group of parameters."""
+
 FLAT_EPS = 1e-6
 AUTOMATIC_GAMMA = 0.01
 
@@ -106,15 +112,32 @@ def nonfinite_examples(norms: Tensor, *, warn: bool = True) -> Tensor | None:
     return bad
 
 
-def sensitivity(max_grad_norm: float, style: ClippingStyle = "flat") -> float:
+def sensitivity(max_grad_norm: Thresholds, style: ClippingStyle = "flat") -> float:
     """L2 sensitivity of the clipped sum under add/remove-one adjacency.
 
     Args:
-        max_grad_norm: the clipping threshold ``C``.
-        style: the clip function (both styles bound each clipped example by C).
+        max_grad_norm: the clipping threshold ``C``, or the group thresholds
+            ``((name, C_k), ...)`` of group-wise clipping (each example's
+            gradient restricted to group ``k`` clipped to ``C_k`` on its own).
+        style: the clip function (both styles bound each clipped part by its threshold).
 
     Returns:
-        The sensitivity; the Gaussian noise std is ``noise_multiplier * sensitivity``.
+        ``C``, or ``√Σ_k C_k²`` for groups: the parts of one example are
+        orthogonal (disjoint parameters), so its clipped gradient has norm at
+        most ``√Σ_k C_k²``. The Gaussian noise std is ``noise_multiplier * sensitivity``.
+
+    References:
+        He et al. Exploring the limits of differentially private deep learning
+        with group-wise clipping. ICLR 2023.
     """
     del style
+    if isinstance(max_grad_norm, tuple):
+        return math.sqrt(math.fsum(float(c) ** 2 for _, c in max_grad_norm))
     return float(max_grad_norm)
+
+
+def group_thresholds(max_grad_norm: Thresholds) -> tuple[float, ...] | None:
+    """The thresholds ``(C_1, ..., C_K)`` of group-wise clipping, or ``None`` for one ``C``."""
+    if isinstance(max_grad_norm, tuple):
+        return tuple(float(c) for _, c in max_grad_norm)
+    return None

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
 import torch
@@ -38,17 +38,18 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from swiftdp.checks import (
+    check_clip_thresholds,
     check_clipping,
     check_cost_objective,
+    check_group_partition,
     check_loss_reduction,
-    check_max_grad_norm,
     check_mode,
     check_module_options,
     check_no_batch_mixing,
 )
 from swiftdp.clipping import batchdim, generic, loss_trace, nanobatch, recompute
 from swiftdp.clipping.boundary import wrap_outputs
-from swiftdp.clipping.clip_fns import ClippingStyle
+from swiftdp.clipping.clip_fns import ClippingStyle, Thresholds, group_thresholds
 from swiftdp.clipping.cost import CostObjective
 from swiftdp.clipping.escapes import ParameterGuard
 from swiftdp.clipping.loss_check import OutputRef
@@ -80,7 +81,12 @@ class GradClipper:
     Args:
         model: the model, unchanged; hooks are attached to it and removed by
             :meth:`remove`.
-        max_grad_norm: the clipping threshold ``C``.
+        max_grad_norm: the clipping threshold ``C``; or group-wise clipping
+            (He et al. 2022), ``{module-name prefix: C_k}``: every trainable
+            parameter must be in exactly one group (``n == prefix`` or
+            ``n.startswith(prefix + ".")``), and each example's gradient
+            restricted to group ``k`` is clipped to ``C_k`` on its own, with
+            its own norm — sensitivity ``√Σ_k C_k²``. All modes support it.
         clipping: ``"flat"`` or ``"automatic"`` (see :func:`clip_factors`).
         mode: ``"bk"``, ``"ghost"``, ``"per_sample"`` or ``"nanobatch"``.
         loss_reduction: how the loss combines examples: ``"mean"`` (the
@@ -105,16 +111,23 @@ class GradClipper:
             (:class:`~swiftdp.hf.labels.ModelLoss` replaces the model's token
             mean over the whole batch, which couples examples).
 
+    Attributes:
+        last_norms: the last backward's per-example gradient norms, ``(B,)``;
+            in group mode ``(K, B)``, row ``k`` the norms of group ``k``.
+        last_clip_factors: the clip factors, shaped like ``last_norms``.
+
     Raises:
         UnsupportedModuleError: the model has a layer that mixes examples
             (BatchNorm); ``swiftdp.fix(model)`` swaps it for GroupNorm.
-        InvalidArgumentError: an argument is out of range.
+        InvalidArgumentError: an argument is out of range, or the groups of
+            ``max_grad_norm`` do not partition the trainable parameters
+            (naming the parameter in none or in two).
     """
 
     def __init__(
         self,
         model: nn.Module,
-        max_grad_norm: float,
+        max_grad_norm: Thresholds | Mapping[str, float],
         *,
         clipping: ClippingStyle = "flat",
         mode: Mode = "bk",
@@ -125,7 +138,7 @@ class GradClipper:
         check_loss: bool = True,
         token_reduction: TokenReduction = "mean",
     ) -> None:
-        check_max_grad_norm(max_grad_norm)
+        thresholds = check_clip_thresholds(max_grad_norm)
         check_clipping(clipping)
         check_mode(mode, MODES)
         check_loss_reduction(loss_reduction)
@@ -133,7 +146,9 @@ class GradClipper:
         check_no_batch_mixing(model)
 
         self.model = model
-        self._max_grad_norm = float(max_grad_norm)
+        self._max_grad_norm: Thresholds = thresholds
+        self._group_limits = group_thresholds(thresholds)
+        self._group_ids: tuple[tuple[int, ...], dict[int, int]] | None = None
         self.clipping: ClippingStyle = clipping
         self.mode: Mode = mode
         self.loss_reduction: LossReduction = loss_reduction
@@ -165,6 +180,10 @@ class GradClipper:
         # autograd delivers a gradient to it. Every use the engine routes is
         # detached, so any such gradient bypassed clipping.
         self._guard = ParameterGuard(model, self._name_of, lambda: self._suspended)
+        if isinstance(thresholds, tuple):  # a bad partition (or an unused group): no hook attached
+            trainable: dict[int, Tensor] = {id(p): p for p in model.parameters() if p.requires_grad}
+            self._group_ids = (tuple(trainable), check_group_partition(
+                self._all_names(trainable), [g for g, _ in thresholds], every_group_used=True))
         self._attach()
         self._refresh_params()
         if is_hf_model(model):  # its labels= loss, per example (hooks run before ours)
@@ -173,8 +192,8 @@ class GradClipper:
 
     # ----------------------------------------------------------------- hooks
     @property
-    def max_grad_norm(self) -> float:
-        """The clipping threshold ``C`` (fixed for the engine's lifetime)."""
+    def max_grad_norm(self) -> Thresholds:
+        """The clipping threshold ``C``, or the groups' ``((prefix, C_k), ...)`` (fixed)."""
         return self._max_grad_norm
 
     @max_grad_norm.setter
@@ -184,6 +203,37 @@ class GradClipper:
             "of the privacy guarantee (the noise and the accountant read it). Under "
             "make_private it is fixed for the run; build a new GradClipper to use another C."
         )
+
+    @property
+    def group_limits(self) -> tuple[float, ...] | None:
+        """The groups' thresholds ``(C_1, ..., C_K)`` in group mode, else ``None`` (fixed)."""
+        return self._group_limits
+
+    def group_ids(self, trainable: dict[int, Tensor]) -> dict[int, int] | None:
+        """The group index of each trainable parameter (``None`` with one threshold ``C``).
+
+        Checked whenever the set of trainable parameters changes (a parameter
+        unfrozen or added later must fall in exactly one group too).
+
+        Raises:
+            InvalidArgumentError: a trainable parameter is in no group or in two.
+        """
+        if self.group_limits is None:
+            return None
+        key = tuple(trainable)
+        if self._group_ids is None or self._group_ids[0] != key:
+            assert isinstance(self._max_grad_norm, tuple)
+            ids = check_group_partition(self._all_names(trainable),
+                                        [g for g, _ in self._max_grad_norm])
+            self._group_ids = (key, ids)
+        return self._group_ids[1]
+
+    def _all_names(self, trainable: dict[int, Tensor]) -> dict[int, list[str]]:
+        names: dict[int, list[str]] = {pid: [] for pid in trainable}
+        for n, p in self.model.named_parameters(remove_duplicate=False):
+            if id(p) in names and n not in names[id(p)]:
+                names[id(p)].append(n)
+        return names
 
     def _attach(self) -> None:
         root = self.model
@@ -253,6 +303,8 @@ class GradClipper:
         if active and _in_backward():
             self._begin_recompute(module, args, kwargs)
             return
+        if active and self.group_limits is not None:  # refuse a parameter outside the groups
+            self.group_ids(self._refresh_params())  # before any state of this call is set
         self._root_active.append(_FORWARD if active else _OFF)
         if not active:
             return

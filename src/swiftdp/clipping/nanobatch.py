@@ -3,7 +3,8 @@
 Batch size one with gradient accumulation (Graphcore's NanoBatch): slow,
 simple, and exact by construction — the reference the other modes are
 tested against. The batched forward only produces the outputs; in the
-backward each example is recomputed alone, its gradient clipped and added.
+backward each example is recomputed alone, its gradient clipped and added
+(group-wise: each group's part clipped to its own threshold).
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ def make_backward(
         batch = step.batch_size
         scale = step.scale(batch)
         sums = [torch.zeros_like(p) for p in params]
+        # Group mode: each group's norm and factor on its own (one group for one C).
+        gid = engine.group_ids(step.trainable)
+        c_max = engine.max_grad_norm
+        limits = engine.group_limits or ((c_max,) if isinstance(c_max, float) else ())
+        which = [0 if gid is None else gid[id(p)] for p in params]
         norms = []
         factors = []
         with engine.suspended():
@@ -62,20 +68,27 @@ def make_backward(
                 leaves = [t for t in pytree.tree_leaves(out_i) if isinstance(t, Tensor) and t.requires_grad]
                 pg = torch.autograd.grad(leaves, params, g_i, allow_unused=True)
                 flat = [torch.zeros_like(p) if g is None else g for p, g in zip(params, pg, strict=True)]
-                n = torch.sqrt(sum(((g.double() ** 2).sum() for g in flat), torch.zeros((), dtype=torch.float64)))
+                sq = [torch.zeros((), dtype=torch.float64) for _ in limits]
+                for g, k in zip(flat, which, strict=True):
+                    sq[k] = sq[k] + (g.double() ** 2).sum()
+                n = torch.stack(sq).sqrt()
                 if flat:  # a norm beyond the parameters' float range counts as non-finite
                     n = n.to(flat[0].dtype).to(torch.float64)
-                c = clip_factors(n.reshape(1), engine.max_grad_norm, engine.clipping,
-                                 warn_nonfinite=False)[0]
-                norms.append(n)
-                factors.append(c)
-                for s, g in zip(sums, flat, strict=True):
+                c = torch.cat([clip_factors(nk.reshape(1), ck, engine.clipping, warn_nonfinite=False)
+                               for nk, ck in zip(n, limits, strict=True)])
+                c = torch.where(torch.isfinite(n).all(), c, 0.0)  # one bad group drops the example
+                norms.append(n if gid is not None else n[0])
+                factors.append(c if gid is not None else c[0])
+                for s, g, k in zip(sums, flat, which, strict=True):
                     # a non-finite example has c = 0 and is left out exactly (0 · NaN = NaN)
-                    s.add_(torch.where(c > 0, g * c.to(g.dtype), 0.0))
+                    s.add_(torch.where(c[k] > 0, g * c[k].to(g.dtype), 0.0))
         if norms:
-            nonfinite_examples(torch.stack(norms))  # one warning for the step, with the count
-            engine.last_norms = torch.stack(norms).to(params[0].dtype if params else torch.float32)
-            engine.last_clip_factors = torch.stack(factors).to(engine.last_norms.dtype)
+            stacked = torch.stack(norms)  # (B,), or (B, K) in group mode
+            nonfinite_examples(stacked if gid is None else stacked.amax(1))  # one warning, counted
+            dtype = params[0].dtype if params else torch.float32
+            engine.last_norms = (stacked if gid is None else stacked.t()).to(dtype)
+            c_all = torch.stack(factors)
+            engine.last_clip_factors = (c_all if gid is None else c_all.t()).to(dtype)
         step.forwards_seen.add(step.forwards)
         step.deliver({id(p): s for p, s in zip(params, sums, strict=True)})
 

@@ -13,6 +13,9 @@ that step alone (:meth:`Step.receive`). When the backward pass ends
 (:meth:`Step.finalize`, queued on autograd's graph task) the norms over every
 trainable parameter give the clip factors, each parameter's clipped sum is
 formed, and the sums go to the engine's sink as one :class:`BackwardResult`.
+In group mode (``max_grad_norm={prefix: C_k}``) each group's parameters give
+that group's per-example norms and factors, and each parameter's clipped sum
+uses its own group's factors; with one ``C`` the path is unchanged.
 A retained graph may be differentiated again: every pass over it delivers
 its own result (and ``make_private`` refuses the second one).
 """
@@ -121,7 +124,8 @@ class Step:
         self.generation = 0
         self.started = False
         self.pass2 = False
-        self.pass2_weights: Tensor | None = None
+        self.pass2_weights: Tensor | None = None  # (B,), or (K, B) in group mode
+        self.group_ids: dict[int, int] | None = None  # parameter id -> group (group mode)
         self.pass2_sums: dict[int, tuple[Tensor, Tensor]] = {}
         self.forwards_seen: set[int] = set()
         self.dropped: Tensor | None = None
@@ -298,8 +302,10 @@ class Step:
             # once (the weighted sum is linear, so uses simply add up).
             w = self.pass2_weights
             assert w is not None
+            gid = self.group_ids
             for c in out:
-                s = param_weighted_sum(c.param, [c], w, self.dropped, detect=False)
+                wc = w if gid is None else w[_group_of(gid, c.param)]
+                s = param_weighted_sum(c.param, [c], wc, self.dropped, detect=False)
                 prev = self.pass2_sums.get(id(c.param))
                 self.pass2_sums[id(c.param)] = (c.param, s if prev is None else prev[1] + s)
             return []
@@ -330,16 +336,42 @@ class Step:
         return float(batch) if reduction == "mean" else 1.0
 
     def _clip(self, sq: Tensor) -> tuple[Tensor, float]:
+        """Norms → clip factors: ``sq`` is ``(B,)``, or ``(K, B)`` (one row per group)."""
         eng = self.engine
-        scale = self.scale(sq.shape[0])
+        scale = self.scale(sq.shape[-1])
         norms = sq.clamp(min=0).sqrt() * scale
+        limits = eng.group_limits
         # One check per step: examples with a non-finite norm get factor 0 and
         # are left out of every clipped sum exactly (one example must never
-        # be able to poison the update).
-        self.dropped = nonfinite_examples(norms)
-        c = clip_factors(norms, eng.max_grad_norm, eng.clipping, warn_nonfinite=False)
+        # be able to poison the update); in group mode a non-finite norm in
+        # any group drops the example from all of them.
+        if limits is None:
+            self.dropped = nonfinite_examples(norms)
+            c_max = eng.max_grad_norm
+            assert isinstance(c_max, float)
+            c = clip_factors(norms, c_max, eng.clipping, warn_nonfinite=False)
+        else:
+            self.dropped = nonfinite_examples(norms.amax(0))
+            c = torch.stack([clip_factors(n, ck, eng.clipping, warn_nonfinite=False)
+                             for n, ck in zip(norms, limits, strict=True)])
         eng.last_norms, eng.last_clip_factors = norms.detach(), c.detach()
         return c, scale
+
+    def _step_norms(self, by_param: dict[int, list[Contribution]]) -> Tensor | None:
+        """Squared norms over all parameters ``(B,)``, or per group ``(K, B)`` in group mode."""
+        self.group_ids = gid = self.engine.group_ids(self.trainable)
+        if gid is None:
+            return _norms(by_param)
+        limits = self.engine.group_limits
+        assert limits is not None
+        parts: list[list[list[Contribution]]] = [[] for _ in limits]
+        for uses in by_param.values():
+            parts[_group_of(gid, uses[0].param)].append(uses)
+        sq = [total_sq_norms(p) for p in parts]
+        known = next((t for t in sq if t is not None), None)
+        if known is None:
+            return None
+        return torch.stack([known.new_zeros(known.shape) if t is None else t for t in sq])
 
     def finalize(self) -> None:
         """End of the backward pass: norms → clip factors → clipped sums to the sink."""
@@ -347,13 +379,15 @@ class Step:
         self.generation += 1
         by_param = _group(self._collect())
         self.generic_params.clear()
-        sq = _norms(by_param)
+        sq = self._step_norms(by_param)
         sums: dict[int, Tensor] = {}
         if sq is not None:
             c, scale = self._clip(sq)
             weights = c * scale
+            gid = self.group_ids
             for pid, uses in by_param.items():
-                sums[pid] = param_weighted_sum(uses[0].param, uses, weights, self.dropped,
+                w = weights if gid is None else weights[gid[pid]]
+                sums[pid] = param_weighted_sum(uses[0].param, uses, w, self.dropped,
                                                detect=False)
         self.deliver(sums)
 
@@ -381,7 +415,7 @@ class Step:
         self.started = True
         self.generation += 1
         torch.autograd.backward(outs, grads, retain_graph=True)
-        sq = _norms(_group(self._collect()))
+        sq = self._step_norms(_group(self._collect()))
         if sq is None:
             self.generic_params.clear()
             self.deliver({})
@@ -412,6 +446,18 @@ def _group(contribs: list[Contribution]) -> dict[int, list[Contribution]]:
 
 def _norms(by_param: dict[int, list[Contribution]]) -> Tensor | None:
     return total_sq_norms(by_param.values())
+
+
+def _group_of(gid: dict[int, int], param: Tensor) -> int:
+    """The group of a parameter that received a per-example gradient (group mode)."""
+    k = gid.get(id(param))
+    if k is None:  # not trainable at this step's forward: never summed without a group
+        raise UnsupportedModuleError(
+            f"A parameter of shape {tuple(param.shape)} received a per-example gradient but "
+            "was not among the model's trainable parameters when the forward began, so it "
+            "has no clipping group. Freeze or unfreeze parameters between steps only."
+        )
+    return k
 
 
 def _shape_without(t: Tensor | OutputRef, bd: int, batch: int) -> tuple[int, ...]:
