@@ -26,7 +26,6 @@ from swiftdp import distributed, pipeline
 from swiftdp.accounting import PrivacyAccountant, get_noise_multiplier
 from swiftdp.api import checkpoint as ckpt
 from swiftdp.checks import (
-    check_clip_thresholds,
     check_clipping,
     check_delta,
     check_loss_reduction,
@@ -35,6 +34,7 @@ from swiftdp.checks import (
 )
 from swiftdp.clipping.clip_fns import sensitivity
 from swiftdp.clipping.engine import MODES, GradClipper
+from swiftdp.clipping.groups import check_clip_thresholds
 from swiftdp.clipping.guard import IndependenceCheck
 from swiftdp.errors import InvalidArgumentError, StepStructureError
 from swiftdp.optim.noise import make_noise_generator

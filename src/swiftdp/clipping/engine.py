@@ -38,10 +38,8 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from swiftdp.checks import (
-    check_clip_thresholds,
     check_clipping,
     check_cost_objective,
-    check_group_partition,
     check_loss_reduction,
     check_mode,
     check_module_options,
@@ -52,6 +50,7 @@ from swiftdp.clipping.boundary import wrap_outputs
 from swiftdp.clipping.clip_fns import ClippingStyle, Thresholds, group_thresholds
 from swiftdp.clipping.cost import CostObjective
 from swiftdp.clipping.escapes import ParameterGuard
+from swiftdp.clipping.groups import GroupPartition, check_clip_thresholds
 from swiftdp.clipping.loss_check import OutputRef
 from swiftdp.clipping.step import BackwardResult, ForwardToken, Sink, Step
 from swiftdp.clipping.tracer import ModuleCall, Tracer
@@ -148,7 +147,6 @@ class GradClipper:
         self.model = model
         self._max_grad_norm: Thresholds = thresholds
         self._group_limits = group_thresholds(thresholds)
-        self._group_ids: tuple[tuple[int, ...], dict[int, int]] | None = None
         self.clipping: ClippingStyle = clipping
         self.mode: Mode = mode
         self.loss_reduction: LossReduction = loss_reduction
@@ -180,10 +178,9 @@ class GradClipper:
         # autograd delivers a gradient to it. Every use the engine routes is
         # detached, so any such gradient bypassed clipping.
         self._guard = ParameterGuard(model, self._name_of, lambda: self._suspended)
-        if isinstance(thresholds, tuple):  # a bad partition (or an unused group): no hook attached
-            trainable: dict[int, Tensor] = {id(p): p for p in model.parameters() if p.requires_grad}
-            self._group_ids = (tuple(trainable), check_group_partition(
-                self._all_names(trainable), [g for g, _ in thresholds], every_group_used=True))
+        # A bad partition (or an unused group) is refused before any hook is attached.
+        self._groups = None if not isinstance(thresholds, tuple) else GroupPartition(
+            model, thresholds)
         self._attach()
         self._refresh_params()
         if is_hf_model(model):  # its labels= loss, per example (hooks run before ours)
@@ -218,22 +215,7 @@ class GradClipper:
         Raises:
             InvalidArgumentError: a trainable parameter is in no group or in two.
         """
-        if self.group_limits is None:
-            return None
-        key = tuple(trainable)
-        if self._group_ids is None or self._group_ids[0] != key:
-            assert isinstance(self._max_grad_norm, tuple)
-            ids = check_group_partition(self._all_names(trainable),
-                                        [g for g, _ in self._max_grad_norm])
-            self._group_ids = (key, ids)
-        return self._group_ids[1]
-
-    def _all_names(self, trainable: dict[int, Tensor]) -> dict[int, list[str]]:
-        names: dict[int, list[str]] = {pid: [] for pid in trainable}
-        for n, p in self.model.named_parameters(remove_duplicate=False):
-            if id(p) in names and n not in names[id(p)]:
-                names[id(p)].append(n)
-        return names
+        return None if self._groups is None else self._groups.ids(trainable)
 
     def _attach(self) -> None:
         root = self.model
