@@ -48,7 +48,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -56,7 +56,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 
 from swiftdp.errors import InvalidArgumentError, StepStructureError
 
@@ -267,16 +267,50 @@ def _short(v: Any) -> str:
     return text if len(text) <= 200 else text[:200] + "..."
 
 
-def all_reduce_sum(tensors: list[Tensor]) -> None:
-    """Sum ``tensors`` over the ranks, in place, one all-reduce per dtype."""
-    by_dtype: dict[torch.dtype, list[Tensor]] = {}
-    for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
-    for group in by_dtype.values():
-        flat = torch.cat([t.reshape(-1) for t in group])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+BUCKET_BYTES = 25 * 2**20
+"""Size of the buckets :func:`noisy_all_reduce` sends (DDP's default bucket size)."""
+
+
+def noisy_all_reduce(accumulators: list[Any], add_noise: Callable[[list[Any]], None]) -> None:
+    """Add this rank's noise share and sum over the ranks, bucket by bucket, in place.
+
+    The parameters' sums are cut into consecutive buckets of about
+    :data:`BUCKET_BYTES` (one dtype and device each). Each bucket gets its
+    noise share first, then its all-reduce starts asynchronously, so drawing
+    the next bucket's noise overlaps the previous bucket's communication. The
+    noise is drawn in the parameters' order, as in one process; no bucket is
+    sent before its noise is in it.
+
+    Args:
+        accumulators: objects with a ``grad`` tensor (the clipped sums), in
+            the same order on every rank.
+        add_noise: adds this rank's noise share to a bucket's accumulators.
+    """
+    pending = []
+    for bucket in _buckets(accumulators):
+        add_noise(bucket)
+        flat = torch.cat([a.grad.reshape(-1) for a in bucket])
+        pending.append((bucket, flat, dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True)))
+    for bucket, flat, work in pending:
+        assert work is not None
+        work.wait()
         offset = 0
-        for t in group:
-            n = t.numel()
-            t.copy_(flat[offset:offset + n].view_as(t))
+        for a in bucket:
+            n = a.grad.numel()
+            a.grad.copy_(flat[offset:offset + n].view_as(a.grad))
             offset += n
+
+
+def _buckets(accumulators: list[Any]) -> Iterator[list[Any]]:
+    bucket: list[Any] = []
+    size = 0
+    for a in accumulators:
+        kind = (a.grad.dtype, a.grad.device)
+        if bucket and (size >= BUCKET_BYTES or (bucket[0].grad.dtype,
+                                                bucket[0].grad.device) != kind):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(a)
+        size += a.grad.numel() * a.grad.element_size()
+    if bucket:
+        yield bucket

@@ -140,7 +140,8 @@ def run_in_group(train: Callable[[], int]) -> int:
         RankFailedError: a collective failed (another rank stopped or crashed).
     """
     try:
-        dist.init_process_group("gloo", timeout=GROUP_TIMEOUT)
+        # Restart-safe under torchrun --max-restarts (swiftdp.distributed).
+        distributed.init_process_group("gloo", timeout=GROUP_TIMEOUT.total_seconds())
     except RuntimeError as e:
         raise RankFailedError(
             f"Could not join the process group of the other ranks within "

@@ -473,8 +473,10 @@ class DPOptimizer(torch.optim.Optimizer):
                     "empty batches included, with the same noise multiplier and parameters.")
                 # Each rank adds its independent share N(0, σ²C²/W); the all-reduce sums
                 # shares and clipped sums: the total noise is N(0, σ²C²) (swiftdp.distributed).
-                add_gaussian_noise(accs, s.noise_std() / math.sqrt(world), self.generator)
-                distributed.all_reduce_sum([a.grad for a in accs if a.grad is not None])
+                # Bucketed: a bucket's all-reduce overlaps drawing the next one's noise.
+                share = s.noise_std() / math.sqrt(world)
+                distributed.noisy_all_reduce(
+                    accs, lambda bucket: add_gaussian_noise(bucket, share, self.generator))
         else:
             add_gaussian_noise(accs, s.noise_std(), self.generator)
         for p, acc in zip(params, accs, strict=True):
