@@ -135,6 +135,16 @@ class Ranks:
                 f"See {who}'s log. Nothing was applied on this rank for this call; the "
                 "last checkpoint is intact. Raise make_private(timeout=) if the ranks are "
                 f"only slow. The backend said: {text[:300]}") from e
+        # Every rank arrived: at the same call? (`if rank == 0: save_checkpoint()` would
+        # otherwise pair rank 0's checkpoint with the others' next step.)
+        labels = gather_objects(what, self.control)
+        if any(label != labels[0] for label in labels):
+            where = "; ".join(f"rank {r}: {label}" for r, label in enumerate(labels))
+            raise StepStructureError(
+                f"Rank {self.rank}: the ranks reached different collective calls ({where}). "
+                "Every rank must call make_private, optimizer.step() for every batch of "
+                "dp.data_loader, save_checkpoint and load_checkpoint together, in the same "
+                "order (not only on rank 0). Nothing was applied for this call.")
 
 
 def init_process_group(backend: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
@@ -204,7 +214,7 @@ def rank_and_world() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def shared_seed(seed: int | None) -> int:
+def shared_seed(seed: int | None, group: Any = None) -> int:
     """The same seed on every rank: ``seed``, or a secret one drawn by rank 0.
 
     Raises:
@@ -213,7 +223,7 @@ def shared_seed(seed: int | None) -> int:
     mine = torch.tensor([secrets.randbits(62) if seed is None else int(seed),
                          0 if seed is None else 1], dtype=torch.int64)
     got = mine.clone()
-    dist.broadcast(got, src=0)
+    dist.broadcast(got, src=0, group=group)
     if seed is not None and (int(got[1]) != 1 or int(got[0]) != int(seed)):
         raise InvalidArgumentError(
             f"make_private got seed={seed!r} on rank {dist.get_rank()} but another seed on "
@@ -229,7 +239,8 @@ def broadcast_model(model: nn.Module) -> None:
 
 
 def check_same(values: list[float], what: str,
-               error: type[Exception] = InvalidArgumentError, fix: str = "") -> None:
+               error: type[Exception] = InvalidArgumentError, fix: str = "",
+               group: Any = None) -> None:
     """Refuse a run whose ranks disagree on ``values`` (dataset size, batch size, ...).
 
     Every rank takes part and sees every rank's values, so all of them raise
@@ -238,7 +249,7 @@ def check_same(values: list[float], what: str,
     mine = torch.tensor(values, dtype=torch.float64)
     world = dist.get_world_size()
     gathered = [torch.zeros_like(mine) for _ in range(world)]
-    dist.all_gather(gathered, mine)
+    dist.all_gather(gathered, mine, group=group)
     for r, g in enumerate(gathered):
         if not torch.equal(g, gathered[0]):
             raise error(
@@ -247,12 +258,12 @@ def check_same(values: list[float], what: str,
                                          "dataset and privacy arguments to make_private."))
 
 
-def check_same_objects(values: dict[str, Any], error: type[Exception] = InvalidArgumentError
-                       ) -> None:
+def check_same_objects(values: dict[str, Any], error: type[Exception] = InvalidArgumentError,
+                       group: Any = None) -> None:
     """:func:`check_same` for any picklable values (names, shapes, flags, fingerprints)."""
     world = dist.get_world_size()
     gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, values)
+    dist.all_gather_object(gathered, values, group=group)
     for r, g in enumerate(gathered):
         for key, v in g.items():
             if v != gathered[0].get(key):

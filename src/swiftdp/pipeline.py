@@ -19,7 +19,7 @@ processes (He et al. 2022, per-device clipping). Example:
     ...         dist.send(h.detach(), 1)
     ...         g = torch.empty_like(h)
     ...         dist.recv(g, 1)
-    ...         h.backward(g)          # the next stage's gradient, not a loss
+    ...         dp.stage_backward(h, g)  # the next stage's gradient, not a loss
     ...     else:
     ...         h = torch.empty(len(y), d)
     ...         dist.recv(h, 0)
@@ -43,8 +43,11 @@ The mechanism, and why it is private:
   gradient the receiving stage forms from it. Stage ``k``'s clipped sum
   therefore changes by at most ``C_k`` when one example is added or removed,
   and the whole model's by at most ``S = √Σ_k C_k²``.
-* **The backward of a stage without a loss** starts from ``h.backward(g)``:
-  such a stage has no loss to check (``check_loss`` is off there), and its
+* **The backward of a stage without a loss** is ``dp.stage_backward(h, g)``:
+  such a stage has no loss to check (``check_loss`` is off there), so a hook
+  on its output refuses any gradient but the received ``g`` (a regulariser
+  of ``h`` or a second backward could couple examples unchecked;
+  :class:`StageOutput`), and its
   engine scales the captured gradients by the same ``loss_reduction`` as the
   last stage (``"mean"``: ``g`` carries the loss's ``1/B``, ``B`` the same on
   every stage since the batch is), which every stage must declare alike.
@@ -65,7 +68,9 @@ The mechanism, and why it is private:
   ``step()`` refuses stages at different logical steps or with different σ
   (``set_noise_multiplier`` on one stage only).
 
-Each stage checkpoints on its own (``save_checkpoint`` to a path of its own).
+Checkpoints of pipeline stages are refused for now (they must be written and
+restored by all stages together: per-stage files could let two stages resume
+one noise stream, or a secure resume draw different samples per stage).
 
 References:
     He et al. Exploring the limits of differentially private deep learning
@@ -76,13 +81,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+from torch import Tensor, nn
+
 from swiftdp import distributed
 from swiftdp.clipping.clip_fns import Thresholds
-from swiftdp.errors import InvalidArgumentError, StepStructureError
+from swiftdp.errors import ExampleMixingError, InvalidArgumentError, StepStructureError
 from swiftdp.optim.optimizer import DPOptimizer
 from swiftdp.settings import PrivacySettings
 
-__all__ = ["StageOptimizer", "has_loss", "join_stages"]
+__all__ = ["StageOptimizer", "StageOutput", "has_loss", "join_stages"]
 
 _RECEIVING_MODES = ("bk", "per_sample")
 
@@ -124,7 +132,7 @@ def join_stages(ranks: distributed.Ranks | None, stage: int | None, thresholds: 
                 "groups of one model with max_grad_norm={module-name prefix: C_k}.")
         return None, sample_seed
     ranks.rendezvous("make_private")
-    everyone = distributed.gather_objects((stage, mode))
+    everyone = distributed.gather_objects((stage, mode), ranks.control)
     stages = [s for s, _ in everyone]
     if all(s is None for s in stages):
         return None, sample_seed  # data parallel (swiftdp.distributed)
@@ -150,14 +158,15 @@ def join_stages(ranks: distributed.Ranks | None, stage: int | None, thresholds: 
         raise InvalidArgumentError(
             "poisson_sampling=False is not supported for pipeline stages: every stage must "
             "draw the same Poisson sample. Use poisson_sampling=True.")
-    return ranks, distributed.shared_seed(sample_seed)
+    return ranks, distributed.shared_seed(sample_seed, ranks.control)
 
 
 def has_loss(privacy: PrivacySettings) -> bool:
     """Whether this process computes the loss: not a pipeline stage, or the last one.
 
     A stage before the last backpropagates the next stage's gradient
-    (``h.backward(g)``): it has no loss, so the engine's loss check is off there.
+    (``dp.stage_backward(h, g)``): it has no loss, so the engine's loss check is
+    off there (:class:`StageOutput` guards its output instead).
 
     Args:
         privacy: the run's settings.
@@ -188,6 +197,9 @@ class StageOptimizer(DPOptimizer):
         super().__init__(*args, **kwargs)
         object.__setattr__(self, "stages", stages)
 
+    def _stage_of_a_pipeline(self) -> bool:
+        return True
+
     def step(self, closure: Any = None) -> Any:
         """Check every stage is at this logical step with this σ, then :meth:`DPOptimizer.step`.
 
@@ -206,5 +218,54 @@ class StageOptimizer(DPOptimizer):
                     StepStructureError,
                     "Every stage must call optimizer.step() once per batch of dp.data_loader, "
                     "empty batches included, with the same noise multiplier (a noise schedule "
-                    "on every stage alike).")
+                    "on every stage alike).", group=self.stages.control)
         return super().step(closure)
+
+
+class StageOutput:
+    """A stage before the last: only the received gradient may reach its output.
+
+    Such a stage has no loss for the engine to check, so its backward must be
+    exactly ``∂L/∂h`` of the next stage, whose rows the next stage's engine
+    keeps per example. :meth:`backward` (``dp.stage_backward(h, g)``) runs it;
+    a hook on the stage's output refuses any other gradient: a term added on
+    this stage (``h.backward(g)`` beside a regulariser of ``h``, a second
+    backward) could couple examples unchecked.
+
+    Args:
+        model: the stage's model (its output must be one tensor).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.expected: Tensor | None = None
+        self.handle = model.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not isinstance(output, Tensor):
+            raise InvalidArgumentError(
+                f"A pipeline stage before the last must return one tensor (the activations "
+                f"sent to the next stage), got {type(output).__name__}.")
+        if output.requires_grad:
+            output.register_hook(self._check)
+
+    def _check(self, grad: Tensor) -> None:
+        g = self.expected
+        if g is None:
+            raise ExampleMixingError(
+                "On a pipeline stage before the last, backpropagate the received gradient "
+                "with dp.stage_backward(h, g), nothing else: this stage has no loss the "
+                "engine can check, so any other backward through its output is refused.")
+        if grad.shape != g.shape or not torch.equal(grad, g.to(grad.dtype)):
+            raise ExampleMixingError(
+                "The gradient reaching this pipeline stage's output is not the one received "
+                "from the next stage: another term (a loss or regulariser on this stage's "
+                "output) was backpropagated with it. It would couple examples unchecked; "
+                "compute every loss on the last stage.")
+
+    def backward(self, h: Tensor, g: Tensor) -> None:
+        """Backpropagate the next stage's gradient ``g`` of this stage's output ``h``."""
+        self.expected = g
+        try:
+            torch.autograd.backward([h], [g])
+        finally:
+            self.expected = None

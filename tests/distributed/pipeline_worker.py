@@ -54,14 +54,17 @@ def data() -> TensorDataset:
 
 
 def pipeline_pass(model: nn.Module, rank: int, x: Tensor, y: Tensor, reduction: str,
-                  zero: bool = False) -> None:
+                  zero: bool = False, dp: Any = None) -> None:
     """The forward and backward of one batch through both stages (this rank's part)."""
     if rank == 0:
         h = model(x)
         dist.send(h.detach().contiguous(), 1)
         g = torch.empty_like(h)
         dist.recv(g, 1)
-        h.backward(g)  # the next stage's activation gradient, not a loss
+        if dp is not None:
+            dp.stage_backward(h, g)  # the next stage's activation gradient, not a loss
+        else:  # a bare GradClipper (the sensitivity probe)
+            h.backward(g)
     else:
         h = torch.empty(len(y), D_MID, dtype=torch.float64)
         dist.recv(h, 0)
@@ -106,7 +109,7 @@ def _train(rank: int, sigma: float, modes: list[str], reduction: str, width: int
         batches.append(_gather(ids))
         dp.optimizer.zero_grad()
         if len(yb):
-            pipeline_pass(dp.model, rank, xb[:, :-1], yb, reduction, zero=check == "noise")
+            pipeline_pass(dp.model, rank, xb[:, :-1], yb, reduction, zero=check == "noise", dp=dp)
         dp.optimizer.step()
         after = [[p.detach().clone() for p in s] for s in _gather(list(mine.parameters()))]
         flat_before = [p for s in before for p in s]
@@ -204,7 +207,7 @@ def _refusals(rank: int) -> dict[str, str]:
     xb, yb = next(iter(dp.data_loader))
     dp.optimizer.zero_grad()
     if len(yb):
-        pipeline_pass(dp.model, rank, xb[:, :-1], yb, "mean")
+        pipeline_pass(dp.model, rank, xb[:, :-1], yb, "mean", dp=dp)
     before = [p.detach().clone() for p in mine.parameters()]
     try:
         dp.optimizer.step()

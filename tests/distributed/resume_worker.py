@@ -6,8 +6,9 @@ Environment:
     SECURE: ``1`` for ``secure=True``.
     CKPT: the checkpoint file; SAVE_EVERY=1 saves after every step.
     RESUME: ``1`` loads CKPT first when it exists.
-    FAULT: ``die`` or ``hang`` on rank VICTIM before its step FAULT_AT
-        (on the first attempt only, under torchrun's elastic restarts).
+    FAULT: ``die`` or ``hang`` on rank VICTIM before its step FAULT_AT, or
+        ``skip_save``: rank VICTIM does not save after step FAULT_AT
+        (die/hang on the first attempt only, under torchrun's elastic restarts).
     TIMEOUT: make_private(timeout=) in seconds.
 Launched by torchrun (any number of processes) or as plain processes with
 RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set (then no agent kills the
@@ -66,7 +67,7 @@ def main() -> None:
         for xb, yb in dp.data_loader:
             if dp.steps >= steps:
                 break
-            if (env.get("FAULT") and first_attempt and rank == int(env["VICTIM"])
+            if (env.get("FAULT") in ("die", "hang") and first_attempt and rank == int(env["VICTIM"])
                     and dp.steps == int(env["FAULT_AT"])):
                 if env["FAULT"] == "die":
                     os._exit(17)
@@ -81,7 +82,9 @@ def main() -> None:
                 dist.all_gather_object(parts, mine)
                 mine = [i for part in parts for i in part]  # type: ignore[attr-defined]
             batches.append(sorted(mine))
-            if ckpt is not None and env.get("SAVE_EVERY") == "1":
+            skip = (env.get("FAULT") == "skip_save" and rank == int(env["VICTIM"])
+                    and dp.steps == int(env["FAULT_AT"]))  # `if rank == 0: save` habits
+            if ckpt is not None and env.get("SAVE_EVERY") == "1" and not skip:
                 dp.save_checkpoint(ckpt, extra={"rank": rank})
     found.update(batches=batches, params=[p.detach().reshape(-1).tolist() for p in model.parameters()],
                  eps=dp.epsilon(), steps=dp.steps, world=world)

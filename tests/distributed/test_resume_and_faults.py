@@ -140,6 +140,15 @@ def test_a_rank_that_dies_or_hangs_is_named_by_the_other_within_the_timeout(
         assert done[victim] is not None and done[victim].returncode == 17
 
 
+def test_a_checkpoint_saved_on_one_rank_only_is_refused_on_both_naming_the_calls(tmp_path):
+    done, _, _ = _plain_ranks(tmp_path, "skip", 30.0, SIGMA=0.5, STEPS=4, FAULT="skip_save",
+                              VICTIM=1, FAULT_AT=2, CKPT=tmp_path / "c.ckpt", SAVE_EVERY=1)
+    for r, proc in enumerate(done):
+        assert proc is not None and proc.returncode != 0, f"rank {r} did not fail"
+        assert "reached different collective calls" in proc.stderr
+        assert "rank 0: save_checkpoint after 2 steps; rank 1: optimizer.step()" in proc.stderr
+
+
 def test_torchrun_elastic_restart_resumes_from_the_last_checkpoint(tmp_path, runs):
     ckpt, whole = tmp_path / "run.ckpt", runs["whole"]
     rest = _torchrun(tmp_path, 2, "elastic", "--max-restarts", "1", SIGMA=0.8, STEPS=6,

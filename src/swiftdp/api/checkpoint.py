@@ -179,6 +179,7 @@ def save(run: Run, path: Path, extra: dict[str, Any]) -> None:
         CheckpointError: in a process group, it failed on another rank, or the
             ranks are at different steps.
     """
+    _refuse_pipeline_stage(run, "save_checkpoint")
     ranks = run.optimizer.ranks
     if ranks is not None:
         ranks.rendezvous(f"save_checkpoint after {run.optimizer.steps_taken} steps")
@@ -192,6 +193,18 @@ def save(run: Run, path: Path, extra: dict[str, Any]) -> None:
     together(ranks, "save_checkpoint", lambda: (
         atomic_write(path, lambda f: _write_envelope(f, payload))
         if ranks is None or ranks.rank == 0 else None))
+
+
+def _refuse_pipeline_stage(run: Run, what: str) -> None:
+    # Per-stage files would let two stages resume one noise stream (identical noise on
+    # both: their difference noise-free) or, secure, draw different samples: refused
+    # until stage checkpoints are collective over the pipeline.
+    if run.privacy.pipeline_stage is not None:
+        raise CheckpointError(
+            f"{what} is not supported for pipeline stages yet (pipeline_stage="
+            f"{run.privacy.pipeline_stage}): checkpoints of a pipeline must be written and "
+            "restored by all stages together, with a noise stream and the same sampling "
+            "state per stage. Checkpoint data-parallel or one-process runs.")
 
 
 def _same_steps(ranks: Any, mine: int) -> list[int]:
@@ -305,19 +318,25 @@ def load(run: Run, path: Path) -> dict[str, Any]:
             group, it was refused on another rank or the ranks read different files.
         StepStructureError: in a process group, a rank did not call it in time.
     """
+    _refuse_pipeline_stage(run, "load_checkpoint")
     ranks = run.optimizer.ranks
     if ranks is not None:
         ranks.rendezvous("load_checkpoint")
-    obj, noise = together(ranks, "load_checkpoint", lambda: _checked(run, path))
+    obj = together(ranks, "load_checkpoint", lambda: read(path))  # no collective inside
+    check_same_file(ranks, str(path), obj["sha256"])
+    obj, noise = together(ranks, "load_checkpoint", lambda: _checked(run, path, obj))
     _apply(run, path, obj, noise)
     return dict(obj["extra"] or {})
 
 
-def _checked(run: Run, path: Path) -> tuple[dict[str, Any], tuple[Tensor | None, int | None]]:
-    """Read and check ``path`` against ``run``; the noise state or seed this rank resumes with."""
+def _checked(run: Run, path: Path, obj: dict[str, Any]
+             ) -> tuple[dict[str, Any], tuple[Tensor | None, int | None]]:
+    """Check the checkpoint ``obj`` read from ``path`` against ``run`` (no collective inside).
+
+    Returns:
+        ``obj`` and the noise state or seed this rank resumes with.
+    """
     ranks = run.optimizer.ranks
-    obj = read(path)
-    check_same_file(ranks, str(path), obj["sha256"])
     secure = is_secure(run.optimizer.generator)
     saved, now = obj["privacy"], run.privacy.to_dict()
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in _MATCH_KEYS

@@ -132,6 +132,7 @@ class PrivateTraining:
         self.accountant = accountant
         self.speed = speed
         self.num_samples = num_samples
+        self.stage_output: Any = None  # a pipeline stage before the last (swiftdp.pipeline)
 
     @property
     def privacy(self) -> PrivacySettings:
@@ -146,6 +147,23 @@ class PrivateTraining:
         over its example's own tokens (:mod:`swiftdp.losses`).
         """
         self.clipper.backward(losses)
+
+    def stage_backward(self, h: Tensor, g: Tensor) -> None:
+        """On a pipeline stage before the last: backpropagate the next stage's gradient.
+
+        Args:
+            h: this stage's output (what was sent on).
+            g: the gradient of the loss with respect to ``h``, received back.
+
+        Raises:
+            InvalidArgumentError: this run is not such a pipeline stage.
+        """
+        output = getattr(self, "stage_output", None)
+        if output is None:
+            raise InvalidArgumentError(
+                "stage_backward is for pipeline stages before the last (make_private("
+                "pipeline_stage=k)); elsewhere call loss.backward() or dp.backward(losses).")
+        output.backward(h, g)
 
     def set_noise_multiplier(self, noise_multiplier: float) -> None:
         """Change σ from the next step on (a noise schedule); noise and accountant both follow.
@@ -354,6 +372,7 @@ def make_private(
     stages, sample_seed = pipeline.join_stages(ranks, pipeline_stage, thresholds, sample_seed,
                                                mode=mode, poisson_sampling=poisson_sampling)
     ranks = None if stages is not None else ranks
+    control = None if (stages or ranks) is None else (stages or ranks).control  # type: ignore[union-attr]
     if ranks is not None:
         # Data-parallel (swiftdp.distributed): one sample, split by rank.
         ranks.rendezvous("make_private")
@@ -362,7 +381,7 @@ def make_private(
                 "poisson_sampling=False is not supported in a process group: the ranks "
                 "split one Poisson sample of the whole dataset. Use poisson_sampling=True.")
         distributed.broadcast_model(model)
-        sample_seed = distributed.shared_seed(sample_seed)
+        sample_seed = distributed.shared_seed(sample_seed, ranks.control)
     loader, sample_rate, expected = _sampling(train_loader, poisson_sampling, sample_seed,
                                               rank if ranks else 0, world if ranks else 1)
     num_samples = len(loader.dataset)  # type: ignore[arg-type]
@@ -371,7 +390,8 @@ def make_private(
             [num_samples, sample_rate, expected, sensitivity(thresholds),
              -1.0 if noise_multiplier is None else float(noise_multiplier),
              -1.0 if target_epsilon is None else float(target_epsilon), float(delta)],
-            "the dataset size, sample rate, expected batch size, C, σ, target ε or δ")
+            "the dataset size, sample rate, expected batch size, C, σ, target ε or δ",
+            group=control)
     if delta >= 1.0 / num_samples:
         warnings.warn(
             f"delta={delta} is not below 1/N = 1/{num_samples}: a mechanism that publishes "
@@ -413,7 +433,7 @@ def make_private(
                 for n, t in [*model.named_parameters(), *model.named_buffers()]
             ] if stages is None else None,
             "the dataset (fingerprint)": dataset_fingerprint(loader.dataset),
-        })
+        }, group=control)
     speed = SpeedSettings(mode=mode, max_physical_batch_size=max_physical_batch_size)
     params = _trainable_params(model, optimizer)
     acct = PrivacyAccountant(accountant)
@@ -443,7 +463,10 @@ def make_private(
     if privacy.target_epsilon is not None and total_steps is not None:
         dp_opt.verify_budget_for(total_steps)
     dp_loader = DPDataLoader(loader, state, max_physical_batch_size)
-    return PrivateTraining(model, dp_opt, dp_loader, clipper, acct, speed, num_samples)
+    training = PrivateTraining(model, dp_opt, dp_loader, clipper, acct, speed, num_samples)
+    if stages is not None and not pipeline.has_loss(privacy):
+        training.stage_output = pipeline.StageOutput(model)
+    return training
 
 
 def _sampling(train_loader: DataLoader[Any], poisson: bool, seed: int | None,

@@ -9,6 +9,7 @@ is ``√Σ_k C_k²`` (:meth:`swiftdp.settings.PrivacySettings.sensitivity`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -118,9 +119,11 @@ def check_clip_thresholds(value: Any, pipeline_stage: int | None = None) -> Thre
 
 
 def _threshold(value: Any, name: str) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+    if (not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0
+            or not math.isfinite(value)):
         raise InvalidArgumentError(
-            f"Expected {name} > 0, got {value!r}. Pass the group's clipping threshold C_k, "
+            f"Expected {name} > 0 and finite, got {value!r}. Pass the group's clipping "
+            "threshold C_k, "
             "for example 1.0.")
     return float(value)
 

@@ -447,6 +447,13 @@ class DPOptimizer(torch.optim.Optimizer):
         sums = self._sums
         ranks = self.ranks
         world = 1 if ranks is None else ranks.world
+        if ranks is None and distributed.active() and not self._stage_of_a_pipeline():
+            raise StepStructureError(
+                "A torch.distributed process group of several ranks was initialised after "
+                "make_private: this run was set up for one process, so every rank would "
+                "train on its own full Poisson sample and report the ε of one run, while "
+                "the ranks together release more. Call init_process_group before "
+                "make_private (it then trains data-parallel).")
         # In a process group every rank reduces the same list, in the model's order.
         params = (self._trainable() if world > 1 or not sums
                   else list(self._sum_params.values()))
@@ -470,7 +477,8 @@ class DPOptimizer(torch.optim.Optimizer):
                     "trainable parameters' size",
                     StepStructureError,
                     "Every rank must call optimizer.step() once per batch of dp.data_loader, "
-                    "empty batches included, with the same noise multiplier and parameters.")
+                    "empty batches included, with the same noise multiplier and parameters.",
+                    group=ranks.control)
                 # Each rank adds its independent share N(0, σ²C²/W); the all-reduce sums
                 # shares and clipped sums: the total noise is N(0, σ²C²) (swiftdp.distributed).
                 # Bucketed: a bucket's all-reduce overlaps drawing the next one's noise.
@@ -494,6 +502,10 @@ class DPOptimizer(torch.optim.Optimizer):
             return self.original_optimizer.step()
         finally:
             object.__setattr__(self, "_in_step", False)
+
+    def _stage_of_a_pipeline(self) -> bool:
+        """Whether this is a pipeline stage's optimizer (no all-reduce by design)."""
+        return False
 
     def _check_optimizer_params(self, tracked: set[int]) -> None:
         """Refuse optimizer parameters the engine does not clip (they would move unclipped)."""
