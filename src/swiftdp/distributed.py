@@ -82,6 +82,9 @@ def step_collective() -> Iterator[None]:
             f"the backend said: {str(e)[:300]}") from e
 
 
+DEBUG_ENV = "SWIFTDP_DEBUG_DISTRIBUTED"
+"""Set to ``1``: every step checks that the parameters are identical on all ranks."""
+
 DEFAULT_TIMEOUT = 600.0
 """Seconds a rank waits for the others at a rendezvous before raising (``make_private(timeout=)``)."""
 
@@ -102,6 +105,24 @@ class Ranks:
     world: int
     timeout: float
     control: Any
+    debug: bool = False
+
+    def check_identical(self, tensors: list[Any], when: str) -> None:
+        """Debug mode: refuse ranks whose ``tensors`` (the parameters) are not bitwise equal.
+
+        A cheap checksum per tensor (its float64 sum and sum of squares) is
+        compared across the ranks: one small all-gather per step.
+
+        Raises:
+            StepStructureError: naming the first tensor and rank that differ.
+        """
+        mine = [v for t in tensors for v in (float(t.detach().double().sum()),
+                                             float(t.detach().double().square().sum()))]
+        check_same(mine, f"the parameters' checksums {when} (debug mode, "
+                   f"{DEBUG_ENV}=1): they must be bitwise identical on every rank",
+                   StepStructureError, "A rank changed its parameters outside "
+                   "optimizer.step() (or loaded other weights): every rank must apply the "
+                   "same updates only.", group=self.control)
 
     def rendezvous(self, what: str) -> None:
         """Wait until every rank has reached ``what``; a missing rank is named.
@@ -192,7 +213,8 @@ def make_ranks(timeout: float) -> Ranks | None:
     if not active():
         return None
     control = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-    return Ranks(dist.get_rank(), dist.get_world_size(), float(timeout), control)
+    return Ranks(dist.get_rank(), dist.get_world_size(), float(timeout), control,
+                 debug=os.environ.get(DEBUG_ENV) == "1")
 
 
 def gather_objects(value: Any, group: Any = None) -> list[Any]:

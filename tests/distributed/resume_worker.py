@@ -7,7 +7,8 @@ Environment:
     CKPT: the checkpoint file; SAVE_EVERY=1 saves after every step.
     RESUME: ``1`` loads CKPT first when it exists.
     FAULT: ``die`` or ``hang`` on rank VICTIM before its step FAULT_AT, or
-        ``skip_save``: rank VICTIM does not save after step FAULT_AT
+        ``skip_save``: rank VICTIM does not save after step FAULT_AT, or
+        ``tamper``: rank VICTIM changes a weight before step FAULT_AT
         (die/hang on the first attempt only, under torchrun's elastic restarts).
     TIMEOUT: make_private(timeout=) in seconds.
 Launched by torchrun (any number of processes) or as plain processes with
@@ -72,6 +73,10 @@ def main() -> None:
                 if env["FAULT"] == "die":
                     os._exit(17)
                 time.sleep(600)
+            if (env.get("FAULT") == "tamper" and rank == int(env["VICTIM"])
+                    and dp.steps == int(env["FAULT_AT"])):
+                with torch.no_grad():  # a rank's own change outside optimizer.step()
+                    next(model.parameters()).view(-1)[0] += 1e-9
             dp.optimizer.zero_grad()
             if len(xb):
                 F.cross_entropy(dp.model(xb[:, :-1]), yb, reduction="sum").backward()

@@ -39,7 +39,9 @@ def _free_port() -> int:
 
 
 def _env(out: Path, **extra: object) -> dict[str, str]:
+    # Debug mode: every step checks the parameters are bitwise equal on all ranks.
     return {**os.environ, "OMP_NUM_THREADS": "1", "OUT": str(out),
+            "SWIFTDP_DEBUG_DISTRIBUTED": "1",
             **{k: str(v) for k, v in extra.items()}}
 
 
@@ -147,6 +149,14 @@ def test_a_checkpoint_saved_on_one_rank_only_is_refused_on_both_naming_the_calls
         assert proc is not None and proc.returncode != 0, f"rank {r} did not fail"
         assert "reached different collective calls" in proc.stderr
         assert "rank 0: save_checkpoint after 2 steps; rank 1: optimizer.step()" in proc.stderr
+
+
+def test_debug_mode_refuses_parameters_that_differ_between_ranks(tmp_path):
+    done, _, _ = _plain_ranks(tmp_path, "tamper", 30.0, SIGMA=0.5, STEPS=4, FAULT="tamper",
+                              VICTIM=1, FAULT_AT=2)
+    for r, proc in enumerate(done):
+        assert proc is not None and proc.returncode != 0, f"rank {r} did not fail"
+        assert "checksums after optimizer.step() of logical step 2" in proc.stderr
 
 
 def test_torchrun_elastic_restart_resumes_from_the_last_checkpoint(tmp_path, runs):

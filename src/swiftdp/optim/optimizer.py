@@ -499,9 +499,12 @@ class DPOptimizer(torch.optim.Optimizer):
         object.__setattr__(self, "steps_taken", self.steps_taken + 1)
         object.__setattr__(self, "_in_step", True)
         try:
-            return self.original_optimizer.step()
+            out = self.original_optimizer.step()
         finally:
             object.__setattr__(self, "_in_step", False)
+        if ranks is not None and ranks.debug:
+            ranks.check_identical(params, f"after optimizer.step() of logical step {stamp.logical}")
+        return out
 
     def _stage_of_a_pipeline(self) -> bool:
         """Whether this is a pipeline stage's optimizer (no all-reduce by design)."""
