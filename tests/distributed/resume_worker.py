@@ -11,6 +11,7 @@ Environment:
         ``tamper``: rank VICTIM changes a weight before step FAULT_AT
         (die/hang on the first attempt only, under torchrun's elastic restarts).
     TIMEOUT: make_private(timeout=) in seconds.
+    PHYS: max_physical_batch_size (each rank chunks its own share).
 Launched by torchrun (any number of processes) or as plain processes with
 RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set (then no agent kills the
 survivors, so their own error is what the test sees).
@@ -56,7 +57,8 @@ def main() -> None:
     dp = swiftdp.make_private(model, opt, DataLoader(data, batch_size=BATCH), max_grad_norm=C,
                               noise_multiplier=sigma, steps=steps, seed=7,
                               secure=env.get("SECURE") == "1", loss_reduction="sum",
-                              timeout=float(env.get("TIMEOUT", "60")))
+                              timeout=float(env.get("TIMEOUT", "60")),
+                              max_physical_batch_size=int(env["PHYS"]) if env.get("PHYS") else None)
     found: dict[str, object] = {}
     if env.get("RESUME") == "1" and ckpt is not None and ckpt.exists():
         dp.load_checkpoint(ckpt)
@@ -64,6 +66,7 @@ def main() -> None:
         found["noise_state"] = dp.optimizer.generator.get_state().tolist() if not (
             env.get("SECURE") == "1") else None
     batches: list[list[int]] = []
+    current: list[int] = []
     while dp.steps < steps:
         for xb, yb in dp.data_loader:
             if dp.steps >= steps:
@@ -77,12 +80,16 @@ def main() -> None:
                     and dp.steps == int(env["FAULT_AT"])):
                 with torch.no_grad():  # a rank's own change outside optimizer.step()
                     next(model.parameters()).view(-1)[0] += 1e-9
-            dp.optimizer.zero_grad()
             if len(xb):
                 F.cross_entropy(dp.model(xb[:, :-1]), yb, reduction="sum").backward()
-            dp.optimizer.step()
-            mine = xb[:, -1].long().tolist()
-            if world > 1:
+            before = dp.steps
+            dp.optimizer.step()  # mid logical batch (physical chunks): deferred
+            current.extend(xb[:, -1].long().tolist())
+            if dp.steps == before:
+                continue
+            dp.optimizer.zero_grad()
+            mine, current = current, []
+            if world > 1:  # after the logical step: every rank has its own number of chunks
                 parts: list[object] = [None] * world
                 dist.all_gather_object(parts, mine)
                 mine = [i for part in parts for i in part]  # type: ignore[attr-defined]

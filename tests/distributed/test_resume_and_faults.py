@@ -100,6 +100,16 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank_with_a_fresh_noise_stream(run
     assert one["params"] != whole["params"]
 
 
+def test_physical_batching_per_rank_gives_the_same_run(runs):
+    whole = runs["whole"]
+    chunked = _torchrun(runs["tmp"], 2, "chunked", SIGMA=0.8, STEPS=6, PHYS=2)
+    assert chunked["batches"] == whole["batches"] and chunked["same_on_all_ranks"]
+    # The same noise streams; only the chunks' summation order differs.
+    for a, b in zip(chunked["params"], whole["params"], strict=True):  # type: ignore[arg-type]
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), rtol=1e-12, atol=1e-13)
+    assert chunked["eps"] == whole["eps"]
+
+
 def _plain_ranks(tmp_path: Path, name: str, timeout: float, **extra: object
                  ) -> tuple[list[subprocess.CompletedProcess[str] | None], float, Path]:
     """Two ranks as plain processes (no torchrun agent to kill the survivor)."""
