@@ -11,11 +11,17 @@ Also runnable alone as ``python -m swiftdp.bench``.
 when ``--models`` is not given) and ``hf`` (the Hugging Face rows: GPT-2
 small full and LoRA, BERT-base, a Llama; slow on a CPU, need the ``[hf]``
 extra), e.g. ``--models hf`` or ``--models default,hf``.
+
+``--nproc 1,2`` runs the data-parallel scaling benchmark instead
+(:mod:`swiftdp.bench.scaling`: non-private DDP against data-parallel swiftdp
+under ``torchrun``, gloo); ``--models`` then defaults to ``mlp,cnn,transformer``
+and ``--threads`` (per rank) to 1; ``--methods`` does not apply.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -79,7 +85,15 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "when other processes share the cores")
     p.add_argument("--timeout-s", type=float, default=900.0,
                    help="stop a configuration after this many seconds (reported failed)")
+    p.add_argument("--nproc", type=_counts, default=None,
+                   help="data-parallel scaling instead: comma-separated rank counts (e.g. 1,2), "
+                        "non-private DDP against swiftdp under torchrun (gloo); --models "
+                        "defaults to mlp,cnn,transformer, --threads (per rank) to 1")
     return p
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    return tuple(int(n) for n in _names(text))
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
@@ -129,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
         0 on success (failed configurations are reported in the table), 2 on
         bad options or a missing GPU.
     """
+    if getattr(args, "nproc", None) is not None:
+        return run_scaling(args)
     try:
         cfg = config_from_args(args)
     except SwiftDPError as exc:
@@ -158,6 +174,30 @@ def run(args: argparse.Namespace) -> int:
     partial.unlink(missing_ok=True)  # results.json now holds everything
     print(f"\nwrote {out / 'results.json'}, {out / 'chart.png'}, {out / 'table.md'}")
     return 0
+
+
+def run_scaling(args: argparse.Namespace) -> int:
+    """``--nproc``: the data-parallel scaling benchmark (:mod:`swiftdp.bench.scaling`).
+
+    Returns:
+        0 when every run succeeded, 1 when one failed, 2 on bad options.
+    """
+    from swiftdp.bench import scaling
+
+    quick = QUICK if args.quick else {}
+    batch = args.batch_size if args.batch_size is not None else quick.get("batch_size")
+    cfg = scaling.ScalingConfig(
+        models=scaling.SCALING_MODELS if args.models == SUITE else tuple(args.models),
+        nprocs=tuple(args.nproc), size=args.size,
+        batch_size=int(batch) if batch is not None else None,
+        steps=int(quick.get("steps", args.steps)), warmup=int(quick.get("warmup", args.warmup)),
+        threads=args.threads or 1, timeout_s=args.timeout_s,
+        omp_wait_policy="" if args.omp_wait_policy == "inherit" else args.omp_wait_policy,
+    )
+    prog = Path(sys.argv[0]).name
+    prog = "python -m swiftdp.bench" if prog == "__main__.py" else prog
+    return scaling.run_config(cfg, args.out, shlex.join([prog, *sys.argv[1:]]),
+                              progress=not args.no_progress)
 
 
 def main(argv: list[str] | None = None) -> int:
