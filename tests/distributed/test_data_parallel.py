@@ -14,24 +14,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from support.ranks import TORCHRUN, free_port
 from swiftdp.accounting import PrivacyAccountant
 
 WORKER = Path(__file__).with_name("dp_worker.py")
-TORCHRUN = Path(sys.executable).with_name("torchrun")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _run(tmp_path: Path, check: str, sigma: float, mode: str) -> dict[str, object]:
@@ -40,7 +33,7 @@ def _run(tmp_path: Path, check: str, sigma: float, mode: str) -> dict[str, objec
            "MODE": mode, "OUT": str(out)}
     proc = subprocess.run(
         [str(TORCHRUN), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(_free_port()), str(WORKER)],
+         "--master_port", str(free_port()), str(WORKER)],
         env=env, capture_output=True, text=True, timeout=180, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result: dict[str, object] = json.loads(out.read_text())

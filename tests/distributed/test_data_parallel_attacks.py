@@ -11,22 +11,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from support.ranks import TORCHRUN, free_port
+
 WORKER = Path(__file__).with_name("attack_worker.py")
-TORCHRUN = Path(sys.executable).with_name("torchrun")
 SRC = Path(__file__).resolve().parents[2] / "src"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _run(tmp_path: Path, scenario: str) -> tuple[int, str, dict[str, object]]:
@@ -36,7 +30,7 @@ def _run(tmp_path: Path, scenario: str) -> tuple[int, str, dict[str, object]]:
            "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
         [str(TORCHRUN), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(_free_port()), str(WORKER)],
+         "--master_port", str(free_port()), str(WORKER)],
         env=env, capture_output=True, text=True, timeout=120, check=False)
     text = proc.stdout[-4000:] + proc.stderr[-4000:]
     result: dict[str, object] = json.loads(out.read_text()) if out.exists() else {}

@@ -18,26 +18,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from support.ranks import TORCHRUN, free_port
 from swiftdp.accounting import PrivacyAccountant
 
 WORKER = Path(__file__).with_name("pipeline_worker.py")
-TORCHRUN = Path(sys.executable).with_name("torchrun")
 C0, C1, N, BATCH = 0.3, 0.2, 40, 10
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _run(tmp_path: Path, check: str, **env: str) -> dict[str, Any]:
@@ -45,7 +38,7 @@ def _run(tmp_path: Path, check: str, **env: str) -> dict[str, Any]:
     full = {**os.environ, "OMP_NUM_THREADS": "1", "CHECK": check, "OUT": str(out), **env}
     proc = subprocess.run(
         [str(TORCHRUN), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(_free_port()), str(WORKER)],
+         "--master_port", str(free_port()), str(WORKER)],
         env=full, capture_output=True, text=True, timeout=180, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result: dict[str, Any] = json.loads(out.read_text())

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -25,17 +24,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from support.ranks import TORCHRUN, free_port
 from swiftdp.accounting import PrivacyAccountant
 from swiftdp.api.checkpoint import read as read_checkpoint
 
 WORKER = Path(__file__).with_name("resume_worker.py")
-TORCHRUN = Path(sys.executable).with_name("torchrun")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _env(out: Path, **extra: object) -> dict[str, str]:
@@ -50,7 +44,7 @@ def _torchrun(tmp_path: Path, nproc: int, name: str, *flags: str,
     out = tmp_path / f"{name}.json"
     proc = subprocess.run(
         [str(TORCHRUN), "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-         "--master_port", str(_free_port()), *flags, str(WORKER)],
+         "--master_port", str(free_port()), *flags, str(WORKER)],
         env=_env(out, **extra), capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result: dict[str, object] = json.loads(out.read_text())
@@ -113,7 +107,7 @@ def test_physical_batching_per_rank_gives_the_same_run(runs):
 def _plain_ranks(tmp_path: Path, name: str, timeout: float, **extra: object
                  ) -> tuple[list[subprocess.CompletedProcess[str] | None], float, Path]:
     """Two ranks as plain processes (no torchrun agent to kill the survivor)."""
-    port, out = _free_port(), tmp_path / f"{name}.json"
+    port, out = free_port(), tmp_path / f"{name}.json"
     procs = [subprocess.Popen(
         [sys.executable, str(WORKER)], text=True, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

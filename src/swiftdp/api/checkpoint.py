@@ -46,7 +46,6 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from swiftdp import distributed
 from swiftdp.accounting import PrivacyAccountant
 from swiftdp.api.checkpoint_ranks import (
     check_same_file,
@@ -176,8 +175,7 @@ def save(run: Run, path: Path, extra: dict[str, Any]) -> None:
             ``torch.load(weights_only=True)`` could not rebuild (the message
             names where).
         StepStructureError: in a process group, a rank did not call it in time.
-        CheckpointError: in a process group, it failed on another rank, or the
-            ranks are at different steps.
+        CheckpointError: in a process group, it failed on another rank.
     """
     _refuse_pipeline_stage(run, "save_checkpoint")
     ranks = run.optimizer.ranks
@@ -186,10 +184,8 @@ def save(run: Run, path: Path, extra: dict[str, Any]) -> None:
     payload = together(ranks, "save_checkpoint", lambda: _payload(run, extra))
     states = gather_noise_states(ranks, payload["optimizer"].get("noise_generator"))
     payload["noise_generators"] = states
-    if ranks is not None:
-        mine = run.optimizer.steps_taken
-        steps = together(ranks, "save_checkpoint", lambda: _same_steps(ranks, mine))
-        payload["world_size"] = len(steps)
+    if ranks is not None:  # at the same step: the rendezvous compared "after N steps"
+        payload["world_size"] = ranks.world
     together(ranks, "save_checkpoint", lambda: (
         atomic_write(path, lambda f: _write_envelope(f, payload))
         if ranks is None or ranks.rank == 0 else None))
@@ -205,15 +201,6 @@ def _refuse_pipeline_stage(run: Run, what: str) -> None:
             f"{run.privacy.pipeline_stage}): checkpoints of a pipeline must be written and "
             "restored by all stages together, with a noise stream and the same sampling "
             "state per stage. Checkpoint data-parallel or one-process runs.")
-
-
-def _same_steps(ranks: Any, mine: int) -> list[int]:
-    steps = [int(s) for s in distributed.gather_objects(mine, ranks.control)]
-    if len(set(steps)) != 1:
-        raise CheckpointError(
-            f"save_checkpoint was called at different steps on the ranks ({steps}, by rank): "
-            "call it on every rank between the same two optimizer.step() calls.")
-    return steps
 
 
 def _payload(run: Run, extra: dict[str, Any]) -> dict[str, Any]:
