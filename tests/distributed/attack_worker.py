@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import swiftdp
+from swiftdp.distributed import exit_process
 
 N, BATCH, C = 40, 10, 0.5
 
@@ -82,7 +83,7 @@ def main() -> None:
         _write(found)
         dist.barrier()
         dist.destroy_process_group()
-        return
+        exit_process(0)  # (skips a gloo teardown abort of torch 2.13)
     dp = swiftdp.make_private(model, opt, DataLoader(data, batch_size=BATCH), **kw)
     if sc == "sigma_one_rank" and rank == 1:
         dp.optimizer.set_noise_multiplier(0.0)
@@ -124,6 +125,7 @@ def main() -> None:
         _write(prev)
     dist.barrier()  # no rank tears gloo down while another is still in a collective
     dist.destroy_process_group()
+    exit_process(0)  # (skips a gloo teardown abort of torch 2.13)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import swiftdp
+from swiftdp.distributed import exit_process
 from swiftdp.errors import InvalidArgumentError, StepStructureError
 
 N, BATCH, LR, STEPS, D_IN, D_MID = 40, 10, 1.0, 3, 5, 4
@@ -55,16 +56,26 @@ def data() -> TensorDataset:
 
 def pipeline_pass(model: nn.Module, rank: int, x: Tensor, y: Tensor, reduction: str,
                   zero: bool = False, dp: Any = None) -> None:
-    """The forward and backward of one batch through both stages (this rank's part)."""
+    """The forward and backward of one batch through both stages (this rank's part).
+
+    With ``dp``, swiftdp carries the activations and their gradient
+    (``dp.send_activations`` / ``dp.stage_backward`` / ``dp.receive_activations``);
+    without, a bare :class:`GradClipper` on each stage and the exchange by hand.
+    """
+    if dp is not None:
+        if rank == 0:
+            dp.send_activations(dp.model(x))
+            dp.stage_backward()  # the next stage's activation gradient, not a loss
+        else:
+            loss = F.cross_entropy(dp.model(dp.receive_activations()), y, reduction=reduction)
+            (loss * 0.0 if zero else loss).backward()  # the gradient goes back by itself
+        return
     if rank == 0:
         h = model(x)
         dist.send(h.detach().contiguous(), 1)
         g = torch.empty_like(h)
         dist.recv(g, 1)
-        if dp is not None:
-            dp.stage_backward(h, g)  # the next stage's activation gradient, not a loss
-        else:  # a bare GradClipper (the sensitivity probe)
-            h.backward(g)
+        h.backward(g)
     else:
         h = torch.empty(len(y), D_MID, dtype=torch.float64)
         dist.recv(h, 0)
@@ -236,6 +247,7 @@ def main() -> None:
             json.dump(out, f)
     dist.barrier()  # no rank tears gloo down while another is still in a collective
     dist.destroy_process_group()
+    exit_process(0)  # (skips a gloo teardown abort of torch 2.13)
 
 
 if __name__ == "__main__":

@@ -132,7 +132,6 @@ class PrivateTraining:
         self.accountant = accountant
         self.speed = speed
         self.num_samples = num_samples
-        self.stage_output: Any = None  # a pipeline stage before the last (swiftdp.pipeline)
 
     @property
     def privacy(self) -> PrivacySettings:
@@ -148,22 +147,48 @@ class PrivateTraining:
         """
         self.clipper.backward(losses)
 
-    def stage_backward(self, h: Tensor, g: Tensor) -> None:
-        """On a pipeline stage before the last: backpropagate the next stage's gradient.
+    def _link(self, call: str) -> Any:
+        link = getattr(self.optimizer, "link", None)
+        if link is None:
+            raise InvalidArgumentError(
+                f"{call} is for pipeline stages (make_private(pipeline_stage=k)); elsewhere "
+                "call loss.backward() or dp.backward(losses).")
+        return link
 
-        Args:
-            h: this stage's output (what was sent on).
-            g: the gradient of the loss with respect to ``h``, received back.
+    def receive_activations(self) -> Tensor:
+        """On a pipeline stage after the first: the previous stage's activations.
+
+        Run the model on the returned tensor itself; its gradient goes back to
+        the previous stage once this stage's backward is accepted
+        (:mod:`swiftdp.pipeline`).
 
         Raises:
-            InvalidArgumentError: this run is not such a pipeline stage.
+            InvalidArgumentError: not a pipeline stage after the first.
         """
-        output = getattr(self, "stage_output", None)
-        if output is None:
-            raise InvalidArgumentError(
-                "stage_backward is for pipeline stages before the last (make_private("
-                "pipeline_stage=k)); elsewhere call loss.backward() or dp.backward(losses).")
-        output.backward(h, g)
+        return self._link("dp.receive_activations()").receive()  # type: ignore[no-any-return]
+
+    def send_activations(self, h: Tensor) -> None:
+        """On a pipeline stage before the last: send this step's model output ``h`` on.
+
+        Raises:
+            InvalidArgumentError: not a pipeline stage before the last.
+            ExampleMixingError: ``h`` is not the model's output of this step
+                as it returned.
+        """
+        self._link("dp.send_activations(h)").send(h)
+
+    def stage_backward(self) -> None:
+        """On a pipeline stage before the last: backpropagate the next stage's gradient.
+
+        Receives the gradient of the activations sent with
+        :meth:`send_activations` and backpropagates it from them: the only
+        backward such a stage may run.
+
+        Raises:
+            InvalidArgumentError: not a pipeline stage.
+            StepStructureError: nothing was sent in this step.
+        """
+        self._link("dp.stage_backward()").backward()
 
     def set_noise_multiplier(self, noise_multiplier: float) -> None:
         """Change σ from the next step on (a noise schedule); noise and accountant both follow.
@@ -225,8 +250,11 @@ class PrivateTraining:
         return ckpt.load(self, Path(path))
 
     def detach(self) -> None:
-        """Remove the clipping engine's hooks from the model."""
+        """Remove the clipping engine's hooks (and a pipeline stage's link) from the model."""
         self.clipper.remove()
+        link = getattr(self.optimizer, "link", None)
+        if link is not None:
+            link.remove()
 
 
 def make_private(
@@ -433,6 +461,7 @@ def make_private(
                 for n, t in [*model.named_parameters(), *model.named_buffers()]
             ] if stages is None else None,
             "the dataset (fingerprint)": dataset_fingerprint(loader.dataset),
+            f"debug mode ({distributed.DEBUG_ENV})": (stages or ranks).debug,  # type: ignore[union-attr]
         }, group=control)
     speed = SpeedSettings(mode=mode, max_physical_batch_size=max_physical_batch_size)
     params = _trainable_params(model, optimizer)
@@ -464,8 +493,13 @@ def make_private(
         dp_opt.verify_budget_for(total_steps)
     dp_loader = DPDataLoader(loader, state, max_physical_batch_size)
     training = PrivateTraining(model, dp_opt, dp_loader, clipper, acct, speed, num_samples)
-    if stages is not None and not pipeline.has_loss(privacy):
-        training.stage_output = pipeline.StageOutput(model)
+    if stages is not None:
+        assert isinstance(dp_opt, pipeline.StageOptimizer) and pipeline_stage is not None
+        sampler = getattr(loader, "poisson_sampler", None)
+        dp_opt.connect(
+            pipeline.StageLink(model, stages, pipeline_stage,
+                               pipeline.stage_order(stages, pipeline_stage)),
+            lambda: pipeline.sample_state(sampler, dp_loader.steps_in_epoch))
     return training
 
 

@@ -49,6 +49,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from swiftdp import distributed
 from swiftdp.bench.methods import LR, MAX_GRAD_NORM, NOISE_MULTIPLIER
 from swiftdp.bench.models import SuiteModel, describe, get_model
 from swiftdp.bench.runner import machine_info
@@ -245,7 +246,7 @@ def worker_main(argv: list[str] | None = None) -> int:
                                      "threads": mine["threads"]}))
     dist.barrier()  # no rank tears gloo down while another is still in a collective
     dist.destroy_process_group()
-    return 0
+    distributed.exit_process(0)
 
 
 # ------------------------------------------------------------------ launcher

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 import swiftdp
+from swiftdp import distributed
 from swiftdp.cli import parallel, rundir
 from swiftdp.cli.options import (
     OPTIONS_BY_NAME,
@@ -187,7 +188,7 @@ def run(args: argparse.Namespace, started: float, argv: Sequence[str]) -> int:
     world = parallel.world_from_env()
     if world > 1:
         ranked = parallel.worker_config(cfg, cli.get("nproc"), world)
-        return parallel.run_in_group(lambda: _train(args, ranked, run_dir, started))
+        distributed.exit_process(parallel.run_in_group(lambda: _train(args, ranked, run_dir, started)))
     if cfg.nproc > 1:
         if run_dir is not None:
             return parallel.launch(argv, cfg, run_dir, created=False)
