@@ -36,11 +36,14 @@ from torch import nn
 from swiftdp.errors import InvalidArgumentError, UnsupportedModuleError
 
 __all__ = [
+    "check_averaging_kind",
     "check_batch_dim",
     "check_clipping",
     "check_cost_objective",
+    "check_decay",
     "check_delta",
     "check_epsilon",
+    "check_flag",
     "check_loss_reduction",
     "check_max_grad_norm",
     "check_mode",
@@ -278,6 +281,47 @@ def check_batch_dim(value: object) -> int:
     return value
 
 
+def check_decay(value: object) -> float:
+    """Checks the decay of an exponential moving average: a real number in [0, 1).
+
+    Args:
+        value: The ``decay`` given by the user.
+
+    Returns:
+        ``value`` as a float.
+
+    Raises:
+        InvalidArgumentError: If ``value`` is not a number in [0, 1).
+    """
+    fix = ("Pass the weight the average keeps at each step, e.g. decay=0.999 (an average "
+           "over roughly the last 1 / (1 - decay) steps).")
+    decay = _as_real(value, "decay", fix)
+    if not 0 <= decay < 1:
+        raise InvalidArgumentError(f"Expected decay in [0, 1), got decay={value!r}. {fix}")
+    return decay
+
+
+def check_flag(value: object, *, name: str) -> bool:
+    """Checks an on/off option: a ``bool`` (not 0, 1 or a string).
+
+    Args:
+        value: The value given by the user.
+        name: The argument name used in the error message.
+
+    Returns:
+        ``value``.
+
+    Raises:
+        InvalidArgumentError: If ``value`` is not a bool.
+    """
+    if not isinstance(value, bool):
+        raise InvalidArgumentError(
+            f"Expected `{name}` to be True or False, got {name}={value!r} "
+            f"(type {type(value).__name__})."
+        )
+    return value
+
+
 # --- named choices -----------------------------------------------------------
 
 
@@ -326,6 +370,15 @@ def check_cost_objective(value: Any) -> None:
         InvalidArgumentError: naming both.
     """
     _check_choice("cost_objective", value, ("time", "memory"))
+
+
+def check_averaging_kind(value: Any) -> None:
+    """Checks that ``kind`` names a parameter average: ``"ema"`` or ``"polyak"``.
+
+    Raises:
+        InvalidArgumentError: naming both.
+    """
+    _check_choice("kind", value, ("ema", "polyak"))
 
 
 # --- the model ---------------------------------------------------------------

@@ -142,7 +142,7 @@ _ONE_OF = "Pass steps=<number of DP-SGD steps> or epochs=<passes over the data>.
         ),
         (
             {"mechanism": "moments"},
-            "Expected mechanism to be one of 'pld', 'rdp', 'prv', got 'moments'.",
+            "Expected mechanism to be one of 'pld', 'rdp', 'prv', 'gdp', got 'moments'.",
         ),
     ],
 )

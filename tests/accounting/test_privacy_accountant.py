@@ -24,11 +24,16 @@ requires_prv = pytest.mark.skipif(
     importlib.util.find_spec("prv_accountant") is None,
     reason="optional package prv-accountant is not installed",
 )
-ALL_MECHANISMS = ["pld", "rdp", pytest.param("prv", marks=requires_prv)]
+ALL_MECHANISMS = [
+    "pld",
+    "rdp",
+    pytest.param("prv", marks=requires_prv),
+    pytest.param("gdp", marks=pytest.mark.filterwarnings("ignore:accountant 'gdp':UserWarning")),
+]
 
 
 def test_mechanisms_lists_every_accepted_name_default_first():
-    assert MECHANISMS == ("pld", "rdp", "prv")
+    assert MECHANISMS == ("pld", "rdp", "prv", "gdp")
     assert PrivacyAccountant().mechanism == "pld"
 
 
@@ -285,11 +290,12 @@ def test_input_checks_name_the_argument_the_value_and_the_fix(call, message):
 
 def test_unknown_mechanism_lists_the_valid_ones():
     message = (
-        "Expected mechanism to be one of 'pld', 'rdp', 'prv', got 'gdp'. Pass mechanism='pld' "
-        "(tight, the default), 'rdp' (fast, looser) or 'prv'."
+        "Expected mechanism to be one of 'pld', 'rdp', 'prv', 'gdp', got 'moments'. Pass "
+        "mechanism='pld' (tight, the default), 'rdp' (fast, looser), 'prv' or 'gdp' (an "
+        "approximation, not a bound)."
     )
     with pytest.raises(InvalidArgumentError, match=re.escape(message)):
-        PrivacyAccountant("gdp")
+        PrivacyAccountant("moments")
 
 
 def test_errors_are_value_errors():

@@ -40,8 +40,8 @@ class PrivacyAccountant:
 
     Results are cached: ``epsilon()`` after every training step costs one
     composition of the last segment (PLD, ~0.2 s for 2000 steps at q = 0.04),
-    a sum of cached curves (RDP, ~1 ms), or a fresh computation (PRV, ~1 s);
-    and ``epsilon()`` right after ``epsilon_after(...)`` and ``step(...)`` with
+    a sum of cached curves (RDP, ~1 ms), or a fresh computation (PRV, ~1 s;
+    GDP, closed form, ~0.1 ms); and ``epsilon()`` right after ``epsilon_after(...)`` and ``step(...)`` with
     the same arguments is free.
 
     Guarantee: with mechanism ``"pld"``, ``"rdp"`` or ``"prv"`` the reported ε is
@@ -50,12 +50,21 @@ class PrivacyAccountant:
     really samples every example independently with probability ``sample_rate``
     and adds N(0, σ²C²) noise to a sum of gradients clipped to norm C.
 
+    No guarantee with mechanism ``"gdp"``: Gaussian DP by the central limit
+    theorem (Bu et al. 2020, as Opacus' ``GaussianAccountant``) is an
+    approximation that can report less ε than is spent, most for few steps
+    and large q; Opacus calls it experimental. Creating a ``"gdp"``
+    accountant warns so. See :mod:`swiftdp.accounting.gdp`.
+
     Args:
-        mechanism: One of ``"pld"`` (default), ``"rdp"``, ``"prv"``.
+        mechanism: One of ``"pld"`` (default), ``"rdp"``, ``"prv"``, ``"gdp"``.
 
     Raises:
         InvalidArgumentError: If ``mechanism`` is unknown (or ``"prv"`` without
             the prv-accountant package).
+
+    Warns:
+        UserWarning: For ``"gdp"``, that its ε is an approximation, not a bound.
 
     Example:
         >>> accountant = PrivacyAccountant("rdp")
@@ -74,7 +83,7 @@ class PrivacyAccountant:
 
     @property
     def mechanism(self) -> str:
-        """The accounting mechanism's name (``"pld"``, ``"rdp"`` or ``"prv"``)."""
+        """The accounting mechanism's name (``"pld"``, ``"rdp"``, ``"prv"`` or ``"gdp"``)."""
         return self._engine.name
 
     @property

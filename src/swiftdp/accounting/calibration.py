@@ -24,6 +24,9 @@ MAX_NOISE_MULTIPLIER = 1e4
 MIN_NOISE_MULTIPLIER = 1e-3
 """Below this σ the search brackets with σ = 0 (no noise, ε = inf) instead of halving on."""
 
+_CHEAP_MECHANISMS = ("rdp", "gdp")
+"""Mechanisms searched directly; the others start from RDP's σ."""
+
 _MAX_ITERATIONS = 200
 _INTEGER_SNAP = 1e-12
 
@@ -171,7 +174,12 @@ def get_noise_multiplier(
     The search runs on the cheap RDP accountant first; for ``"pld"`` and
     ``"prv"`` its σ (an upper guess, RDP being looser) seeds a narrow bracket,
     so only a handful of PLD/PRV evaluations are needed (about 2 s for PLD at
-    2250 steps, 6 s for PRV).
+    2250 steps, 6 s for PRV). ``"gdp"``, closed form, is searched directly
+    (milliseconds).
+
+    With ``"gdp"`` the σ meets the target by the GDP-CLT approximation only,
+    which can under-state ε (see :mod:`swiftdp.accounting.gdp`): the true ε
+    of the run may exceed ``target_epsilon``.
 
     Args:
         target_epsilon: The privacy budget ε, > 0.
@@ -180,7 +188,8 @@ def get_noise_multiplier(
         steps: Number of steps; give exactly one of ``steps`` and ``epochs``.
         epochs: Number of passes over the data; steps are
             :func:`steps_for_epochs` ``(epochs, sample_rate)``.
-        mechanism: ``"pld"`` (default), ``"rdp"`` or ``"prv"``.
+        mechanism: ``"pld"`` (default), ``"rdp"``, ``"prv"`` or ``"gdp"``
+            (an approximation, not a bound; warns).
         tolerance: How far below the target ε(σ) may land, > 0.
 
     Returns:
@@ -218,7 +227,6 @@ def get_noise_multiplier(
     else:
         num_steps = steps_for_epochs(epochs, rate)  # type: ignore[arg-type]
     engine = make_mechanism(mechanism)
-    rdp_engine = engine if engine.name == "rdp" else make_mechanism("rdp")
 
     def epsilon_of(sigma: float, on: Mechanism = engine) -> float:
         history = (AccountingSegment(sigma, rate, num_steps),)
@@ -229,10 +237,13 @@ def get_noise_multiplier(
             # point as over budget, which only ever pushes σ up.
             return math.inf
 
-    # RDP is cheap, and its σ is a close upper guess for PLD and PRV (which
-    # are tighter), so it seeds their search with a narrow bracket.
-    sigma, reached = _search(lambda s: epsilon_of(s, rdp_engine), target, tol)
-    if engine is not rdp_engine:
+    if engine.name in _CHEAP_MECHANISMS:
+        sigma, reached = _search(epsilon_of, target, tol)
+    else:
+        # RDP is cheap, and its σ is a close upper guess for PLD and PRV (which
+        # are tighter), so it seeds their search with a narrow bracket.
+        rdp_engine = make_mechanism("rdp")
+        sigma, reached = _search(lambda s: epsilon_of(s, rdp_engine), target, tol)
         if math.isfinite(sigma):
             sigma, reached = _search(epsilon_of, target, tol, start=sigma, factor=1.1)
         else:

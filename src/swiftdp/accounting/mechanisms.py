@@ -1,7 +1,8 @@
 """Accounting mechanisms: turn a history of DP-SGD steps into (ε, δ).
 
 Each mechanism is a thin, cached wrapper around a maintained library; none of
-the accounting math is reimplemented here.
+the accounting math is reimplemented here, except GDP's two closed-form
+formulas (:mod:`swiftdp.accounting.gdp`).
 
 - ``"pld"``: privacy loss distributions (``dp_accounting.pld``), pessimistic
   discretisation with ``value_discretization_interval = 1e-4``, the library
@@ -12,6 +13,10 @@ the accounting math is reimplemented here.
   upper bound of its ε interval, with Opacus' settings ``eps_error = 0.01``
   and ``delta_error = δ / 1000``. Needs the optional ``prv-accountant``
   package (``pip install 'swiftdp[prv]'``).
+- ``"gdp"``: Gaussian DP by the central limit theorem (Bu et al. 2020), as
+  Opacus' ``GaussianAccountant`` with Poisson sampling, for any history. AN
+  APPROXIMATION, NOT AN UPPER BOUND: it can under-report ε (few steps, large
+  q), and warns so when created. See :mod:`swiftdp.accounting.gdp`.
 
 Every ε or δ is a deterministic function of the merged history, so the same
 history always gives the same number, bit for bit, whatever order the
@@ -25,11 +30,14 @@ References:
     Privacy Loss Distributions", 2022, https://arxiv.org/abs/2207.04380.
     Gopi, Lee, Wutschitz, "Numerical Composition of Differential Privacy",
     2021, https://arxiv.org/abs/2106.02848.
+    Bu, Dong, Long, Su, "Deep Learning with Gaussian Differential Privacy",
+    2020, https://arxiv.org/abs/1911.11607.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -39,10 +47,11 @@ import numpy as np
 from dp_accounting.pld import privacy_loss_distribution
 from dp_accounting.rdp import rdp_privacy_accountant
 
+from swiftdp.accounting.gdp import GDP_WARNING, clt_mu, gdp_delta, gdp_epsilon
 from swiftdp.accounting.history import AccountingSegment, History
 from swiftdp.errors import InvalidArgumentError
 
-MECHANISMS: tuple[str, ...] = ("pld", "rdp", "prv")
+MECHANISMS: tuple[str, ...] = ("pld", "rdp", "prv", "gdp")
 """Names accepted by ``PrivacyAccountant(mechanism=...)``; the first is the default."""
 
 PLD_VALUE_DISCRETIZATION_INTERVAL = 1e-4
@@ -294,10 +303,35 @@ class PrvMechanism(Mechanism):
         return float(upper)
 
 
+class GdpMechanism(Mechanism):
+    """GDP-CLT accounting: μ of the history, then ε or δ of μ-GDP (closed form).
+
+    An approximation, not an upper bound (see :mod:`swiftdp.accounting.gdp`);
+    creating one gives a ``UserWarning`` that says so. For a history of one
+    segment it is Opacus' ``GaussianAccountant`` (``poisson=True``); a history
+    of several segments has μ² = Σ of the segments' μ².
+    """
+
+    name = "gdp"
+
+    def __init__(self) -> None:
+        super().__init__()
+        # stacklevel 4: GdpMechanism <- make_mechanism <- PrivacyAccountant or
+        # get_noise_multiplier <- the caller that chose "gdp".
+        warnings.warn(GDP_WARNING, UserWarning, stacklevel=4)
+
+    def _epsilon(self, active: History, delta: float) -> float:
+        return gdp_epsilon(clt_mu(active), delta)
+
+    def _delta(self, active: History, epsilon: float) -> float:
+        return gdp_delta(clt_mu(active), epsilon)
+
+
 _MECHANISM_TYPES: dict[str, type[Mechanism]] = {
     "pld": PldMechanism,
     "rdp": RdpMechanism,
     "prv": PrvMechanism,
+    "gdp": GdpMechanism,
 }
 
 
@@ -313,12 +347,15 @@ def make_mechanism(name: object) -> Mechanism:
     Raises:
         InvalidArgumentError: If ``name`` is unknown, or is ``"prv"`` and
             prv-accountant is not installed.
+
+    Warns:
+        UserWarning: For ``"gdp"``, that its ε is an approximation, not a bound.
     """
     if not isinstance(name, str) or name not in _MECHANISM_TYPES:
         choices = ", ".join(repr(m) for m in MECHANISMS)
         raise InvalidArgumentError(
             f"Expected mechanism to be one of {choices}, got {name!r}. "
-            f"Pass mechanism={MECHANISMS[0]!r} (tight, the default), 'rdp' (fast, looser) "
-            "or 'prv'."
+            f"Pass mechanism={MECHANISMS[0]!r} (tight, the default), 'rdp' (fast, looser), "
+            "'prv' or 'gdp' (an approximation, not a bound)."
         )
     return _MECHANISM_TYPES[name]()

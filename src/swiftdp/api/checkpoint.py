@@ -88,7 +88,7 @@ __all__ = [
 # σ is not matched: a noise schedule changes it during the run; the checkpoint's
 # σ (in the optimizer state) and σ history (in the accountant) are restored.
 _MATCH_KEYS = ("max_grad_norm", "delta", "sample_rate",
-               "expected_batch_size", "clipping", "poisson_sampling", "accountant")
+               "expected_batch_size", "clipping", "poisson_sampling", "accountant", "adaptive")
 _REQUIRED = ("privacy", "secure", "num_samples", "dataset_fingerprint", "model", "optimizer",
              "accountant", "sampler", "extra")
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -325,7 +325,13 @@ def _checked(run: Run, path: Path, obj: dict[str, Any]
     """
     ranks = run.optimizer.ranks
     secure = is_secure(run.optimizer.generator)
-    saved, now = obj["privacy"], run.privacy.to_dict()
+    saved, now = dict(obj["privacy"]), run.privacy.to_dict()
+    # A clip schedule or adaptive clipping moves C: the run's first C is what must match.
+    initial = obj["optimizer"].get("initial_max_grad_norm") if isinstance(
+        obj["optimizer"], dict) else None
+    if initial is not None:
+        saved["max_grad_norm"] = initial
+    now["max_grad_norm"] = run.optimizer.initial_max_grad_norm
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in _MATCH_KEYS
              if saved.get(k) != now[k]]
     accountant = _checked_accountant(path, run.accountant.mechanism, obj)
@@ -351,11 +357,11 @@ def _checked(run: Run, path: Path, obj: dict[str, Any]
         )
     noise: tuple[Tensor | None, int | None] = (None, None)
     if not secure:
-        saved = obj.get("noise_generators") or [obj["optimizer"].get("noise_generator")]
-        if (any(not isinstance(t, Tensor) for t in saved)
-                or len(saved) != obj.get("world_size", 1)):
+        states = obj.get("noise_generators") or [obj["optimizer"].get("noise_generator")]
+        if (any(not isinstance(t, Tensor) for t in states)
+                or len(states) != obj.get("world_size", 1)):
             raise _corrupt(path, "it lacks the noise generators' states")
-        noise = noise_state_for(ranks, saved, int(obj["optimizer"]["steps_taken"]))
+        noise = noise_state_for(ranks, states, int(obj["optimizer"]["steps_taken"]))
     _check_model(path, run.model, obj["model"])
     _check_optimizer(path, run.optimizer, obj["optimizer"])
     obj["checked_accountant"] = accountant

@@ -37,11 +37,13 @@ from swiftdp.clipping.engine import MODES, GradClipper
 from swiftdp.clipping.groups import check_clip_thresholds
 from swiftdp.clipping.guard import IndependenceCheck
 from swiftdp.errors import InvalidArgumentError, StepStructureError
+from swiftdp.optim.adaptive import resolve_adaptive
 from swiftdp.optim.noise import make_noise_generator
 from swiftdp.optim.optimizer import DPOptimizer, Stamp, StepState
+from swiftdp.optim.schedules import Schedule, check_planned_schedule, schedule_value
 from swiftdp.sampling import LogicalBatch, poisson_data_loader
 from swiftdp.sampling.physical import batch_size_of
-from swiftdp.settings import PrivacySettings, SpeedSettings
+from swiftdp.settings import AdaptiveClipping, PrivacySettings, SpeedSettings
 
 
 class DPDataLoader:
@@ -190,6 +192,16 @@ class PrivateTraining:
         """
         self._link("dp.stage_backward()").backward()
 
+    def set_max_grad_norm(self, max_grad_norm: float | Mapping[str, float] | Sequence[float]
+                          ) -> None:
+        """Change the clipping threshold from the next step on; clipping and noise both follow.
+
+        Args:
+            max_grad_norm: the new ``C`` (or ``{prefix: C_k}`` for the same
+                groups, ``[C_0, ...]`` on a pipeline stage).
+        """
+        self.optimizer.set_max_grad_norm(max_grad_norm)
+
     def set_noise_multiplier(self, noise_multiplier: float) -> None:
         """Change σ from the next step on (a noise schedule); noise and accountant both follow.
 
@@ -282,6 +294,9 @@ def make_private(
     token_reduction: str = "mean",
     timeout: float = distributed.DEFAULT_TIMEOUT,
     pipeline_stage: int | None = None,
+    noise_schedule: Schedule | None = None,
+    clip_schedule: Schedule | None = None,
+    adaptive_clipping: AdaptiveClipping | None = None,
 ) -> PrivateTraining:
     """Make a model, optimizer and loader train with differential privacy.
 
@@ -338,6 +353,18 @@ def make_private(
             stages, one per rank: it clips its own parameters to its C_k,
             draws the whole Poisson sample and adds all the noise to its own
             parameters (no data parallelism). See :mod:`swiftdp.pipeline`.
+        noise_schedule: σ for each step, ``schedule(steps_taken)``, instead of
+            ``noise_multiplier`` (e.g. :class:`swiftdp.ExponentialSchedule`);
+            the noise and the accountant follow it, and ``target_epsilon``, if
+            given, caps the budget (the planned schedule is checked against it
+            here, every step again).
+        clip_schedule: ``C`` for each step, ``schedule(steps_taken)``, for one
+            threshold (``max_grad_norm`` is then the first step's only if the
+            schedule says so: the schedule wins); clipping and noise follow.
+        adaptive_clipping: thresholds that follow a quantile of the per-example
+            norms, with noised counts accounted with the gradient
+            (:class:`swiftdp.AdaptiveClipping`; Andrew et al. 2021). With group
+            thresholds each ``C_k`` adapts to its own group's norms.
 
     Returns:
         A :class:`PrivateTraining` with ``.model``, ``.optimizer``,
@@ -371,6 +398,19 @@ def make_private(
         raise InvalidArgumentError(
             f"Expected max_physical_batch_size >= 1 or None, got {max_physical_batch_size!r}."
         )
+    if noise_schedule is not None:
+        if noise_multiplier is not None:
+            raise InvalidArgumentError(
+                f"Got both noise_multiplier={noise_multiplier!r} and noise_schedule=: the "
+                "schedule gives σ for every step, the first included. Pass one of them.")
+        noise_multiplier = schedule_value(noise_schedule, 0, "noise_schedule", allow_zero=True)
+    if clip_schedule is not None:
+        if adaptive_clipping is not None or isinstance(thresholds, tuple):
+            raise InvalidArgumentError(
+                "clip_schedule= sets one threshold C per step; it cannot be combined with "
+                "adaptive_clipping= or group (or pipeline) thresholds. For groups call "
+                "dp.set_max_grad_norm({prefix: C_k}) between steps.")
+        thresholds = schedule_value(clip_schedule, 0, "clip_schedule", allow_zero=False)
     if noise_multiplier is None and target_epsilon is None:
         raise InvalidArgumentError(
             "Pass either target_epsilon= (σ is calibrated to it) or noise_multiplier=."
@@ -439,7 +479,12 @@ def make_private(
             target_epsilon=float(target_epsilon), delta=delta, sample_rate=sample_rate,
             steps=total_steps, mechanism=accountant,
         )
+    adaptive = resolve_adaptive(adaptive_clipping, noise_multiplier=float(noise_multiplier),
+                                expected_batch_size=float(expected),
+                                groups=len(thresholds) if isinstance(thresholds, tuple) else 1,
+                                clipping=clipping, pipeline=pipeline_stage is not None)
     privacy = PrivacySettings(
+        adaptive=adaptive,
         noise_multiplier=float(noise_multiplier), max_grad_norm=thresholds,
         delta=float(delta), sample_rate=float(sample_rate), expected_batch_size=float(expected),
         clipping=clipping,  # type: ignore[arg-type]
@@ -462,6 +507,8 @@ def make_private(
             ] if stages is None else None,
             "the dataset (fingerprint)": dataset_fingerprint(loader.dataset),
             f"debug mode ({distributed.DEBUG_ENV})": (stages or ranks).debug,  # type: ignore[union-attr]
+            "adaptive clipping": adaptive,
+            "schedules (noise, clip)": (noise_schedule is not None, clip_schedule is not None),
         }, group=control)
     speed = SpeedSettings(mode=mode, max_physical_batch_size=max_physical_batch_size)
     params = _trainable_params(model, optimizer)
@@ -487,10 +534,14 @@ def make_private(
         dp_opt = pipeline.StageOptimizer(optimizer, params, privacy, acct, gen, state,
                                          trainable=clipper.trainable_parameters, stages=stages)
     receiver.append(dp_opt)
+    dp_opt.configure(clipper.set_max_grad_norm, noise_schedule, clip_schedule)
     if check_independence:
         clipper.add_probe(IndependenceCheck(model, clipper, batch_dim=0 if batch_first else 1))
     if privacy.target_epsilon is not None and total_steps is not None:
-        dp_opt.verify_budget_for(total_steps)
+        if noise_schedule is None:
+            dp_opt.verify_budget_for(total_steps)
+        else:
+            check_planned_schedule(noise_schedule, total_steps, privacy)
     dp_loader = DPDataLoader(loader, state, max_physical_batch_size)
     training = PrivateTraining(model, dp_opt, dp_loader, clipper, acct, speed, num_samples)
     if stages is not None:

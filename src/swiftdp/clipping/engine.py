@@ -197,9 +197,41 @@ class GradClipper:
     def max_grad_norm(self, value: float) -> None:
         raise AttributeError(
             f"Cannot set max_grad_norm={value!r} on a GradClipper: the threshold C is part "
-            "of the privacy guarantee (the noise and the accountant read it). Under "
-            "make_private it is fixed for the run; build a new GradClipper to use another C."
+            "of the privacy guarantee (the noise reads it). Under make_private change it "
+            "between steps with dp.set_max_grad_norm(C) (noise and clipping follow "
+            "together); on a bare GradClipper call set_max_grad_norm(C)."
         )
+
+    def set_max_grad_norm(self, max_grad_norm: Thresholds | Mapping[str, float]) -> None:
+        """Clip to a new threshold from the next forward on (a schedule, adaptive clipping).
+
+        Under ``make_private`` call ``dp.set_max_grad_norm`` instead: the
+        optimizer's noise must follow, and it refuses sums clipped to another
+        threshold than its own.
+
+        Args:
+            max_grad_norm: the new ``C``; with groups, the same prefixes (in
+                the same order) with new thresholds.
+
+        Raises:
+            InvalidArgumentError: a threshold that is not positive and finite,
+                groups where there were none (or the reverse, or other prefixes).
+
+        Each backward clips to the threshold in force when it runs, and says
+        which in its :class:`BackwardResult`.
+        """
+        new = check_clip_thresholds(max_grad_norm)
+        old = self._max_grad_norm
+        same_shape = (isinstance(new, tuple) and isinstance(old, tuple)
+                      and [p for p, _ in new] == [p for p, _ in old]) or (
+            not isinstance(new, tuple) and not isinstance(old, tuple))
+        if not same_shape:
+            raise InvalidArgumentError(
+                f"set_max_grad_norm got {max_grad_norm!r}, but this run clips to "
+                f"{old!r}: a new threshold keeps the structure (one C, or the same groups in "
+                "the same order) and changes the values only.")
+        self._max_grad_norm = new
+        self._group_limits = group_thresholds(new)
 
     @property
     def group_limits(self) -> tuple[float, ...] | None:

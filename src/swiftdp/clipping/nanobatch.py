@@ -89,6 +89,7 @@ def make_backward(
             engine.last_norms = (stacked if gid is None else stacked.t()).to(dtype)
             c_all = torch.stack(factors)
             engine.last_clip_factors = (c_all if gid is None else c_all.t()).to(dtype)
+            step.norms = stacked if gid is None else stacked.t()
         step.forwards_seen.add(step.forwards)
         step.deliver({id(p): s for p, s in zip(params, sums, strict=True)})
 

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from swiftdp.clipping import loss_trace
-from swiftdp.clipping.clip_fns import clip_factors, nonfinite_examples
+from swiftdp.clipping.clip_fns import Thresholds, clip_factors, nonfinite_examples
 from swiftdp.clipping.contributions import (
     Contribution,
     NormOnly,
@@ -56,11 +56,19 @@ class BackwardResult:
             step (zeros for a parameter no example reached).
         batch_size: the batch size of the forward that was differentiated.
         forwards: how many forward passes of the model fed this backward.
+        thresholds: what the examples were clipped to (``C``, or the groups'
+            ``((prefix, C_k), ...)``): the optimizer's noise must match it.
+        within: ``(K,)`` float64, per group (one without groups), how many
+            examples had a gradient norm at most their threshold (a non-finite
+            norm counts as above): what adaptive clipping estimates its
+            quantile from.
     """
 
     sums: list[tuple[Tensor, Tensor]]
     batch_size: int
     forwards: int
+    thresholds: Thresholds = 0.0
+    within: Tensor | None = None
 
 
 Sink = Callable[[BackwardResult], None]
@@ -129,6 +137,7 @@ class Step:
         self.pass2_sums: dict[int, tuple[Tensor, Tensor]] = {}
         self.forwards_seen: set[int] = set()
         self.dropped: Tensor | None = None
+        self.norms: Tensor | None = None  # per-example norms, (B,) or (K, B), once clipped
         self.reduction_override: str | None = None
         self.loss_signature: Any = None  # set when the outputs were handed out traced
         self.loss_checked = False  # the traced loss of this step was checked (or skipped)
@@ -355,6 +364,7 @@ class Step:
             c = torch.stack([clip_factors(n, ck, eng.clipping, warn_nonfinite=False)
                              for n, ck in zip(norms, limits, strict=True)])
         eng.last_norms, eng.last_clip_factors = norms.detach(), c.detach()
+        self.norms = norms.detach()
         return c, scale
 
     def _step_norms(self, by_param: dict[int, list[Contribution]]) -> Tensor | None:
@@ -403,7 +413,16 @@ class Step:
             (p, sums[pid].detach() if pid in sums else torch.zeros_like(p))
             for pid, p in self.trainable.items()
         ]
-        self._on_deliver(self, BackwardResult(out, self.batch_size, forwards))
+        eng = self.engine
+        limits = eng.group_limits or (float(eng.max_grad_norm),)  # type: ignore[arg-type]
+        if self.norms is None:  # no example reached a parameter: every norm is 0
+            within = torch.full((len(limits),), float(self.batch_size), dtype=torch.float64)
+        else:
+            n = self.norms.double().reshape(len(limits), -1)
+            within = (n <= torch.tensor(limits, dtype=torch.float64)[:, None]).sum(1).double()
+        self.norms = None
+        self._on_deliver(self, BackwardResult(out, self.batch_size, forwards,
+                                              eng.max_grad_norm, within))
 
     def ghost_backward(self, outs: list[Tensor], grads: list[Tensor]) -> None:
         """Ghost clipping: one backward for the norms, a second for the clipped sums.

@@ -38,8 +38,13 @@ from torch import Tensor
 from swiftdp import distributed
 from swiftdp.accounting import PrivacyAccountant
 from swiftdp.checks import check_noise_multiplier
-from swiftdp.errors import PrivacyBudgetExceededError, StepStructureError
+from swiftdp.clipping.clip_fns import Thresholds
+from swiftdp.clipping.groups import check_clip_thresholds
+from swiftdp.errors import StepStructureError
+from swiftdp.optim.adaptive import updated_thresholds
+from swiftdp.optim.budget import BudgetControl
 from swiftdp.optim.noise import add_gaussian_noise, is_secure
+from swiftdp.optim.thresholds import ThresholdControl
 from swiftdp.settings import PrivacySettings
 
 if TYPE_CHECKING:
@@ -104,7 +109,7 @@ class StepState:
         return c is None or c.chunk == c.chunks - 1
 
 
-class DPOptimizer(torch.optim.Optimizer):
+class DPOptimizer(ThresholdControl, BudgetControl, torch.optim.Optimizer):
     """Differentially private step around a ``torch.optim.Optimizer``.
 
     Args:
@@ -180,6 +185,15 @@ class DPOptimizer(torch.optim.Optimizer):
         set_(self, "_chunks_seen", set())
         set_(self, "_logical", None)
         set_(self, "_in_step", False)
+        # Adaptive clipping: this logical step's count of examples within their
+        # threshold (per group), and of examples.
+        set_(self, "_within", None)
+        set_(self, "_examples", 0)
+        # Where a new threshold goes besides the settings (the engine), and the schedules.
+        set_(self, "_engine_thresholds", lambda thresholds: None)
+        set_(self, "_noise_schedule", None)
+        set_(self, "_clip_schedule", None)
+        set_(self, "_initial_thresholds", settings.max_grad_norm)
         if getattr(optimizer, "_swiftdp_wrapped", False):
             raise StepStructureError(
                 "This optimizer is already wrapped by make_private (a DPOptimizer steps it). "
@@ -193,6 +207,11 @@ class DPOptimizer(torch.optim.Optimizer):
     def settings(self) -> PrivacySettings:
         """The privacy settings in force (σ, C, q, δ, ...): the one source of each value."""
         return self._settings
+
+    @property
+    def initial_max_grad_norm(self) -> Thresholds:
+        """The run's first clipping threshold (a schedule or adaptive clipping moves it)."""
+        return self._initial_thresholds  # type: ignore[no-any-return]
 
     @property
     def noise_multiplier(self) -> float:
@@ -289,14 +308,28 @@ class DPOptimizer(torch.optim.Optimizer):
                 "The set of trainable parameters changed between the chunks of one logical "
                 "batch. Freeze or unfreeze parameters between steps only."
             )
+        if result.thresholds != self._settings.clip_thresholds():
+            self._discard()
+            raise StepStructureError(
+                f"This backward clipped the examples to {result.thresholds!r}, but the noise "
+                f"is calibrated to {self._settings.clip_thresholds()!r}: the threshold was "
+                "changed on the engine only. Change it with dp.set_max_grad_norm(C) (or a "
+                "clip schedule), between steps; the clipped sums were discarded.")
         object.__setattr__(self, "_logical", stamp.logical)
         self._chunks_seen.add(stamp.chunk)
+        if result.within is not None:
+            prev_within = self._within
+            object.__setattr__(self, "_within", result.within if prev_within is None
+                               else prev_within + result.within)
+        object.__setattr__(self, "_examples", self._examples + result.batch_size)
         for p, sm in result.sums:
             prev = self._sums.get(id(p))
             self._sums[id(p)] = sm if prev is None else prev + sm
             self._sum_params[id(p)] = p
 
     def _discard(self) -> None:
+        object.__setattr__(self, "_within", None)
+        object.__setattr__(self, "_examples", 0)
         self._sums.clear()
         self._sum_params.clear()
         self._chunks_seen.clear()
@@ -341,55 +374,6 @@ class DPOptimizer(torch.optim.Optimizer):
                 p.grad = None
             elif p.grad is not None:
                 p.grad.zero_()
-
-    def epsilon_after_next_step(self) -> float:
-        """The ε that would be spent once the next step is taken."""
-        s = self.settings
-        return self.accountant.epsilon_after(self.noise_multiplier, s.sample_rate, 1, s.delta)
-
-    def check_budget(self) -> None:
-        """Raise if the next step would take ε past the target."""
-        target = self.settings.target_epsilon
-        if target is None:
-            return
-        upcoming = self.accountant.total_steps + 1
-        homogeneous = self._homogeneous()
-        sigma = self.noise_multiplier
-        if homogeneous and sigma == self._verified_sigma and upcoming <= self._verified_steps:
-            return
-        eps = self.epsilon_after_next_step()
-        if eps <= target:
-            if homogeneous:
-                object.__setattr__(self, "_verified_steps", upcoming)
-                object.__setattr__(self, "_verified_sigma", sigma)
-            return
-        raise PrivacyBudgetExceededError(
-            f"The next step would spend epsilon={eps:.4f} > target_epsilon={target} "
-            f"(delta={self.settings.delta}) after {self.accountant.total_steps} steps. "
-            "No parameter was changed. Stop training here, or start a new run with a "
-            "larger target_epsilon, a larger noise_multiplier or fewer steps."
-        )
-
-    def _homogeneous(self) -> bool:
-        q = self.settings.sample_rate
-        return all(
-            seg.noise_multiplier == self.noise_multiplier and seg.sample_rate == q
-            for seg in self.accountant.history
-        )
-
-    def verify_budget_for(self, steps: int) -> float:
-        """Check once that ``steps`` steps at the current σ stay within the target.
-
-        Later budget checks up to that count are then free. Returns the ε of
-        that many steps.
-        """
-        s = self.settings
-        fresh = type(self.accountant)(self.accountant.mechanism)
-        eps = fresh.epsilon_after(self.noise_multiplier, s.sample_rate, steps, s.delta)
-        if s.target_epsilon is not None and eps <= s.target_epsilon and not self.accountant.history:
-            object.__setattr__(self, "_verified_steps", steps)
-            object.__setattr__(self, "_verified_sigma", self.noise_multiplier)
-        return eps
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Finish a logical step: budget check, noise, scale, optimiser step, accounting.
@@ -472,8 +456,9 @@ class DPOptimizer(torch.optim.Optimizer):
                 # The same logical step, σ and parameters on every rank, or all refuse.
                 distributed.check_same(
                     [float(stamp.logical), float(self.steps_taken), s.noise_multiplier,
-                     float(sum(a.shape.numel() for a in accs))],
-                    "the logical step (index, steps taken), the noise multiplier σ or the "
+                     s.sensitivity(), float(sum(a.shape.numel() for a in accs))],
+                    "the logical step (index, steps taken), the noise multiplier σ, the "
+                    "sensitivity (clipping thresholds) or the "
                     "trainable parameters' size",
                     StepStructureError,
                     "Every rank must call optimizer.step() once per batch of dp.data_loader, "
@@ -487,6 +472,7 @@ class DPOptimizer(torch.optim.Optimizer):
                     accs, lambda bucket: add_gaussian_noise(bucket, share, self.generator))
         else:
             add_gaussian_noise(accs, s.noise_std(), self.generator)
+        fractions = self._noised_fractions(world) if s.adaptive is not None else None
         for p, acc in zip(params, accs, strict=True):
             assert acc.grad is not None
             p.grad = acc.grad.div_(s.expected_batch_size).to(p.dtype)
@@ -497,6 +483,11 @@ class DPOptimizer(torch.optim.Optimizer):
         self.accountant.step(s.noise_multiplier, s.sample_rate, 1)
         self.step_state.stepped = stamp.logical
         object.__setattr__(self, "steps_taken", self.steps_taken + 1)
+        # The next step's σ and C: from the schedules, or adapted from the released counts.
+        if fractions is not None:
+            assert s.adaptive is not None
+            self._set_thresholds(updated_thresholds(s.max_grad_norm, fractions, s.adaptive))
+        self._apply_schedules()
         object.__setattr__(self, "_in_step", True)
         try:
             out = self.original_optimizer.step()
@@ -531,6 +522,9 @@ class DPOptimizer(torch.optim.Optimizer):
             "noise_generator": None if is_secure(self.generator) else self.generator.get_state(),
             "noise_multiplier": self.noise_multiplier,
             "steps_taken": self.steps_taken,
+            # A schedule or adaptive clipping moves C: the current one, and the first.
+            "max_grad_norm": self._settings.max_grad_norm,
+            "initial_max_grad_norm": self._initial_thresholds,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:  # type: ignore[override]
@@ -540,6 +534,8 @@ class DPOptimizer(torch.optim.Optimizer):
             self.generator.set_state(state["noise_generator"])
         self.set_noise_multiplier(float(state["noise_multiplier"]))
         object.__setattr__(self, "steps_taken", int(state["steps_taken"]))
+        if state.get("max_grad_norm") is not None:
+            self._set_thresholds(check_clip_thresholds(state["max_grad_norm"]))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Refused: the privatised parameter set is fixed when the run starts."""
