@@ -134,19 +134,20 @@ def test_a_decomposing_loss_passes_and_is_exact(mode, case, loss_fn, reduction):
     assert max_rel_error(got, want) < 1e-9
 
 
-def test_the_checked_step_is_the_first_per_output_signature_and_later_outputs_are_plain():
+def test_the_checked_steps_are_the_powers_of_two_per_output_signature_and_others_plain():
     model = _mlp()
     clipper = swiftdp.GradClipper(model, C)
     x, y = _data()
     kinds = []
-    for _ in range(3):
+    for _ in range(9):
         out = model(x)
         kinds.append(type(out))
         F.cross_entropy(out, y).backward()
     out = model(x[:, None, :].expand(B, 2, D))  # a new output signature: checked again
     kinds.append(type(out))
     clipper.remove()
-    assert kinds == [Traced, Tensor, Tensor, Traced]
+    checked = [Traced if n & (n - 1) == 0 else Tensor for n in range(1, 10)]  # 1, 2, 4, 8
+    assert kinds == [*checked, Traced]
 
 
 def test_a_caught_refusal_does_not_turn_the_check_off():

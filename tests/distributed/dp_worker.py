@@ -7,6 +7,7 @@ Environment: ``SIGMA`` (noise multiplier), ``MODE`` (engine mode), ``OUT``
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from datetime import timedelta
@@ -53,9 +54,13 @@ def main() -> None:
     ids = torch.arange(N, dtype=torch.float64)[:, None]  # carried along to name the examples
     data = TensorDataset(torch.cat([xs, ids], 1), ys)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
+    adaptive = os.environ.get("ADAPTIVE") == "1"  # thresholds that follow the norms' median
     dp = swiftdp.make_private(model, opt, DataLoader(data, batch_size=BATCH), max_grad_norm=C,
                               noise_multiplier=sigma, steps=STEPS, seed=7, mode=mode,
-                              loss_reduction="sum")
+                              loss_reduction="sum",
+                              adaptive_clipping=swiftdp.AdaptiveClipping(0.5, 0.3)
+                              if adaptive else None)
+    c_now = C  # the threshold of this step, tracked by the test (one process, whole sample)
     q_n = dp.optimizer.settings.expected_batch_size
     errors, sizes, noise = [], [], []
     for _, (xb, yb) in zip(range(STEPS), dp.data_loader, strict=False):
@@ -71,10 +76,14 @@ def main() -> None:
         union = sorted(i for part in _gather(mine) for i in part)  # type: ignore[union-attr]
         sizes.append(len(union))
         if check == "exact":
-            want, _ = reference_clipped_sum(before, lambda o, t: F.cross_entropy(o, t),
-                                            xs[union], ys[union], C)
+            want, norms = reference_clipped_sum(before, lambda o, t: F.cross_entropy(o, t),
+                                                xs[union], ys[union], c_now)
             expected = [p - LR * w / q_n for p, w in zip(before.parameters(), want, strict=True)]
             errors.append(max_rel_error(list(model.parameters()), expected))
+            if adaptive:  # C ← C·exp(−η(b − γ)), b = Σ_i (1[‖g_i‖ ≤ C] − ½)/qN + ½ (σ = 0)
+                b = (float((norms <= c_now).sum()) - len(union) / 2) / q_n + 0.5
+                c_now = c_now * math.exp(-0.3 * (b - 0.5))
+                errors.append(abs(dp.privacy.max_grad_norm - c_now) / c_now)
         else:
             delta = torch.cat([(b - p).reshape(-1) for b, p in
                                zip(before.parameters(), model.parameters(), strict=True)])

@@ -192,30 +192,55 @@ def debug_on_one_rank(rank: int) -> str:
         dist.barrier()
 
 
+class Caching(nn.Module):
+    """Stage 1's model, keeping a handle on its input (ordinary model code, e.g. for logging)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.last_input: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.last_input = x
+        return self.inner(x)
+
+
 def received_regulariser(rank: int) -> dict[str, Any]:
-    """A last-stage term of the received tensor: the gradient sent back must not contain it."""
-    updates = []
-    for attack in (False, True):
-        mine, dp = private(rank)
+    """Last-stage terms on the received tensor, or on the model's own input through a hook or
+    a cached handle: the gradient sent back is the model's own, so no update changes."""
+    updates: dict[str, Tensor] = {}
+    for attack in ("clean", "received", "late pre-hook", "cached input"):
+        s0, s1 = build()
+        mine = s0 if rank == 0 else Caching(s1)
+        dp = swiftdp.make_private(mine, torch.optim.SGD(mine.parameters(), lr=1.0),
+                                  DataLoader(data(), batch_size=BATCH), max_grad_norm=C,
+                                  pipeline_stage=rank, noise_multiplier=0.0, steps=4, seed=7,
+                                  loss_reduction="sum", timeout=30)
         x, y = first_batch(dp)
         before = [p.detach().clone() for p in mine.parameters()]
         if rank == 0:
             dp.send_activations(dp.model(x))
             dp.stage_backward()
         else:
+            seen: list[Tensor] = []
+            if attack == "late pre-hook":
+                mine.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
             r = dp.receive_activations()
             loss = F.cross_entropy(dp.model(r), y, reduction="sum")
-            if attack:
-                r.requires_grad_()  # the loop's own handle on the received tensor
-                loss = loss + 10.0 * (r - r.mean(0)).pow(2).sum()
+            handle = {"clean": None, "received": r.requires_grad_(),
+                      "late pre-hook": seen[-1] if seen else None,
+                      "cached input": mine.last_input}[attack]
+            if handle is not None:
+                loss = loss + 10.0 * (handle - handle.mean(0)).pow(2).sum()
             loss.backward()
         dp.optimizer.step()
-        updates.append(torch.cat([(b - p).reshape(-1) for b, p in
-                                  zip(before, mine.parameters(), strict=True)]))
+        updates[attack] = torch.cat([(b - p.detach()).reshape(-1) for b, p in
+                                     zip(before, mine.parameters(), strict=True)])
         dp.detach()
         dist.barrier()
-    return {"difference": float((updates[0] - updates[1]).abs().max()),
-            "size": float(updates[0].abs().max())}
+    return {"difference": {k: float((updates["clean"] - u).abs().max())
+                           for k, u in updates.items()},
+            "size": float(updates["clean"].abs().max())}
 
 
 def sensitivity(rank: int) -> dict[str, float]:

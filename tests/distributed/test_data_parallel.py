@@ -27,10 +27,11 @@ WORKER = Path(__file__).with_name("dp_worker.py")
 
 
 
-def _run(tmp_path: Path, check: str, sigma: float, mode: str) -> dict[str, object]:
+def _run(tmp_path: Path, check: str, sigma: float, mode: str,
+         **extra: str) -> dict[str, object]:
     out = tmp_path / f"{check}-{mode}.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CHECK": check, "SIGMA": str(sigma),
-           "MODE": mode, "OUT": str(out)}
+           "MODE": mode, "OUT": str(out), **extra}
     proc = subprocess.run(
         [str(TORCHRUN), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
          "--master_port", str(free_port()), str(WORKER)],
@@ -47,6 +48,14 @@ def test_two_ranks_give_the_one_process_clipped_update(tmp_path, mode):
     assert isinstance(errors, list) and len(errors) == 3
     assert max(errors) < 1e-9
     assert r["expected_batch_size"] == 10.0  # q·N of the whole dataset, not per rank
+
+
+def test_adaptive_clipping_on_two_ranks_follows_the_whole_samples_counts(tmp_path):
+    """The ranks' counts are summed (with the noise shares) before the threshold moves."""
+    r = _run(tmp_path, "exact", 0.0, "bk", ADAPTIVE="1")
+    errors = r["errors"]
+    assert isinstance(errors, list) and len(errors) == 6  # update and next C, per step
+    assert max(errors) < 1e-9
 
 
 def test_the_noise_is_added_once_in_total_and_epsilon_is_the_one_process_one(tmp_path):

@@ -51,6 +51,7 @@ from swiftdp.clipping.clip_fns import ClippingStyle, Thresholds, group_threshold
 from swiftdp.clipping.cost import CostObjective
 from swiftdp.clipping.escapes import ParameterGuard
 from swiftdp.clipping.groups import GroupPartition, check_clip_thresholds
+from swiftdp.clipping.hook_check import check_no_backward_hooks
 from swiftdp.clipping.loss_check import OutputRef
 from swiftdp.clipping.step import BackwardResult, ForwardToken, Sink, Step
 from swiftdp.clipping.tracer import ModuleCall, Tracer
@@ -174,6 +175,7 @@ class GradClipper:
         self.checked_losses: set[Any] = set()  # (loss rank, output signature) checked
         self.check_loss = bool(check_loss)
         self._loss_traced: set[Any] = set()  # output signatures handed out as Traced
+        self._loss_uses: dict[Any, int] = {}  # forwards per output signature
         # Escape guard: a hook on every trainable parameter that fires when
         # autograd delivers a gradient to it. Every use the engine routes is
         # detached, so any such gradient bypassed clipping.
@@ -319,6 +321,8 @@ class GradClipper:
             return
         if active and self.group_limits is not None:  # refuse a parameter outside the groups
             self.group_ids(self._refresh_params())  # before any state of this call is set
+        if active:
+            check_no_backward_hooks(module)  # (before any state of this call is set)
         self._root_active.append(_FORWARD if active else _OFF)
         if not active:
             return
@@ -462,6 +466,14 @@ class GradClipper:
             return output
         if self.check_loss and step.batch_size >= 2:
             sig = step.output_signature(self.batch_dim)
+            # Checked again at the 2nd, 4th, 8th, ... forward of a signature: a coupling
+            # term the loop adds later (a regulariser switched on) is seen within as many
+            # steps as had passed (a check costs up to 1.4 steps on an LM head, so not each).
+            uses = self._loss_uses[sig] = self._loss_uses.get(sig, 0) + 1
+            if sig in self._loss_traced and uses & (uses - 1) == 0:
+                self._loss_traced.discard(sig)
+                self.checked_losses.difference_update(
+                    [k for k in self.checked_losses if k[1] == sig])
             if sig not in self._loss_traced:
                 self._loss_traced.add(sig)
                 step.loss_signature, step.loss_checked = sig, False

@@ -7,11 +7,14 @@ is exactly the next stage's ``∂L/∂h`` of its checked loss:
 
 * ``dp.receive_activations()`` (every stage after the first) returns the
   previous stage's activations, detached. When the stage's model is called on
-  them, a forward pre-hook hands the model a fresh leaf in their place: only
-  the model's own graph reaches that leaf, so no term the loop adds (a
-  regulariser of the received tensor, say) can enter the gradient sent back.
-  Its gradient is sent back once this stage's backward has been accepted by
-  the engine (one backward, one forward, the current batch).
+  them, a forward pre-hook hands the model a fresh leaf in their place. The
+  gradient sent back is not that leaf's ``.grad`` (code that kept a handle on
+  the leaf, a hook or a model caching its input, could add any term to it)
+  but the vector-Jacobian product of the model's own graph: when the
+  backward reaches the model's outputs, ``torch.autograd.grad(outputs, leaf,
+  their gradients)``, a second pass through this stage's model for the input
+  only. It is sent once this stage's backward has been accepted by the
+  engine (one backward, one forward, the current batch).
 * ``dp.send_activations(h)`` (every stage before the last) sends ``h``, which
   must be the output of this step's one forward of the stage's model, unmodified
   (same tensor, no in-place change, no later forward hook's replacement).
@@ -21,16 +24,21 @@ is exactly the next stage's ``∂L/∂h`` of its checked loss:
   clipped sums reach the optimizer, and a gradient other than the received one
   reaching ``h`` (a tensor hook on ``h``) is refused.
 
-Forwards without gradient (evaluation) pass through unchecked.
+Forwards without gradient (evaluation) pass through unchecked. Every receive
+waits at most ``make_private(timeout=)`` seconds, then names the stage that
+did not send (it stopped, raised or refused its step).
 """
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
+from torch.utils import _pytree as pytree
 
 from swiftdp import distributed
 from swiftdp.errors import ExampleMixingError, InvalidArgumentError, StepStructureError
@@ -59,11 +67,13 @@ class StageLink:
         self.prev = order[stage - 1] if stage > 0 else None
         self.next = order[stage + 1] if stage + 1 < len(order) else None
         self.control = stages.control
+        self.timeout = stages.timeout
         self._depth = 0
         # Receiving end: the tensor handed to the loop, the model's leaf, its gradient.
         self.received: Tensor | None = None
         self.leaf: Tensor | None = None
         self.outgoing: Tensor | None = None
+        self._watch: Any = None  # the hook on the model's outputs, until their gradient came
         # Sending end: this step's output, its version when recorded, whether sent.
         self.output: Tensor | None = None
         self.version = -1
@@ -104,12 +114,24 @@ class StageLink:
 
     def _recv(self, src: int, tag: int) -> Tensor:
         header = torch.zeros(2 + _MAX_DIMS, dtype=torch.int64)
-        dist.recv(header, src, group=self.control, tag=tag)
+        self._wait(dist.irecv(header, src, group=self.control, tag=tag), tag)
         ndim, code = int(header[0]), int(header[1])
         shape = [int(d) for d in header[2:2 + ndim]]
         t = torch.empty(shape, dtype=_DTYPES[code], device=self._device())
-        dist.recv(t, src, tag=tag)
+        self._wait(dist.irecv(t, src, tag=tag), tag)
         return t
+
+    def _wait(self, work: Any, tag: int) -> None:
+        what, peer = (("activations", self.stage - 1) if tag == _ACTIVATIONS
+                      else ("the gradient of its activations", self.stage + 1))
+        try:
+            work.wait(timeout=timedelta(seconds=self.timeout))
+        except RuntimeError as e:
+            raise StepStructureError(
+                f"Pipeline stage {self.stage} waited {self.timeout:g} s for {what} from stage "
+                f"{peer}, which did not send them: it stopped, raised or refused its step "
+                f"(see its error), or runs another schedule. The backend said: "
+                f"{' '.join(str(e).split())[:200]}") from e
 
     # -------------------------------------------------------- receiving end
     def receive(self) -> Tensor:
@@ -161,16 +183,39 @@ class StageLink:
     def _make_leaf(self, received: Tensor) -> Tensor:
         leaf = received.detach().requires_grad_(True)
         self.leaf, self.outgoing = leaf, None
+        return leaf
 
-        def keep(grad: Tensor) -> None:
+    def _watch_outputs(self, output: Any) -> None:
+        """Receiving end: form the gradient to send back from the model's graph alone."""
+        leaf = self.leaf
+        outs = [t for t in pytree.tree_leaves(output) if isinstance(t, Tensor) and t.requires_grad]
+        if leaf is None or not outs:
+            return
+        self._unwatch()
+        edges = [get_gradient_edge(t) for t in outs]  # (no tensor kept alive)
+
+        def vjp(grads: Any) -> None:
+            if not torch.autograd._is_checkpoint_valid():
+                return  # a torch.autograd.grad pass (the loss check's): not the training backward
+            self._unwatch()  # once: and the hook's references go with it
+            pairs = [(e, g) for e, g in zip(edges, grads, strict=True) if g is not None]
             if self.outgoing is not None:
                 raise StepStructureError(
-                    f"Pipeline stage {self.stage}'s received activations got a gradient "
-                    "twice: one backward per batch (chunk).")
-            self.outgoing = grad.detach()
+                    f"Pipeline stage {self.stage}'s model outputs got a gradient twice: one "
+                    "backward per batch (chunk).")
+            if not pairs or self.leaf is not leaf:
+                return
+            # (inside torch.autograd.grad the engine captures nothing: not a training pass)
+            (g,) = torch.autograd.grad([e for e, _ in pairs], [leaf], [g for _, g in pairs],
+                                       retain_graph=True, allow_unused=True)
+            self.outgoing = torch.zeros_like(leaf) if g is None else g.detach()
 
-        leaf.register_hook(keep)
-        return leaf
+        self._watch = torch.autograd.graph.register_multi_grad_hook(outs, vjp, mode="all")
+
+    def _unwatch(self) -> None:
+        if self._watch is not None:
+            self._watch.remove()
+            self._watch = None
 
     def send_gradient(self) -> None:
         """After an accepted backward: send the received activations' gradient back."""
@@ -183,9 +228,12 @@ class StageLink:
     # ---------------------------------------------------------- sending end
     def _post(self, module: nn.Module, args: Any, output: Any) -> None:
         self._depth -= 1
-        if (self._depth > 0 or self.last or output is None or not torch.is_grad_enabled()
-                or _in_backward()):
+        if self._depth > 0 or output is None or not torch.is_grad_enabled() or _in_backward():
             return  # (None: the forward raised)
+        if self.prev is not None:
+            self._watch_outputs(output)
+        if self.last:
+            return
         if not isinstance(output, Tensor):
             raise InvalidArgumentError(
                 f"A pipeline stage before the last must return one tensor (the activations "
@@ -291,6 +339,7 @@ class StageLink:
                 f"optimizer.step() on pipeline stage {self.stage} with received activations "
                 "the model never ran on.")
         self.output = None
+        self._unwatch()
 
 
 def _replace(args: tuple[Any, ...], kwargs: dict[str, Any], old: Tensor,

@@ -1,0 +1,43 @@
+"""The loss check runs again at the 2nd, 4th, 8th, ... step of an output signature.
+
+A coupling term a loop adds only from some step on (a regulariser switched
+on late) used to pass unchecked after the first step: the pipeline review
+measured a neighbour sensitivity of 1.37·C with it. It is now refused at the
+next power-of-two step (at once when switched on at step 2).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import swiftdp
+from swiftdp.errors import ExampleMixingError, InvalidArgumentError
+
+
+# 0-based step indices: the check runs at the forwards 1, 2, 4, 8 (indices 0, 1, 3, 7)
+@pytest.mark.parametrize(("switch_on", "refused_at"), [(1, 1), (2, 3), (4, 7), (5, 7)])
+def test_a_coupling_term_switched_on_later_is_refused(switch_on, refused_at):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    data = TensorDataset(torch.randn(200, 4), torch.randint(0, 3, (200,)))
+    dp = swiftdp.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                              DataLoader(data, batch_size=20), max_grad_norm=1.0,
+                              noise_multiplier=1.0, steps=12, seed=0)
+    refused = None
+    for step, (x, y) in enumerate(dp.data_loader):
+        dp.optimizer.zero_grad()
+        out = dp.model(x)
+        loss = F.cross_entropy(out, y)
+        if step >= switch_on:  # centring penalty: couples every example with the batch mean
+            loss = loss + 0.1 * (out - out.mean(0)).pow(2).sum(1).mean()
+        try:
+            loss.backward()
+        except (ExampleMixingError, InvalidArgumentError):
+            refused = step
+            break
+        dp.optimizer.step()
+    assert refused == refused_at
