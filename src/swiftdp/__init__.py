@@ -3,6 +3,7 @@
 from swiftdp.api import PrivacySettings, PrivateTraining, SpeedSettings, make_private
 from swiftdp.averaging import ParameterAverage
 from swiftdp.clipping import GradClipper, clip_factors, fix, sensitivity
+from swiftdp.clipping.groups import per_layer_thresholds
 from swiftdp.errors import (
     CheckpointError,
     InvalidArgumentError,
@@ -32,5 +33,6 @@ __all__ = [
     "clip_factors",
     "fix",
     "make_private",
+    "per_layer_thresholds",
     "sensitivity",
 ]

@@ -405,3 +405,48 @@ def test_a_group_run_checkpoint_resumes_only_with_the_same_groups(tmp_path):
     other = run({"encoder": 0.3, "head": 0.9, "unused": 0.5})
     with pytest.raises(CheckpointError, match="max_grad_norm"):
         other.load_checkpoint(tmp_path / "ck.pt")
+
+
+# ----------------------------------------------------- per-layer thresholds
+class _Tied(nn.Module):
+    """A root parameter, a block with two layers, and a head tied to the embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.scale = nn.Parameter(torch.ones(4))
+        self.block = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+        self.head = nn.Linear(4, 7, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(self.block(self.emb(ids) * self.scale)).mean(1)
+
+
+def test_per_layer_thresholds_group_each_layer_once_with_total_sensitivity_c():
+    groups = swiftdp.per_layer_thresholds(_Tied(), 2.0)
+    assert list(groups) == ["scale", "emb", "block.0", "block.1"]  # head: tied to emb
+    assert math.sqrt(sum(c * c for c in groups.values())) == pytest.approx(2.0, rel=1e-15)
+    mlp = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    assert swiftdp.per_layer_thresholds(mlp, 1.0) == pytest.approx({"0": 0.5 ** 0.5, "2": 0.5 ** 0.5})
+    with pytest.raises(InvalidArgumentError, match="max_grad_norm"):
+        swiftdp.per_layer_thresholds(mlp, -1.0)
+
+
+@pytest.mark.parametrize("mode", ["bk", "ghost"])
+def test_per_layer_clipping_is_exact_and_bounded_by_c(mode):
+    torch.manual_seed(3)
+    model = _Tied().double()
+    groups = swiftdp.per_layer_thresholds(model, 0.05)  # far below the norms: all clipped
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 7, (6, 5), generator=g)
+    ys = torch.randint(0, 7, (6,), generator=g)
+    want, _ = group_reference(model, ids, ys, groups)
+    got, _ = _engine_sum(model, ids, ys, groups, mode, "sum")
+    assert max_rel_error(got, want) < 1e-12
+
+    def clipped(batch: tuple[Tensor, Tensor]) -> list[Tensor]:
+        return _engine_sum(model, batch[0], batch[1], groups, mode, "sum")[0]
+
+    sens = neighbour_sensitivity(clipped, (ids, ys), 6)
+    assert 0.99 * 0.05 <= sens <= 0.05 * (1 + 1e-9)

@@ -224,7 +224,7 @@ def received_regulariser(rank: int) -> dict[str, Any]:
         else:
             seen: list[Tensor] = []
             if attack == "late pre-hook":
-                mine.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+                mine.register_forward_pre_hook(lambda m, a, seen=seen: seen.append(a[0]))
             r = dp.receive_activations()
             loss = F.cross_entropy(dp.model(r), y, reduction="sum")
             handle = {"clean": None, "received": r.requires_grad_(),

@@ -19,7 +19,7 @@ from swiftdp.checks import check_max_grad_norm
 from swiftdp.clipping.clip_fns import Thresholds
 from swiftdp.errors import InvalidArgumentError
 
-__all__ = ["GroupPartition", "check_clip_thresholds", "check_group_partition"]
+__all__ = ["GroupPartition", "check_clip_thresholds", "check_group_partition", "per_layer_thresholds"]
 
 
 class GroupPartition:
@@ -179,3 +179,60 @@ def check_group_partition(names: Mapping[int, Sequence[str]],
                     "model.named_parameters() (a module-name prefix such as 'encoder' or "
                     "'encoder.layer.0'), or remove the group.")
     return out
+
+
+def per_layer_thresholds(model: nn.Module, max_grad_norm: float) -> dict[str, float]:
+    """One group per layer, thresholds ``C/√K`` each: per-layer clipping with sensitivity ``C``.
+
+    A layer is a module that holds trainable parameters itself; its group is
+    its name (all its own parameters together). Where a name would also cover
+    another layer's parameters (a module with parameters of its own *and*
+    layers inside, the root module) or a tied parameter already grouped, the
+    module's own parameters are grouped one by one under their full names. A
+    tied parameter is clipped once, in the first layer that holds it. Pass the
+    result as ``max_grad_norm=`` (or scale its values: each ``C_k`` is the
+    group's own threshold, the sensitivity is ``√Σ_k C_k²``).
+
+    Args:
+        model: the model.
+        max_grad_norm: the total ``C``: each of the ``K`` layers gets ``C/√K``.
+
+    Returns:
+        ``{prefix: C_k}``, in the order of ``model.named_modules()``.
+
+    Raises:
+        InvalidArgumentError: ``max_grad_norm`` is not a positive number, or
+            the model has no trainable parameter.
+
+    Example:
+        >>> per_layer_thresholds(nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1)), 1.0)
+        {'0': 0.7071067811865475, '1': 0.7071067811865475}
+    """
+    c = _threshold(max_grad_norm, "max_grad_norm")
+    modules = dict(model.named_modules(remove_duplicate=False))
+    seen: set[int] = set()
+    groups: list[str] = []
+    for name, module in model.named_modules():
+        own = [(n, p) for n, p in module.named_parameters(recurse=False)
+               if p.requires_grad and id(p) not in seen]
+        if not own:
+            continue
+        full = [f"{name}.{n}" if name else n for n, _ in own]
+        whole = (name != "" and len(own) == len(list(module.parameters(recurse=False)))
+                 and not any(p.requires_grad for m in module.children()
+                             for p in m.parameters())
+                 and not _covers_another(name, modules, module))
+        groups.extend([name] if whole else full)
+        seen.update(id(p) for _, p in own)
+    if not groups:
+        raise InvalidArgumentError(
+            "per_layer_thresholds found no trainable parameter in the model: unfreeze the "
+            "parameters to train (requires_grad_(True)) first.")
+    ck = c / math.sqrt(len(groups))
+    return dict.fromkeys(groups, ck)
+
+
+def _covers_another(name: str, modules: Mapping[str, nn.Module], module: nn.Module) -> bool:
+    """Whether ``name`` as a prefix also names another module (a duplicate path to a shared one)."""
+    return any(other is not module and (n == name or n.startswith(name + "."))
+               for n, other in modules.items())
