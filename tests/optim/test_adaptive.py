@@ -231,3 +231,22 @@ def test_a_threshold_changed_on_the_engine_only_is_refused():
                 dp2.set_max_grad_norm(10.0)
             break
         dp2.optimizer.step()
+
+
+def test_adaptive_clipping_holds_for_every_sigma_of_a_noise_schedule():
+    data = _data()
+    rising = lambda t: 1.0 + t  # noqa: E731  (σ = 1, 2, 3, ...)
+    # the default count noise is sized for the largest planned σ (here 8 steps: σ = 8)
+    model = _model()
+    dp = swiftdp.make_private(model, torch.optim.SGD(model.parameters(), lr=LR),
+                              DataLoader(data, batch_size=BATCH), max_grad_norm=1.0,
+                              noise_schedule=rising, steps=8, seed=0, loss_reduction="sum",
+                              adaptive_clipping=swiftdp.AdaptiveClipping())
+    assert dp.privacy.adaptive.count_noise == pytest.approx(8.0)
+    with pytest.raises(InvalidArgumentError, match="too large for adaptive"):
+        dp.set_noise_multiplier(20.0)
+    with pytest.raises(InvalidArgumentError, match="count_noise=2 is too small"):
+        swiftdp.make_private(_model(), torch.optim.SGD(_model().parameters(), lr=LR),
+                             DataLoader(data, batch_size=BATCH), max_grad_norm=1.0,
+                             noise_schedule=rising, steps=8, seed=0,
+                             adaptive_clipping=swiftdp.AdaptiveClipping(count_noise=2.0))

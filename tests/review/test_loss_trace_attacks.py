@@ -440,16 +440,19 @@ def test_ordinary_decomposing_losses_are_accepted_and_exact(case, loss_fn):
     _exact(loss_fn, targets=True)
 
 
-def test_grad_scaler_style_scaling_is_accepted():
+def test_grad_scaler_scaling_is_refused():
+    # (was accepted: the engine then clipped the scaled per-example gradients, an effective
+    # threshold of C / scale, and the scaler's inf check read the sums before the noise)
     model = _mlp()
     clipper = swiftdp.GradClipper(model, C)
     x, y = _data()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
     try:
-        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        with pytest.raises(swiftdp.InvalidArgumentError, match="GradScaler"):
+            scaler.scale(F.cross_entropy(model(x), y))
     finally:
         clipper.remove()
-    assert model[0].weight.grad is not None
+    assert model[0].weight.grad is None
 
 
 # ===================================================== 5. ordinary code on the first step

@@ -365,14 +365,23 @@ def test_trainer_compute_loss_func_with_a_batch_level_normaliser_is_refused(tmp_
 @pytest.mark.parametrize("kw", [
     {"dataloader_drop_last": True, "train_sampling_strategy": "group_by_length"},
     {"eval_strategy": "steps", "eval_steps": 1},
-    {"bf16": True},
     {"auto_find_batch_size": True},
-], ids=["drop_last_group_by_length", "eval_during_training", "bf16_cpu", "auto_batch_size"])
+], ids=["drop_last_group_by_length", "eval_during_training", "auto_batch_size"])
 def test_trainer_ordinary_features_keep_poisson_steps_and_the_accountants_epsilon(tmp_path, kw):
     extra = {"eval_dataset": _Tokens()} if "eval_strategy" in kw else {}
     trainer = DPTrainer(model=_llama(), args=_args(tmp_path, **kw), train_dataset=_Tokens(),
                         privacy=PRIVACY, **extra)
     _check_private_run(trainer)
+
+
+def test_trainer_bf16_is_refused_with_the_reason(tmp_path):
+    # The Trainer's loss is a mean over the batch: in bf16 its 1/B is rounded into every
+    # example's gradient (the rounding then depends on the batch: 1.025 C measured at
+    # B = 1536), which the engine refuses. (It trained before the refusal.)
+    trainer = DPTrainer(model=_llama(), args=_args(tmp_path, bf16=True), train_dataset=_Tokens(),
+                        privacy=PRIVACY)
+    with pytest.raises(SwiftDPError, match="loss_reduction='sum'"):
+        trainer.train()
 
 
 def test_trainer_label_smoothing_and_accumulation_refused(tmp_path):

@@ -102,7 +102,10 @@ def gdp_delta(mu: float, epsilon: float) -> float:
     if math.isinf(mu):
         return 1.0
     first = float(special.ndtr(-epsilon / mu + mu / 2))
-    second = math.exp(epsilon + float(special.log_ndtr(-epsilon / mu - mu / 2)))
+    exponent = epsilon + float(special.log_ndtr(-epsilon / mu - mu / 2))
+    # Analytically ≤ first; at huge ε and μ (σ ≲ 0.04) the two terms cancel in
+    # floating point and the exponent can overflow: δ is then 0 to any precision.
+    second = math.exp(exponent) if exponent < 700 else math.inf
     return min(1.0, max(0.0, first - second))
 
 

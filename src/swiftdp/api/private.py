@@ -256,7 +256,11 @@ def make_private(
             target_epsilon=float(target_epsilon), delta=delta, sample_rate=sample_rate,
             steps=total_steps, mechanism=accountant,
         )
-    adaptive = resolve_adaptive(adaptive_clipping, noise_multiplier=float(noise_multiplier),
+    largest_sigma = float(noise_multiplier)  # adaptive clipping must hold for every step's σ
+    if adaptive_clipping is not None and noise_schedule is not None and total_steps:
+        largest_sigma = max(schedule_value(noise_schedule, t, "noise_schedule", allow_zero=True)
+                            for t in range(total_steps))
+    adaptive = resolve_adaptive(adaptive_clipping, noise_multiplier=largest_sigma,
                                 expected_batch_size=float(expected),
                                 groups=len(thresholds) if isinstance(thresholds, tuple) else 1,
                                 clipping=clipping, pipeline=pipeline_stage is not None)

@@ -7,7 +7,9 @@ dataset's recipe (:data:`RECIPES`: ``--dataset text`` trains a language
 model with its own defaults), then the default. Every value is checked here,
 in one place, and a bad one raises :class:`~swiftdp.errors.InvalidArgumentError`
 naming the option; so do options that do not fit together
-(:func:`check_combination`).
+(:func:`check_combination`). The schedules of σ and C and adaptive clipping
+are one string each (``exp:0.99``, ``step:100:0.5``, ``0.5:0.2``), checked
+and written canonically by :mod:`swiftdp.cli.specs`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 import yaml
 
 from swiftdp.accounting import MECHANISMS
+from swiftdp.cli.specs import SpecError, parse_adaptive, parse_schedule
 from swiftdp.clipping.clip_fns import CLIPPING_STYLES
 from swiftdp.clipping.engine import MODES
 from swiftdp.data import DATASETS, DEFAULT_SEQ_LEN, TEXT_DATASETS
@@ -45,9 +48,13 @@ class TrainConfig:
     model_size: str = "small"
     epsilon: float = 3.0
     delta: float = 1e-5
+    noise_multiplier: float | None = None
+    noise_schedule: str | None = None
     epochs: int = 15
     batch_size: int | None = None
     max_grad_norm: float = 0.1
+    clip_schedule: str | None = None
+    adaptive_clipping: str | None = None
     lr: float = 4.0
     momentum: float = 0.9
     optimizer: str = "sgd"
@@ -55,6 +62,8 @@ class TrainConfig:
     mode: str = "bk"
     accountant: str = "pld"
     ema: float = 0.9
+    ema_warmup: bool = False
+    polyak: int | None = None
     max_physical_batch_size: int | None = None
     seed: int | None = None
     device: str = "cpu"
@@ -97,6 +106,10 @@ class Option:
         choices: allowed values, for ``str`` options.
         check: ``(value) -> problem or None`` for numbers.
         nullable: whether ``None`` (``null`` in a file) is allowed.
+        parse: ``(text) -> canonical text`` for ``str`` options written in a
+            small syntax (:mod:`swiftdp.cli.specs`); raises ``SpecError``.
+        metavar: the value's name in ``--help`` (default: the name in capitals).
+        aliases: other command-line spellings (``--sigma``).
     """
 
     name: str
@@ -105,6 +118,9 @@ class Option:
     choices: tuple[str, ...] | None = None
     check: Callable[[Any], str | None] | None = None
     nullable: bool = False
+    parse: Callable[[str], str] | None = None
+    metavar: str | None = None
+    aliases: tuple[str, ...] = ()
 
     @property
     def flag(self) -> str:
@@ -160,20 +176,49 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
            "or its folder; needs vocab_size >= 257; nothing downloaded)",
            check=_model_name),
     Option("model_size", str, "model size (ignored by hf:)", SIZES),
-    Option("epsilon", float, "privacy budget ε (σ is calibrated to reach it)", check=_positive),
+    Option("epsilon", float, "privacy budget ε: σ is calibrated to reach it, or, with "
+           "--noise-multiplier, the cap that the planned steps must stay within",
+           check=_positive),
     Option("delta", float, "δ of the (ε, δ) guarantee", check=_unit_open),
+    Option("noise_multiplier", float, "noise multiplier σ instead of calibrating it to "
+           "--epsilon (a run whose planned steps would spend more than --epsilon is refused "
+           "before training); with --noise-schedule, the first step's σ (default: calibrated)",
+           check=_positive, nullable=True, metavar="SIGMA", aliases=("--sigma",)),
+    Option("noise_schedule", str, "σ per step, starting from --noise-multiplier (needed: a "
+           "schedule is not calibrated): exp:GAMMA[:MIN] gives σ·GAMMA^t floored at MIN, "
+           "step:SIZE:GAMMA gives σ·GAMMA^(t // SIZE), t the steps taken; the planned "
+           "schedule must stay within --epsilon (checked before training and at every step) "
+           "(default: none, one σ)",
+           nullable=True, parse=parse_schedule, metavar="SPEC"),
     Option("epochs", int, "passes over the training data", check=_at_least_one),
     Option("batch_size", int, "expected (Poisson) batch size (default: min(1000, N/4))",
            check=_at_least_one, nullable=True),
-    Option("max_grad_norm", float, "clipping norm C", check=_positive),
+    Option("max_grad_norm", float, "clipping norm C (the first step's, with --clip-schedule "
+           "or --adaptive-clipping)", check=_positive),
+    Option("clip_schedule", str, "C per step, starting from --max-grad-norm: exp:GAMMA[:MIN] "
+           "or step:SIZE:GAMMA as for --noise-schedule (default: none, one C)",
+           nullable=True, parse=parse_schedule, metavar="SPEC"),
+    Option("adaptive_clipping", str, "QUANTILE[:LR[:COUNT_NOISE]]: after each step move C "
+           "geometrically (learning rate LR, default 0.2) towards the QUANTILE of the "
+           "per-example gradient norms, from a noised count (std COUNT_NOISE, default "
+           "max(expected batch / 20, σ)) accounted with the gradient in the same σ; flat "
+           "clipping only (Andrew et al. 2021) (default: none)",
+           nullable=True, parse=parse_adaptive, metavar="SPEC"),
     Option("lr", float, "learning rate", check=_positive),
     Option("momentum", float, "SGD momentum", check=_unit_left_closed),
     Option("optimizer", str, "optimizer", OPTIMIZERS),
     Option("clipping", str, "clip function", CLIPPING_STYLES),
     Option("mode", str, "clipping engine mode (speed only)", MODES),
-    Option("accountant", str, "privacy accountant", MECHANISMS),
-    Option("ema", float, "decay of the parameter average that is evaluated (0: none)",
-           check=_unit_left_closed),
+    Option("accountant", str, "privacy accountant (gdp: the central-limit approximation, "
+           "which can under-state ε; the others are upper bounds)", MECHANISMS),
+    Option("ema", float, "decay of the exponential moving average of the weights that is "
+           "evaluated and saved (0: none, the last weights)",
+           check=_unit_left_closed, metavar="DECAY"),
+    Option("ema_warmup", bool, "ramp the EMA's decay up as min(DECAY, (1 + t) / (10 + t)) "
+           "(De et al. 2022; default: the decay from the first step)"),
+    Option("polyak", int, "evaluate and save the mean of the weights after steps START + 1, "
+           "..., the last (Polyak averaging) instead of the EMA (default: none)",
+           check=_non_negative, nullable=True, metavar="START"),
     Option("max_physical_batch_size", int, "split logical batches into chunks (memory only; default: "
            "no split)",
            check=_at_least_one, nullable=True),
@@ -221,6 +266,15 @@ def check_value(option: Option, value: Any, source: str) -> Any:
         if not isinstance(value, bool):
             raise InvalidArgumentError(f"{source} expects true or false, got {value!r}.")
         return value
+    if option.parse is not None:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)  # `adaptive_clipping: 0.5` in a YAML file
+        if not isinstance(value, str):
+            raise InvalidArgumentError(f"{source} expects a text, got {value!r}.")
+        try:
+            return option.parse(value)
+        except SpecError as e:
+            raise InvalidArgumentError(f"{source} {value!r}: {e}.") from None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if kind is float and isinstance(value, str):
@@ -302,11 +356,40 @@ def resolve(command_line: Mapping[str, Any], file_values: Mapping[str, Any]) -> 
     dataset = command_line.get("dataset", file_values.get("dataset", DEFAULTS.dataset))
     merged = recipe_defaults(dataset)
     merged.update(file_values)
-    for name, value in command_line.items():
-        merged[name] = check_value(OPTIONS_BY_NAME[name], value, OPTIONS_BY_NAME[name].flag)
+    given = {name: check_value(OPTIONS_BY_NAME[name], value, OPTIONS_BY_NAME[name].flag)
+             for name, value in command_line.items()}
+    merged.update(given)
+    merged.update(_average_choice(given, file_values))
     cfg = TrainConfig(**{f.name: merged[f.name] for f in fields(TrainConfig)})
     check_combination(cfg)
     return cfg
+
+
+def _average_choice(command_line: Mapping[str, Any], file_values: Mapping[str, Any]
+                    ) -> dict[str, Any]:
+    """``--ema`` and ``--polyak``: the average chosen where it is chosen last.
+
+    The two are one choice: the command line's (``--ema`` or ``--polyak``)
+    replaces the config file's, and the Polyak mean is recorded as
+    ``ema: 0, polyak: START`` (so a run's ``config.yaml`` reads back).
+
+    Raises:
+        InvalidArgumentError: a non-zero ``--ema`` and ``--polyak`` on the
+            same level (both flags, or both keys of the file).
+    """
+    for values, (ema_name, polyak_name) in ((command_line, ("--ema", "--polyak")),
+                                             (file_values, ("--config: ema", "polyak"))):
+        ema, polyak = values.get("ema"), values.get("polyak")
+        if polyak is not None:
+            if ema:
+                raise InvalidArgumentError(
+                    f"{ema_name} {ema:g} and {polyak_name} {polyak} are two averages of the "
+                    "weights; choose one: drop --ema for the Polyak mean (in a file, ema: 0), "
+                    "or drop --polyak for the EMA.")
+            return {"ema": 0.0, "polyak": polyak}
+        if "ema" in values:
+            return {"polyak": None}
+    return {}
 
 
 def check_combination(cfg: TrainConfig) -> None:
@@ -314,8 +397,10 @@ def check_combination(cfg: TrainConfig) -> None:
 
     Raises:
         InvalidArgumentError: a language model on images or an image model on
-            text, ``--data-file`` without ``--dataset text``, or ``--nproc`` above 1
-            with an option that runs in one process only.
+            text, ``--data-file`` without ``--dataset text``, ``--nproc`` above 1
+            with an option that runs in one process only, or a noise, clipping
+            or averaging option that does not fit the others
+            (:func:`_check_privacy_options`).
     """
     if cfg.nproc > 1 and cfg.non_private:
         raise InvalidArgumentError(
@@ -328,6 +413,7 @@ def check_combination(cfg: TrainConfig) -> None:
             f"--device {cfg.device} cannot run on --nproc {cfg.nproc} processes: they "
             "communicate with gloo on the CPU. Use --device cpu, or --nproc 1."
         )
+    _check_privacy_options(cfg)
     text = cfg.dataset in TEXT_DATASETS
     if cfg.data_file is not None and not text:
         raise InvalidArgumentError(
@@ -345,6 +431,41 @@ def check_combination(cfg: TrainConfig) -> None:
             f"--model {cfg.model!r} is a causal language model; it trains on --dataset text "
             f"--data-file PATH, not on --dataset {cfg.dataset}."
         )
+
+
+DP_ONLY = ("noise_multiplier", "noise_schedule", "clip_schedule", "adaptive_clipping")
+"""Options of DP-SGD's noise and clipping, which ``--non-private`` does not have."""
+
+
+def _check_privacy_options(cfg: TrainConfig) -> None:
+    """Refuse schedules, adaptive clipping and averaging options that do not fit together."""
+    for name in DP_ONLY:
+        value = getattr(cfg, name)
+        if cfg.non_private and value is not None:
+            flag = OPTIONS_BY_NAME[name].flag
+            raise InvalidArgumentError(
+                f"{flag} {value} sets the noise or clipping of DP-SGD, but --non-private "
+                f"trains without either: drop {flag}, or drop --non-private.")
+    if cfg.noise_schedule is not None and cfg.noise_multiplier is None:
+        raise InvalidArgumentError(
+            f"--noise-schedule {cfg.noise_schedule} needs the first step's σ: add "
+            "--noise-multiplier SIGMA. A schedule is not calibrated to --epsilon, which caps "
+            "it instead (the planned schedule is checked before training); `swiftdp epsilon "
+            "--target-epsilon E ...` gives the constant σ of a budget, a start for SIGMA.")
+    if cfg.clip_schedule is not None and cfg.adaptive_clipping is not None:
+        raise InvalidArgumentError(
+            f"--clip-schedule {cfg.clip_schedule} and --adaptive-clipping "
+            f"{cfg.adaptive_clipping} both move C from step to step; choose one of them.")
+    if cfg.adaptive_clipping is not None and cfg.clipping != "flat":
+        raise InvalidArgumentError(
+            f"--adaptive-clipping {cfg.adaptive_clipping} moves the threshold of --clipping "
+            f"flat; --clipping {cfg.clipping} has none to adapt. Use --clipping flat, or drop "
+            "--adaptive-clipping.")
+    if cfg.ema_warmup and cfg.ema == 0:
+        why = f"--polyak {cfg.polyak} averages instead" if cfg.polyak is not None else "--ema 0"
+        raise InvalidArgumentError(
+            f"--ema-warmup ramps up the EMA's decay, but there is no EMA ({why}): drop "
+            "--ema-warmup, or average with --ema DECAY.")
 
 
 def conflicts(saved: TrainConfig, requested: Mapping[str, Any]) -> list[str]:

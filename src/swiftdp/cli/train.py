@@ -3,10 +3,13 @@ per-epoch evaluation, metrics, atomic checkpoints and resumption.
 
 Privacy: the trained parameters only ever see the data through
 :func:`swiftdp.make_private` (Poisson sampling, per-example clipping,
-Gaussian noise, accounting, budget enforcement). The evaluated model is an
-exponential moving average of those parameters, and cached frozen features
-are per-example functions fixed before seeing data: both are
-post-processing and cost no privacy.
+Gaussian noise, accounting, budget enforcement; σ and C may follow a
+schedule, and C may adapt from noised counts released and accounted with
+the step: :mod:`swiftdp.cli.privacy`). The evaluated and saved model is an
+average of those parameters (:class:`swiftdp.ParameterAverage`: ``--ema``,
+``--polyak``) or the parameters themselves, and cached frozen features are
+per-example functions fixed before seeing data: both are post-processing
+and cost no privacy.
 
 Not covered by the guarantee: the training loss and training accuracy shown
 in the progress bar and written to ``metrics.json`` are computed on the
@@ -33,11 +36,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from swiftdp import distributed
-from swiftdp.api.private import PrivateTraining, make_private
+from swiftdp.api.private import PrivateTraining
+from swiftdp.averaging import ParameterAverage
 from swiftdp.cli import rundir
 from swiftdp.cli.options import TrainConfig
 from swiftdp.cli.parallel import on_rank0, sum_over_ranks
+from swiftdp.cli.privacy import make_run_private, parameter_average, plan_of
 from swiftdp.cli.setup import Prepared
 from swiftdp.errors import CheckpointError
 from swiftdp.io import atomic_torch_save
@@ -66,7 +70,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, prep: Prepared, run_dir: Path) -> None:
         self.cfg, self.prep, self.run_dir = cfg, prep, run_dir
         model = prep.trainable
-        # The evaluated copy: an average of the trained parameters (post-processing).
+        # The evaluated copy, without the engine's hooks: it is loaded with the
+        # average of the trained parameters (post-processing) before each evaluation.
         self.eval_model = copy.deepcopy(model).eval()
         for p in self.eval_model.parameters():
             p.requires_grad_(False)
@@ -77,27 +82,21 @@ class Trainer:
             opt = torch.optim.Adam(params, lr=cfg.lr)
         ds = prep.train.dataset()
         self.dp: PrivateTraining | None = None
+        self.plan = plan_of(cfg)
         if cfg.non_private:
             self.generator = torch.Generator().manual_seed(prep.seed)
             self.loader: Any = DataLoader(ds, batch_size=prep.batch_size, shuffle=True,
                                           generator=self.generator)
             self.optimizer: torch.optim.Optimizer = opt
         else:
-            self.dp = make_private(
-                model, opt, DataLoader(ds, batch_size=prep.batch_size),
-                max_grad_norm=cfg.max_grad_norm, target_epsilon=cfg.epsilon, delta=cfg.delta,
-                epochs=cfg.epochs, clipping=cfg.clipping, mode=cfg.mode, loss_reduction="sum",
-                max_physical_batch_size=cfg.max_physical_batch_size, accountant=cfg.accountant,
-                seed=cfg.seed,
-            )
+            self.dp = make_run_private(cfg, self.plan, model, opt, ds, prep.batch_size)
             self.loader = self.dp.data_loader
             self.optimizer = self.dp.optimizer
-            if distributed.active():  # make_private copied rank 0's parameters: so does the average
-                mine: list[Tensor] = [*self.eval_model.parameters(), *self.eval_model.buffers()]
-                with torch.no_grad():
-                    for a, t in zip(mine, [*model.parameters(), *model.buffers()], strict=True):
-                        a.copy_(t.detach())
         self.model = model
+        # After make_private, which copied rank 0's parameters in a process group.
+        self.average: ParameterAverage | None = parameter_average(
+            cfg, model, self.steps_per_epoch * cfg.epochs)
+        self.clip_used: float | None = None  # the C of the last step taken
         self.epoch = 0
         self.saved_epoch = 0  # the epoch of the checkpoint on disk
         self.steps = 0
@@ -115,11 +114,19 @@ class Trainer:
         """ε spent so far (``inf`` for the non-private baseline)."""
         return float("inf") if self.dp is None else self.dp.epsilon()
 
-    def _update_average(self) -> None:
-        decay = self.cfg.ema
-        with torch.no_grad():
-            for a, p in zip(self.eval_model.parameters(), self.model.parameters(), strict=True):
-                a.mul_(decay).add_(p.detach(), alpha=1.0 - decay)
+    def sigmas(self) -> tuple[float, float] | None:
+        """σ of the first and of the last step taken (``None`` before any, or non-private)."""
+        history = self.dp.accountant.history if self.dp is not None else ()
+        if not history:
+            return None
+        return history[0].noise_multiplier, history[-1].noise_multiplier
+
+    def clip_norms(self) -> tuple[float, float] | None:
+        """C of the first step and of the last step taken (``None`` when non-private)."""
+        if self.dp is None:
+            return None
+        first = float(self.dp.optimizer.initial_max_grad_norm)  # type: ignore[arg-type]
+        return first, first if self.clip_used is None else self.clip_used
 
     def train_epoch(self, progress: bool) -> dict[str, float]:
         """Run one epoch; returns its mean loss and training metric (``train_<metric>``)."""
@@ -139,11 +146,15 @@ class Trainer:
                 hits += batch.hits
                 seen += len(y)
             before = self.dp.steps if self.dp is not None else self.steps
+            # The C this step clips to (a schedule or adaptive clipping moves it after).
+            clip = None if self.dp is None else float(self.dp.privacy.max_grad_norm)  # type: ignore[arg-type]
             self.optimizer.step()
             if self.dp is not None and self.dp.steps == before:
                 continue  # a physical chunk of a logical batch; the step is not complete
             self.steps += 1
-            self._update_average()
+            self.clip_used = clip
+            if self.average is not None:
+                self.average.update()
             bar.update(1)
             post = {"loss": f"{loss_sum / max(seen, 1):.3f}",
                     task.short: f"{task.train_metric(loss_sum, hits, seen):.3f}"}
@@ -163,8 +174,15 @@ class Trainer:
         return {"loss": loss_sum / max(seen, 1),
                 f"train_{task.metric}": task.train_metric(loss_sum, hits, seen)}
 
+    def evaluated_state_dict(self) -> dict[str, Tensor]:
+        """The weights that are evaluated and saved: the average's, or the trained ones."""
+        if self.average is not None:
+            return self.average.averaged_state_dict()
+        return self.model.state_dict()
+
     def evaluate(self) -> float:
-        """The task's metric (accuracy, perplexity) of the averaged model on the evaluation split."""
+        """The task's metric (accuracy, perplexity) of the evaluated weights on the evaluation split."""
+        self.eval_model.load_state_dict(self.evaluated_state_dict())
         return self.prep.task.evaluate(self.eval_model, self.prep.evaluation, self.prep.device)
 
     @property
@@ -178,6 +196,9 @@ class Trainer:
         row = {"epoch": self.epoch, "loss": stats["loss"], train_key: stats[train_key],
                self.eval_key: self.evaluate(),
                "epsilon": self.epsilon(), "steps": self.steps, "elapsed_s": elapsed}
+        sigmas, clips = self.sigmas(), self.clip_norms()
+        if sigmas is not None and clips is not None:  # of the epoch's last step
+            row.update({"noise_multiplier": sigmas[1], "max_grad_norm": clips[1]})
         self.history.append(row)
         return row
 
@@ -185,7 +206,8 @@ class Trainer:
 
     def _extra(self, elapsed: float) -> dict[str, Any]:
         return {"epoch": self.epoch, "steps": self.steps, "history": self.history,
-                "eval_model": self.eval_model.state_dict(), "elapsed_s": elapsed}
+                "average": None if self.average is None else self.average.state_dict(),
+                "clip_used": self.clip_used, "elapsed_s": elapsed}
 
     def save(self, elapsed: float) -> None:
         """Write the checkpoint of the last complete epoch (atomically)."""
@@ -226,8 +248,21 @@ class Trainer:
             self.optimizer.load_state_dict(obj["optimizer"])
             self.generator.set_state(obj["generator"])
             extra = obj["extra"]
+        if "average" not in extra and "eval_model" in extra:
+            raise CheckpointError(
+                f"Checkpoint `{path}` was written by an earlier `swiftdp train` (its averaged "
+                "weights are `eval_model`, not a ParameterAverage): finish the run with that "
+                "version, or start a new run.")
         try:
-            self.eval_model.load_state_dict(extra["eval_model"])
+            average = extra["average"]
+            if (average is None) != (self.average is None):
+                raise CheckpointError(
+                    f"Checkpoint `{path}` {'has no' if average is None else 'has a'} weight "
+                    f"average, but the run's config.yaml says {_averaging(self.cfg)}: it "
+                    "belongs to another run.")
+            if self.average is not None:
+                self.average.load_state_dict(average)
+            self.clip_used = extra["clip_used"]
             self.epoch, self.steps = int(extra["epoch"]), int(extra["steps"])
             self.saved_epoch = self.epoch
             self.history = list(extra["history"])
@@ -239,10 +274,16 @@ class Trainer:
 
     def final_state_dict(self) -> dict[str, Tensor]:
         """``state_dict`` of the full model with the evaluated (averaged) weights, on the CPU."""
-        weights = {k: v.detach().cpu() for k, v in self.eval_model.state_dict().items()}
+        weights = {k: v.detach().cpu() for k, v in self.evaluated_state_dict().items()}
         if self.prep.trainable is self.prep.model:
             return weights
         return {f"classifier.{k}": v for k, v in weights.items()}
+
+
+def _averaging(cfg: TrainConfig) -> str:
+    if cfg.polyak is not None:
+        return f"--polyak {cfg.polyak}"
+    return f"--ema {cfg.ema:g}"
 
 
 def run_epochs(trainer: Trainer, progress: bool, started: float) -> None:

@@ -7,7 +7,7 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from swiftdp.cli.options import (
     read_config_file,
     resolve,
 )
+from swiftdp.cli.privacy import averaging_text
 from swiftdp.cli.setup import Prepared, prepare, set_threads
 from swiftdp.cli.train import Trainer, metrics_document, run_epochs
 from swiftdp.errors import InvalidArgumentError
@@ -49,7 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # t
     )
     for o in TRAIN_OPTIONS:
         if o.kind is bool:
-            p.add_argument(o.flag, action="store_true", dest=o.name, help=o.help)
+            p.add_argument(o.flag, *o.aliases, action="store_true", dest=o.name, help=o.help)
             continue
         default = getattr(TrainConfig(), o.name)
         text = o.help if "default:" in o.help else f"{o.help} (default: {default}"
@@ -57,8 +58,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # t
             if o.name in recipe and recipe[o.name] != default:
                 text += f"; {dataset}: {recipe[o.name]}"
         text += "" if "default:" in o.help else ")"
-        p.add_argument(o.flag, dest=o.name, type=o.kind, choices=o.choices,
-                       metavar=None if o.choices else o.name.upper(), help=text)
+        p.add_argument(o.flag, *o.aliases, dest=o.name, type=o.kind, choices=o.choices,
+                       metavar=None if o.choices else o.metavar or o.name.upper(), help=text)
     p.add_argument("--config", metavar="FILE", help="YAML or TOML file of these options")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
     p.add_argument("--out", metavar="DIR",
@@ -68,9 +69,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # t
 
 
 def _requested(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
-    cli = {o.name: getattr(args, o.name) for o in TRAIN_OPTIONS if hasattr(args, o.name)}
-    for name, value in cli.items():
-        check_value(OPTIONS_BY_NAME[name], value, OPTIONS_BY_NAME[name].flag)
+    # Checked and canonical (`exp:0.990` is `exp:0.99`), so --resume compares like with like.
+    cli = {o.name: check_value(o, getattr(args, o.name), o.flag)
+           for o in TRAIN_OPTIONS if hasattr(args, o.name)}
     file_values = read_config_file(args.config) if getattr(args, "config", None) else {}
     return cli, file_values
 
@@ -111,13 +112,23 @@ def _derived(trainer: Trainer) -> dict[str, Any]:
         "swiftdp_version": swiftdp.__version__, "torch_version": str(torch.__version__),
     }
     if trainer.dp is not None:
-        out.update({k: v for k, v in trainer.dp.privacy.to_dict().items()
+        priv = trainer.dp.privacy
+        out.update({k: v for k, v in priv.to_dict().items()
                     if k in ("noise_multiplier", "sample_rate", "expected_batch_size")})
+        last = out["planned_steps"] - 1
+        plan = trainer.plan
+        if plan.noise_schedule is not None:
+            out["planned_last_noise_multiplier"] = plan.noise_schedule(last)
+        if plan.clip_schedule is not None:
+            out["planned_last_max_grad_norm"] = plan.clip_schedule(last)
+        if priv.adaptive is not None:
+            out["adaptive_count_noise"] = priv.adaptive.count_noise
+            out["gradient_noise_multiplier"] = priv.gradient_noise_multiplier()
     return out
 
 
 def _summary(trainer: Trainer, wall: float) -> dict[str, Any]:
-    cfg, last = trainer.cfg, trainer.history[-1] if trainer.history else {}
+    last = trainer.history[-1] if trainer.history else {}
     task = trainer.prep.task
     value = last.get(trainer.eval_key, math.nan)
     final: dict[str, Any] = {trainer.eval_key: value,
@@ -125,22 +136,18 @@ def _summary(trainer: Trainer, wall: float) -> dict[str, Any]:
                              "wall_time_s": wall}
     rows = [(f"{trainer.prep.eval_name} {task.metric}", task.show(value))]
     if trainer.dp is not None:
-        priv = trainer.dp.privacy
-        final.update({"epsilon": trainer.epsilon(), "delta": priv.delta,
-                      "noise_multiplier": priv.noise_multiplier, "sample_rate": priv.sample_rate,
-                      "max_grad_norm": priv.max_grad_norm, "clipping": priv.clipping})
-        rows += [("epsilon", f"{trainer.epsilon():.4f} (target {cfg.epsilon:g}, "
-                             f"{priv.accountant.upper()} accountant)"),
-                 ("delta", f"{priv.delta:g}"),
-                 ("sigma", f"{priv.noise_multiplier:.4f}"),
-                 ("sampling rate", f"{priv.sample_rate:.4g} (expected batch "
-                                   f"{priv.expected_batch_size:g} of {trainer.dp.num_samples})")]
+        rows += _privacy_rows(trainer, final)
     else:
         rows += [("epsilon", "inf (non-private baseline)")]
     plural = "" if trainer.epoch == 1 else "s"
     rows += [("steps", f"{trainer.steps} ({trainer.epoch} epoch{plural})")]
     if trainer.dp is not None:
-        rows += [("clip norm", f"{cfg.max_grad_norm:g} ({cfg.clipping})")]
+        rows += [("clip norm", _clip_text(trainer))]
+    average = trainer.average
+    rows += [("averaging", f"{averaging_text(average)} (evaluated and saved)")]
+    final["averaging"] = None if average is None else {
+        "kind": average.kind, "decay": average.decay, "warmup": average.warmup,
+        "start_step": average.start_step, "updates": average.num_updates}
     wall_text = f"{wall:.1f} s"
     if trainer.elapsed_before and trainer.history:
         wall_text += f" (all sessions {trainer.history[-1]['elapsed_s']:.1f} s)"
@@ -149,6 +156,56 @@ def _summary(trainer: Trainer, wall: float) -> dict[str, Any]:
     for key, value in rows:
         print(f"{key:<15} {value}")
     return final
+
+
+def _privacy_rows(trainer: Trainer, final: dict[str, Any]) -> list[tuple[str, str]]:
+    """The report's ε, δ, σ and q rows; adds the privacy figures to ``final``."""
+    assert trainer.dp is not None
+    cfg, priv = trainer.cfg, trainer.dp.privacy
+    sigmas = trainer.sigmas() or (priv.noise_multiplier, priv.noise_multiplier)
+    clips = trainer.clip_norms()
+    assert clips is not None
+    final.update({"epsilon": trainer.epsilon(), "delta": priv.delta, "accountant": priv.accountant,
+                  "noise_multiplier": sigmas[1], "first_noise_multiplier": sigmas[0],
+                  "noise_schedule": cfg.noise_schedule, "sample_rate": priv.sample_rate,
+                  "max_grad_norm": clips[1], "first_max_grad_norm": clips[0],
+                  "clip_schedule": cfg.clip_schedule, "clipping": priv.clipping,
+                  "adaptive_clipping": None if priv.adaptive is None else asdict(priv.adaptive)})
+    goal = "budget" if cfg.noise_multiplier is not None else "target"
+    caveat = ("; GDP is a central-limit approximation, not an upper bound"
+              if priv.accountant == "gdp" else "")
+    if cfg.noise_schedule is not None:
+        sigma = (f"{sigmas[0]:.4f} at the first step, {sigmas[1]:.4f} at the last "
+                 f"(--noise-schedule {cfg.noise_schedule})")
+    else:
+        how = "--noise-multiplier" if cfg.noise_multiplier is not None else "calibrated"
+        sigma = f"{sigmas[0]:.4f} ({how})"
+    if priv.adaptive is not None:  # of the last step: the counts take part of σ
+        own = replace(priv, noise_multiplier=sigmas[1]).gradient_noise_multiplier()
+        sigma += f"; the gradient's own σ_g = {own:.4f}"
+    return [("epsilon", f"{trainer.epsilon():.4f} ({goal} {cfg.epsilon:g}, "
+                        f"{priv.accountant.upper()} accountant{caveat})"),
+            ("delta", f"{priv.delta:g}"),
+            ("sigma", sigma),
+            ("sampling rate", f"{priv.sample_rate:.4g} (expected batch "
+                              f"{priv.expected_batch_size:g} of {trainer.dp.num_samples})")]
+
+
+def _clip_text(trainer: Trainer) -> str:
+    """The report's clip norm: C, or its first and last value and what moved it."""
+    assert trainer.dp is not None
+    cfg, adaptive = trainer.cfg, trainer.dp.privacy.adaptive
+    clips = trainer.clip_norms()
+    assert clips is not None
+    if cfg.clip_schedule is None and adaptive is None:
+        return f"{clips[0]:g} ({cfg.clipping})"
+    if adaptive is not None:
+        assert adaptive.count_noise is not None
+        how = (f"adaptive: quantile {adaptive.target_quantile:g}, lr {adaptive.learning_rate:g}, "
+               f"count noise {adaptive.count_noise:.4g}")
+    else:
+        how = f"--clip-schedule {cfg.clip_schedule}"
+    return f"{clips[0]:g} at the first step, {clips[1]:.4g} at the last ({cfg.clipping}, {how})"
 
 
 def _status(message: str) -> None:
@@ -216,15 +273,21 @@ def _train(args: argparse.Namespace, cfg: TrainConfig, resume_dir: Path | None,
     run_dir = resume_dir if resume_dir is not None else parallel.on_rank0(
         lambda: rundir.new_run_dir(out, cfg.dataset, cfg.model), "create the run folder")
     if not cfg.non_private:
-        say(f"calibrating the noise to ε = {cfg.epsilon:g}, δ = {cfg.delta:g} over "
-            f"{cfg.epochs} epochs ...")
+        what = ("calibrating the noise to" if cfg.noise_multiplier is None
+                else "checking the noise against")
+        say(f"{what} ε = {cfg.epsilon:g}, δ = {cfg.delta:g} over {cfg.epochs} epochs ...")
     trainer = Trainer(cfg, prep, run_dir)
     if trainer.dp is not None:
         p = trainer.dp.privacy
         ranks = f" on {cfg.nproc} processes" if cfg.nproc > 1 else ""
+        sigma = f"σ = {trainer.dp.optimizer.noise_multiplier:.4f}"
+        sigma += f" ({cfg.noise_schedule})" if cfg.noise_schedule is not None else ""
+        clip = f"C = {trainer.dp.optimizer.initial_max_grad_norm:g}"
+        clip += f" ({cfg.clip_schedule})" if cfg.clip_schedule is not None else ""
+        clip += " (adaptive)" if p.adaptive is not None else ""
         say(f"{len(prep.train)} training examples, expected batch {p.expected_batch_size:g} "
             f"(q = {p.sample_rate:.4g}), {trainer.steps_per_epoch * cfg.epochs} steps, "
-            f"σ = {p.noise_multiplier:.4f}, C = {p.max_grad_norm:g}{ranks}")
+            f"{sigma}, {clip}{ranks}")
     if resume_dir is not None:
         trainer.load(run_dir / rundir.CHECKPOINT)  # every rank (collective in a process group)
     else:

@@ -3,7 +3,8 @@
 Ghost clipping and the nanobatch mode need the gradient of the loss with
 respect to the model's outputs before anything flows into the model: the
 node below receives it and hands it to a callback, which runs its own
-backward passes over the (retained) model graph.
+backward passes over the (retained) model graph, with ``torch.autocast`` off
+(the engine's arithmetic keeps its own dtypes).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 from torch.utils import _pytree as pytree
+
+from swiftdp.clipping.rounding import autocast_off
 
 OutputsBackward = Callable[[list[Tensor], list[Tensor]], None]
 
@@ -37,7 +40,7 @@ class _Boundary(Function):
         outs: tuple[Tensor, ...] = ctx.outs
         ctx.outs = None
         gs = [g if g is not None else torch.zeros_like(o) for o, g in zip(outs, grads, strict=True)]
-        with torch.enable_grad():
+        with torch.enable_grad(), autocast_off():
             ctx.callback(list(outs), gs)
         return None, None, None
 

@@ -48,6 +48,7 @@ from swiftdp.checks import (
 from swiftdp.clipping import batchdim, generic, loss_trace, nanobatch, recompute
 from swiftdp.clipping.boundary import wrap_outputs
 from swiftdp.clipping.clip_fns import ClippingStyle, Thresholds, group_thresholds
+from swiftdp.clipping.compiled import prepare_compiled
 from swiftdp.clipping.cost import CostObjective
 from swiftdp.clipping.escapes import ParameterGuard
 from swiftdp.clipping.groups import GroupPartition, check_clip_thresholds
@@ -143,6 +144,7 @@ class GradClipper:
         check_mode(mode, MODES)
         check_loss_reduction(loss_reduction)
         check_cost_objective(cost_objective)
+        model, compiled_hooks = prepare_compiled(model, mode)  # torch.compile: see compiled.py
         check_no_batch_mixing(model)
 
         self.model = model
@@ -188,6 +190,7 @@ class GradClipper:
         if is_hf_model(model):  # its labels= loss, per example (hooks run before ours)
             self._handles.append(ModelLoss(model, lambda: self.loss_reduction,
                                            token_reduction, lambda: not self._suspended))
+        self.add_probe(compiled_hooks.attach(lambda: self._suspended))  # after ours
 
     # ----------------------------------------------------------------- hooks
     @property

@@ -5,7 +5,8 @@ broadcast over the batch (a custom layer doing arbitrary math with its
 weights, weight standardisation, ...). The innermost running module that
 contains the parameter is recomputed, example by example under ``vmap``, as
 a function of that parameter, and the captured output gradient is pulled
-back with ``vjp``. Exact, and slower than a dedicated rule.
+back with ``vjp``. Exact, and slower than a dedicated rule. The recomputation
+runs under the ``torch.autocast`` settings of the forward it repeats.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from swiftdp.clipping import batchdim
 from swiftdp.clipping.capture import Capture, ModuleCall, Source
 from swiftdp.clipping.contract import Policy
 from swiftdp.clipping.contributions import Contribution, PerSampleGrads
+from swiftdp.clipping.rounding import AutocastState
 from swiftdp.clipping.tracer import Tracer
 from swiftdp.errors import UnsupportedModuleError
 
@@ -105,6 +107,7 @@ def _builder(
     out_idx: list[int], in_dims: list[int | None], out_dims: list[int | None],
 ) -> Any:
     module, args, kwargs = call.module, call.args, call.kwargs
+    forward = AutocastState.now()  # called during the forward: its autocast, for the rerun
 
     def build(grads: Sequence[Tensor | None], policy: Policy) -> list[Contribution]:
         leaves, spec = pytree.tree_flatten((args, kwargs))
@@ -122,7 +125,8 @@ def _builder(
             a, kw = pytree.tree_unflatten(full, spec)
 
             def f(pd: dict[str, Tensor]) -> tuple[Tensor, ...]:
-                out = functional_call(module, pd, tuple(a), kw)
+                with forward.replay():
+                    out = functional_call(module, pd, tuple(a), kw)
                 ol = pytree.tree_leaves(out)
                 return tuple(ol[i] for i in out_idx)
 

@@ -23,11 +23,17 @@ then checks the loss's second derivative at the outputs for cross-example
 terms (:func:`~swiftdp.clipping.loss_check.check_loss`). A token mean over
 the batch whose targets happened to have no padding keeps its signature
 traced, so a later padded batch is refused too.
+
+A loss scaled by a ``torch.amp.GradScaler`` (``scaler.scale(loss)``) is
+refused where it is scaled: the engine would clip the scaled per-example
+gradients (threshold ``C / scale`` once unscaled), and the scaler's inf
+check and step skipping would read the clipped sums before the noise.
 """
 
 from __future__ import annotations
 
 import copy
+import sys
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, is_dataclass
@@ -35,8 +41,11 @@ from dataclasses import replace as dc_replace
 from typing import Any
 
 import torch
+import torch.amp.grad_scaler as _grad_scaler
 from torch import Tensor
 from torch.utils import _pytree as pytree
+
+from swiftdp.errors import InvalidArgumentError
 
 _FIX = ("Hand over one loss per example instead — dp.backward(losses) with losses[i] "
         "example i's own loss (swiftdp.losses.per_example_cross_entropy, or "
@@ -123,6 +132,8 @@ class Traced(Tensor):
                     root.sdp_ctx.on_backward(root, root.sdp_form)
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
+        if _scaled_by_grad_scaler():
+            raise InvalidArgumentError(_GRAD_SCALER)
         with torch._C.DisableTorchFunctionSubclass():
             out = func(*args, **kwargs)
         if torch.compiler.is_compiling() or not _grad_tensors(out):
@@ -258,6 +269,24 @@ def verdict(form: Form, reduction: str, batch: int, *, scalar: bool = True) -> s
             "so a mismatch weights every example by the batch size — which one example's "
             f"presence changes. (A Python number equal to B = {batch} is read as the batch "
             f"size.) {_FIX}")
+
+
+_SCALER_FILE = _grad_scaler.__file__
+_GRAD_SCALER = (
+    "The loss is scaled by a torch.amp.GradScaler (scaler.scale(loss)), which swiftdp does "
+    "not support: each example's gradient would be clipped with the loss scale in it (an "
+    "effective threshold of C / scale once unscaled), and the scaler's unscale_, inf check "
+    "and step skipping would read the clipped sums before any noise is added (and find no "
+    "gradient under make_private, which keeps them private until optimizer.step()). Call "
+    "loss.backward() and optimizer.step() without the scaler: bf16 autocast "
+    "(torch.autocast(device, dtype=torch.bfloat16)) needs no loss scaling, and swiftdp "
+    "computes norms, clip factors and clipped sums in float32 or wider under autocast.")
+
+
+def _scaled_by_grad_scaler() -> bool:
+    """Whether the op being traced is ``GradScaler.scale`` multiplying a loss by its scale."""
+    code = sys._getframe(2).f_code  # the op's call site (the caller of __torch_function__)
+    return code.co_filename == _SCALER_FILE and code.co_name in ("scale", "apply_scale")
 
 
 def _tag(t: Any, form: Form, ctx: Context) -> Any:

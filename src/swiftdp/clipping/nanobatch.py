@@ -3,8 +3,9 @@
 Batch size one with gradient accumulation (Graphcore's NanoBatch): slow,
 simple, and exact by construction — the reference the other modes are
 tested against. The batched forward only produces the outputs; in the
-backward each example is recomputed alone, its gradient clipped and added
-(group-wise: each group's part clipped to its own threshold).
+backward each example is recomputed alone (under the forward's
+``torch.autocast`` settings), its gradient clipped and added in at least
+float32 (group-wise: each group's part clipped to its own threshold).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from swiftdp.clipping.clip_fns import clip_factors, nonfinite_examples
+from swiftdp.clipping.rounding import AutocastState, compute_dtype, max_finite
 
 if TYPE_CHECKING:
     from swiftdp.clipping.boundary import OutputsBackward
@@ -44,6 +46,7 @@ def make_backward(
 ) -> OutputsBackward:
     """Build the boundary callback that recomputes and clips example by example."""
     bd = 0 if engine.batch_first else 1
+    forward = AutocastState.now()  # built at the end of the forward: its autocast
 
     def backward(outs: list[Tensor], grads: list[Tensor]) -> None:
         del outs
@@ -51,7 +54,7 @@ def make_backward(
         params = list(step.trainable.values())
         batch = step.batch_size
         scale = step.scale(batch)
-        sums = [torch.zeros_like(p) for p in params]
+        sums = [torch.zeros(p.shape, dtype=compute_dtype(p), device=p.device) for p in params]
         # Group mode: each group's norm and factor on its own (one group for one C).
         gid = engine.group_ids(step.trainable)
         c_max = engine.max_grad_norm
@@ -64,7 +67,8 @@ def make_backward(
                 a_i = slice_example(args, i, batch, bd)
                 k_i = slice_example(kwargs, i, batch, bd)
                 g_i = [slice_example(g, i, batch, bd) * scale for g in grads]
-                out_i = module(*a_i, **k_i)
+                with forward.replay():
+                    out_i = module(*a_i, **k_i)
                 leaves = [t for t in pytree.tree_leaves(out_i) if isinstance(t, Tensor) and t.requires_grad]
                 pg = torch.autograd.grad(leaves, params, g_i, allow_unused=True)
                 flat = [torch.zeros_like(p) if g is None else g for p, g in zip(params, pg, strict=True)]
@@ -73,7 +77,7 @@ def make_backward(
                     sq[k] = sq[k] + (g.double() ** 2).sum()
                 n = torch.stack(sq).sqrt()
                 if flat:  # a norm beyond the parameters' float range counts as non-finite
-                    n = n.to(flat[0].dtype).to(torch.float64)
+                    n = torch.where(n > max_finite(flat[0].dtype), torch.inf, n)
                 c = torch.cat([clip_factors(nk.reshape(1), ck, engine.clipping, warn_nonfinite=False)
                                for nk, ck in zip(n, limits, strict=True)])
                 c = torch.where(torch.isfinite(n).all(), c, 0.0)  # one bad group drops the example
@@ -81,11 +85,11 @@ def make_backward(
                 factors.append(c if gid is not None else c[0])
                 for s, g, k in zip(sums, flat, which, strict=True):
                     # a non-finite example has c = 0 and is left out exactly (0 · NaN = NaN)
-                    s.add_(torch.where(c[k] > 0, g * c[k].to(g.dtype), 0.0))
+                    s.add_(torch.where(c[k] > 0, g.to(s.dtype) * c[k].to(s.dtype), 0.0))
         if norms:
             stacked = torch.stack(norms)  # (B,), or (B, K) in group mode
             nonfinite_examples(stacked if gid is None else stacked.amax(1))  # one warning, counted
-            dtype = params[0].dtype if params else torch.float32
+            dtype = compute_dtype(params[0]) if params else torch.float32
             engine.last_norms = (stacked if gid is None else stacked.t()).to(dtype)
             c_all = torch.stack(factors)
             engine.last_clip_factors = (c_all if gid is None else c_all.t()).to(dtype)

@@ -1,4 +1,4 @@
-"""The rounding model of the clipping engine, and the float-robust norm kernels built on it.
+"""The rounding model of the clipping engine, the precision it computes in, and its norm kernels.
 
 Rounding cannot make an example look small: every per-example norm the
 engine clips with is an *upper bound* on the norm of what it adds for the
@@ -14,7 +14,13 @@ pieces those bounds are made of:
   that no float64 copy of a large tensor is ever materialised
   (:func:`sq_norms_f64`, :func:`norms_f64`);
 * the ghost-norm bound ``‖g_iᵀ a_i‖² <= ⟨a aᵀ, g gᵀ⟩ + err``
-  (:func:`ghost_sq_bound`).
+  (:func:`ghost_sq_bound`);
+* mixed precision: the engine's own arithmetic runs with ``torch.autocast``
+  off (:func:`engine_precision`), so a backward called inside an autocast
+  region cannot turn its float32 Gram matrices and clipped sums into bf16
+  ones behind the rounding model; a forward the engine recomputes in the
+  backward runs under the autocast of the original forward
+  (:class:`AutocastState`), so it computes what that forward computed.
 
 Rounding model: in a batched sum over examples each example's terms are
 rounded at most ``T + B + 1`` times (``γ_n`` per term, ``u`` the unit
@@ -30,8 +36,12 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
 
 import torch
 from torch import Tensor
@@ -131,6 +141,76 @@ def _weighted_sum_error(terms: int, batch: int, dtype: torch.dtype, device_type:
     u = unit_roundoff(dtype)
     te = term_error(terms + batch + 1, dtype, torch.device(device_type), conv=conv)
     return (1.0 + u) ** 2 * (1.0 + te) - 1.0
+
+
+# ------------------------------------------------------------ mixed precision
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_AUTOCAST_DEVICES: tuple[str, ...] = tuple(torch._C._autocast_supported_devices())
+
+
+def _any_autocast() -> bool:
+    return bool(torch._C._is_any_autocast_enabled())
+
+
+@contextlib.contextmanager
+def autocast_off() -> Iterator[None]:
+    """Turn ``torch.autocast`` off on every device type where it is on (a no-op elsewhere)."""
+    if not _any_autocast():
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        for d in _AUTOCAST_DEVICES:
+            if torch.is_autocast_enabled(d):
+                stack.enter_context(torch.autocast(d, enabled=False))
+        yield
+
+
+def engine_precision(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run ``fn`` (engine arithmetic in the backward pass) with ``torch.autocast`` off.
+
+    Norms, clip factors and clipped sums are computed in :func:`compute_dtype`
+    (at least float32) and their rounding bounds assume it; under autocast a
+    float32 ``bmm`` or ``@`` would silently run in bf16/fp16.
+    """
+    @functools.wraps(fn)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if not _any_autocast():
+            return fn(*args, **kwargs)
+        with autocast_off():
+            return fn(*args, **kwargs)
+
+    return run
+
+
+@dataclass(frozen=True)
+class AutocastState:
+    """The ``torch.autocast`` settings in force at one moment (of a forward pass).
+
+    Attributes:
+        enabled: ``(device type, dtype)`` of every device type autocast was on for.
+        cache: whether autocast's weight-cast cache was enabled.
+    """
+
+    enabled: tuple[tuple[str, torch.dtype], ...] = ()
+    cache: bool = True
+
+    @classmethod
+    def now(cls) -> AutocastState:
+        """The settings in force now (call it during the forward to be replayed)."""
+        if not _any_autocast():
+            return cls()
+        return cls(tuple((d, torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES
+                         if torch.is_autocast_enabled(d)), torch.is_autocast_cache_enabled())
+
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[None]:
+        """Run a recomputation of that forward under its settings (autocast off elsewhere)."""
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(autocast_off())
+            for d, dtype in self.enabled:
+                stack.enter_context(torch.autocast(d, dtype=dtype, cache_enabled=self.cache))
+            yield
 
 
 # ------------------------------------------------------------ sums of squares
@@ -245,7 +325,7 @@ def ghost_sq_bound(a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
 
 
 __all__ = [
-    "F64", "U64", "compute_dtype", "gamma", "ghost_sq_bound", "matmul_input_roundoff",
-    "max_finite", "norms_f64", "sq_norms_f64", "term_error", "unit_roundoff",
-    "weighted_sum_error",
+    "F64", "U64", "AutocastState", "autocast_off", "compute_dtype", "engine_precision", "gamma",
+    "ghost_sq_bound", "matmul_input_roundoff", "max_finite", "norms_f64", "sq_norms_f64",
+    "term_error", "unit_roundoff", "weighted_sum_error",
 ]

@@ -40,6 +40,7 @@ from swiftdp.clipping.contributions import (
 )
 from swiftdp.clipping.cost import ModePolicy
 from swiftdp.clipping.loss_check import OutputRef, check_loss
+from swiftdp.clipping.rounding import engine_precision
 from swiftdp.errors import ExampleMixingError, InvalidArgumentError, UnsupportedModuleError
 
 if TYPE_CHECKING:
@@ -267,12 +268,15 @@ class Step:
             self.started = True
             torch.autograd.Variable._execution_engine.queue_callback(self.finalize)
 
+    @engine_precision
     def receive(self, cap: Capture, index: int, grad: Tensor) -> None:
         """Output-gradient hook: store the gradient; build contributions once complete."""
         if self.ignore_grads or not torch.autograd._is_checkpoint_valid():
             # The library's own loss check, or a torch.autograd.grad / backward(inputs=)
             # pass (FGSM, logging): not a training backward, nothing to deliver.
             return
+        if grad.dtype in _HALF and (self.reduction_override or self.engine.loss_reduction) == "mean":
+            raise InvalidArgumentError(_MEAN_IN_HALF.format(dtype=grad.dtype))
         self.started = True
         if cap.generation != self.generation:
             cap.generation = self.generation
@@ -383,6 +387,7 @@ class Step:
             return None
         return torch.stack([known.new_zeros(known.shape) if t is None else t for t in sq])
 
+    @engine_precision
     def finalize(self) -> None:
         """End of the backward pass: norms → clip factors → clipped sums to the sink."""
         self.queued = False
@@ -454,6 +459,17 @@ class Step:
             self.pass2_sums = {}
             self.generic_params.clear()
         self.deliver({pid: total for pid, (_, total) in sums.items()})
+
+
+_HALF = (torch.bfloat16, torch.float16)
+_MEAN_IN_HALF = (
+    "The model's output gradients are {dtype} (torch.autocast or 16-bit parameters) and the "
+    "loss is a mean over the batch (loss_reduction='mean'): each example's gradient is then "
+    "(∂ℓ_i/∂out)/B rounded to 16 bits, so its rounding depends on the batch size and one "
+    "example's presence moves every other example's clipped gradient (measured: sensitivity "
+    "1.025·C at B = 1536). Sum the loss over the batch (F.cross_entropy(..., "
+    "reduction='sum')) and pass loss_reduction='sum' (make_private divides by the expected "
+    "batch size either way), or hand over one loss per example with dp.backward(losses).")
 
 
 def _group(contribs: list[Contribution]) -> dict[int, list[Contribution]]:

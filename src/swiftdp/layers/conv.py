@@ -276,8 +276,9 @@ class ConvFactors(Contribution):
     With ``ghost`` the input ``x`` and output gradient ``g`` are kept: norms by
     the ghost identity (the patches are built and freed inside
     :meth:`sq_norms`), clipped sum by one native weight-gradient convolution.
-    Otherwise the per-example gradients are instantiated at once and ``x`` and
-    ``g`` dropped.
+    Otherwise the per-example gradients are instantiated at once (in the
+    compute dtype, at least float32, as ghost clipping's second pass forms the
+    sum) and ``x`` and ``g`` dropped.
 
     Args:
         param: the convolution weight.
@@ -297,8 +298,9 @@ class ConvFactors(Contribution):
         self.terms = math.prod(g.shape[2:])
         self._sq: Tensor | None = None
         self._mass: Tensor | None = None
-        if not ghost:
-            self.grads = per_example_weight_grads(x, g, spec, tuple(param.shape))
+        if not ghost:  # in the compute dtype: bf16 factors would round the gradients
+            dt = compute_dtype(x, g)
+            self.grads = per_example_weight_grads(x.to(dt), g.to(dt), spec, tuple(param.shape))
             self.x = self.g = None
 
     def _factors(self) -> tuple[Tensor, Tensor]:

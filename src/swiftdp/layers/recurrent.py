@@ -44,7 +44,12 @@ from torch import Tensor, nn
 from torch.autograd import Function
 from torch.nn.utils.rnn import PackedSequence
 
-from swiftdp.clipping.contributions import Contribution, LinearFactors, PerSampleGrads
+from swiftdp.clipping.contributions import (
+    Contribution,
+    LinearFactors,
+    PerSampleGrads,
+    compute_dtype,
+)
 from swiftdp.errors import UnsupportedModuleError
 from swiftdp.layers._common import bind
 
@@ -237,27 +242,36 @@ class _Layer(Function):
         spec: _Spec = ctx.spec
         c, valid, D = spec.call, spec.valid, spec.call.dirs
         x, out, *hx = ctx.saved_tensors
-        X, Y, dY = (_time_major(c, t, valid) for t in (x, out, dout))
-        hp = Y.shape[-1] // D
-        dx = torch.zeros_like(X) if ctx.needs_input_grad[2] else None
-        stash, dh0, dc0 = [], [], []
-        for d in range(D):
-            w = c.weights(spec.layer, d, spec.det)
-            sl = slice(d * hp, (d + 1) * hp)
-            res = _bptt(c.kind, w, X, Y[..., sl], dY[..., sl], hx[0][d], dh_n[d],
-                        hx[1][d] if c.kind == "lstm" else None,
-                        dc_n[d] if dc_n is not None else None, d, valid)
-            stash.append(res[0])
-            dh0.append(res[1])
-            if res[2] is not None:
-                dc0.append(res[2])
-            if dx is not None:
-                w_ih = w["w_ih"]
-                assert w_ih is not None
-                dx += res[0]["w_ih"][1] @ w_ih
+        ws = [c.weights(spec.layer, d, spec.det) for d in range(D)]
+        # One dtype, at least float32, for the whole BPTT: under autocast the saved
+        # input and outputs are bf16/fp16 while the weights are float32.
+        dt = compute_dtype(x, out, *(w for wd in ws for w in wd.values() if w is not None))
+        with torch.autocast(x.device.type, enabled=False):
+            X, Y, dY = (_time_major(c, t.to(dt), valid) for t in (x, out, dout))
+            h0s, dhs = [h.to(dt) for h in hx], dh_n.to(dt)
+            dcs = None if dc_n is None else dc_n.to(dt)
+            hp = Y.shape[-1] // D
+            dx = torch.zeros_like(X) if ctx.needs_input_grad[2] else None
+            stash, dh0, dc0 = [], [], []
+            for d in range(D):
+                w = {k: None if v is None else v.to(dt) for k, v in ws[d].items()}
+                sl = slice(d * hp, (d + 1) * hp)
+                res = _bptt(c.kind, w, X, Y[..., sl], dY[..., sl], h0s[0][d], dhs[d],
+                            h0s[1][d] if c.kind == "lstm" else None,
+                            dcs[d] if dcs is not None else None, d, valid)
+                stash.append(res[0])
+                dh0.append(res[1])
+                if res[2] is not None:
+                    dc0.append(res[2])
+                if dx is not None:
+                    w_ih = w["w_ih"]
+                    assert w_ih is not None
+                    dx += res[0]["w_ih"][1] @ w_ih
         spec.stash = stash
-        grads_hx = [torch.stack(dh0), *([torch.stack(dc0)] if dc0 else [])]
-        return (None, x.new_zeros(()), None if dx is None else _native(c, dx, valid), *grads_hx)
+        grads_hx = [torch.stack(g).to(h.dtype)
+                    for g, h in zip([dh0, *([dc0] if dc0 else [])], hx, strict=True)]
+        dx_native = None if dx is None else _native(c, dx, valid).to(x.dtype)
+        return (None, x.new_zeros(()), dx_native, *grads_hx)
 
 
 def _bptt(

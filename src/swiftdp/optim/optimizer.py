@@ -40,7 +40,7 @@ from swiftdp.accounting import PrivacyAccountant
 from swiftdp.checks import check_noise_multiplier
 from swiftdp.clipping.clip_fns import Thresholds
 from swiftdp.clipping.groups import check_clip_thresholds
-from swiftdp.errors import StepStructureError
+from swiftdp.errors import InvalidArgumentError, StepStructureError
 from swiftdp.optim.adaptive import updated_thresholds
 from swiftdp.optim.budget import BudgetControl
 from swiftdp.optim.noise import add_gaussian_noise, is_secure
@@ -229,9 +229,22 @@ class DPOptimizer(ThresholdControl, BudgetControl, torch.optim.Optimizer):
             noise_multiplier: the new σ (≥ 0).
 
         Raises:
-            InvalidArgumentError: ``noise_multiplier`` is negative or not a number.
+            InvalidArgumentError: ``noise_multiplier`` is negative or not a number,
+                or too large for adaptive clipping's count noise (the counts
+                alone would spend more than the step may).
         """
         check_noise_multiplier(noise_multiplier)
+        a = self._settings.adaptive
+        if a is not None and noise_multiplier > 0:
+            assert a.count_noise is not None
+            needed = float(noise_multiplier) * math.sqrt(self._settings.groups()) / 2
+            if not a.count_noise > needed:
+                raise InvalidArgumentError(
+                    f"noise_multiplier={noise_multiplier:g} is too large for adaptive "
+                    f"clipping's count_noise={a.count_noise:g}: the counts and the gradient "
+                    f"are one Gaussian of multiplier σ only while count_noise > σ·√K/2 = "
+                    f"{needed:g}. Keep σ below {2 * a.count_noise / math.sqrt(self._settings.groups()):g} "
+                    "or pass a larger AdaptiveClipping(count_noise=).")
         object.__setattr__(
             self, "_settings", dataclasses.replace(self._settings,
                                                    noise_multiplier=float(noise_multiplier)))
