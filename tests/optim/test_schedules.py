@@ -162,3 +162,37 @@ def test_a_resume_restores_the_scheduled_sigma_and_threshold(tmp_path):
     for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
     assert dpr.epsilon() == dpw.epsilon()
+
+
+def test_the_threshold_cannot_change_while_clipped_sums_wait_or_a_backward_runs():
+    """(Found by review: a state dict loaded between backward and step, or C set from a hook
+    during ghost's second pass / nanobatch, gave noise 1000x too small.)"""
+    data = _data(40)
+    for mode in ("bk", "ghost", "nanobatch"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+        dp = swiftdp.make_private(model, torch.optim.SGD(model.parameters(), lr=LR),
+                                  DataLoader(data, batch_size=10), max_grad_norm=1.0,
+                                  noise_multiplier=1.0, steps=4, seed=0, mode=mode)
+        x, y = next(iter(dp.data_loader))
+        assert len(y)
+        out = dp.model(x)
+        out.register_hook(lambda g, dp=dp: dp.set_max_grad_norm(1e-3))  # during the backward
+        with pytest.raises(Exception, match="cannot change now"):
+            F.cross_entropy(out, y).backward()
+        assert dp.privacy.max_grad_norm == 1.0, mode
+    # a state dict with another C between a backward and its step
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    dp = swiftdp.make_private(model, torch.optim.SGD(model.parameters(), lr=LR),
+                              DataLoader(data, batch_size=10), max_grad_norm=1.0,
+                              noise_multiplier=1.0, steps=4, seed=0)
+    for x, y in dp.data_loader:
+        if len(y):
+            F.cross_entropy(dp.model(x), y).backward()
+            break
+        dp.optimizer.step()
+    state = {**dp.optimizer.state_dict(), "max_grad_norm": 1e-3}
+    with pytest.raises(Exception, match="cannot change now"):
+        dp.optimizer.load_state_dict(state)
+    assert dp.privacy.max_grad_norm == 1.0

@@ -58,6 +58,7 @@ def make_backward(
         # Group mode: each group's norm and factor on its own (one group for one C).
         gid = engine.group_ids(step.trainable)
         c_max = engine.max_grad_norm
+        step.clipped_with = c_max  # (what every example below is clipped to)
         limits = engine.group_limits or ((c_max,) if isinstance(c_max, float) else ())
         which = [0 if gid is None else gid[id(p)] for p in params]
         norms = []

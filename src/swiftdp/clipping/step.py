@@ -139,6 +139,7 @@ class Step:
         self.forwards_seen: set[int] = set()
         self.dropped: Tensor | None = None
         self.norms: Tensor | None = None  # per-example norms, (B,) or (K, B), once clipped
+        self.clipped_with: Thresholds | None = None  # the thresholds read when clipping
         self.reduction_override: str | None = None
         self.loss_signature: Any = None  # set when the outputs were handed out traced
         self.loss_checked = False  # the traced loss of this step was checked (or skipped)
@@ -369,6 +370,7 @@ class Step:
                              for n, ck in zip(norms, limits, strict=True)])
         eng.last_norms, eng.last_clip_factors = norms.detach(), c.detach()
         self.norms = norms.detach()
+        self.clipped_with = eng.max_grad_norm
         return c, scale
 
     def _step_norms(self, by_param: dict[int, list[Contribution]]) -> Tensor | None:
@@ -419,15 +421,17 @@ class Step:
             for pid, p in self.trainable.items()
         ]
         eng = self.engine
-        limits = eng.group_limits or (float(eng.max_grad_norm),)  # type: ignore[arg-type]
+        # What the examples were clipped to, read when they were (a threshold changed
+        # since, e.g. from a hook during ghost's second pass, is reported as it was used).
+        used = self.clipped_with if self.clipped_with is not None else eng.max_grad_norm
+        limits = tuple(c for _, c in used) if isinstance(used, tuple) else (float(used),)
         if self.norms is None:  # no example reached a parameter: every norm is 0
             within = torch.full((len(limits),), float(self.batch_size), dtype=torch.float64)
         else:
             n = self.norms.double().reshape(len(limits), -1)
             within = (n <= torch.tensor(limits, dtype=torch.float64)[:, None]).sum(1).double()
-        self.norms = None
-        self._on_deliver(self, BackwardResult(out, self.batch_size, forwards,
-                                              eng.max_grad_norm, within))
+        self.norms, self.clipped_with = None, None
+        self._on_deliver(self, BackwardResult(out, self.batch_size, forwards, used, within))
 
     def ghost_backward(self, outs: list[Tensor], grads: list[Tensor]) -> None:
         """Ghost clipping: one backward for the norms, a second for the clipped sums.

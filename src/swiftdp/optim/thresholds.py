@@ -84,6 +84,15 @@ class ThresholdControl:
         self._set_thresholds(check_clip_thresholds(max_grad_norm, self._settings.pipeline_stage))
 
     def _set_thresholds(self, new: Thresholds) -> None:
+        # The one way C changes (set_max_grad_norm, schedules, adaptive clipping,
+        # load_state_dict): never while clipped sums wait for their noise, nor
+        # during a backward (a hook: its examples may be clipped to the old C).
+        if self._logical is not None or torch._C._current_graph_task_id() != -1:
+            raise StepStructureError(
+                f"The clipping threshold cannot change now (to {new!r}): clipped sums of the "
+                f"current logical batch, clipped to {self._settings.max_grad_norm!r}, wait for "
+                "their noise, or a backward pass is running. Change it between "
+                "optimizer.step() and the next batch's forward.")
         old = self._settings.max_grad_norm
         if isinstance(old, tuple) != isinstance(new, tuple) or (
                 isinstance(old, tuple) and sorted(n for n, _ in old) != sorted(
