@@ -250,3 +250,17 @@ def test_adaptive_clipping_holds_for_every_sigma_of_a_noise_schedule():
                              DataLoader(data, batch_size=BATCH), max_grad_norm=1.0,
                              noise_schedule=rising, steps=8, seed=0,
                              adaptive_clipping=swiftdp.AdaptiveClipping(count_noise=2.0))
+
+
+def test_an_extreme_learning_rate_moves_c_by_a_bounded_factor():
+    data, model = _data(), _model()
+    dp = _private(model, data, 1.0, 1.0,
+                  swiftdp.AdaptiveClipping(target_quantile=0.5, learning_rate=1e6))
+    for _, (x, y) in zip(range(3), dp.data_loader, strict=False):
+        c = dp.privacy.max_grad_norm
+        dp.optimizer.zero_grad()
+        if len(y):
+            F.cross_entropy(dp.model(x), y, reduction="sum").backward()
+        dp.optimizer.step()  # no OverflowError, C never 0 or inf
+        ratio = dp.privacy.max_grad_norm / c
+        assert math.exp(-5) * (1 - 1e-12) <= ratio <= math.exp(5) * (1 + 1e-12)

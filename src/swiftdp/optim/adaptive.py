@@ -82,6 +82,9 @@ def updated_thresholds(thresholds: Thresholds, fractions: list[float],
                        adaptive: AdaptiveClipping) -> Thresholds:
     """The next step's thresholds: ``C_k · exp(−η (b̃_k − γ))`` for each group's noised fraction.
 
+    The exponent is clipped to ±5 (a factor of at most e⁵ ≈ 148 per step): the
+    noised fraction is unbounded, and an overflow or a C of 0 would stop the run.
+
     Args:
         thresholds: this step's ``C`` or ``((prefix, C_k), ...)``.
         fractions: ``b̃_k``, the noised fraction of examples at most ``C_k``, per group.
@@ -91,7 +94,16 @@ def updated_thresholds(thresholds: Thresholds, fractions: list[float],
         The thresholds in the same structure.
     """
     gamma, eta = adaptive.target_quantile, adaptive.learning_rate
+
+    def factor(b: float) -> float:
+        # The noised fraction is unbounded: one step moves C by at most e^±_MAX_LOG_STEP
+        # (never to 0 or inf), a function of the released count only.
+        return math.exp(min(_MAX_LOG_STEP, max(-_MAX_LOG_STEP, -eta * (b - gamma))))
+
     if not isinstance(thresholds, tuple):
-        return float(thresholds * math.exp(-eta * (fractions[0] - gamma)))
-    return tuple((name, float(c * math.exp(-eta * (b - gamma))))
+        return float(thresholds * factor(fractions[0]))
+    return tuple((name, float(c * factor(b)))
                  for (name, c), b in zip(thresholds, fractions, strict=True))
+
+
+_MAX_LOG_STEP = 5.0
