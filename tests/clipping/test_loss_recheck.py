@@ -43,13 +43,7 @@ def test_a_coupling_term_switched_on_later_is_refused(switch_on, refused_at):
     assert refused == refused_at
 
 
-_TENSOR_GAP = pytest.mark.xfail(strict=True, reason=(
-    "open: a 0-dim tensor factor equal to 1/B (torch.tensor(1/B), 1/torch.tensor(B)) is "
-    "still read as a constant under loss_reduction='sum' (review: 1.8 C measured)"))
-
-
-@pytest.mark.parametrize("scale", ["python", pytest.param("tensor", marks=_TENSOR_GAP),
-                                   pytest.param("reciprocal_tensor", marks=_TENSOR_GAP)])
+@pytest.mark.parametrize("scale", ["python", "tensor", "reciprocal_tensor"])
 def test_a_mean_written_as_a_product_with_one_over_b_is_seen_as_a_mean(scale):
     """(Review: ``loss * (1/len(y))`` under loss_reduction='sum' was accepted: 1.8 C.)"""
     torch.manual_seed(0)

@@ -302,7 +302,7 @@ def _binary(name: str, x: Traced, other: Any, batch: int) -> Form:
             return fx
         if c == batch:
             return replace(fx, power=fx.power + (1 if name in _MUL else -1))
-        if name in _MUL and abs(c * batch - 1.0) <= 1e-12:
+        if name in _MUL and abs(c * batch - 1.0) <= 1e-6:  # (1/B rounded to float32 too)
             return replace(fx, power=fx.power - 1)  # × 1/B is a mean, as ÷ B (review: 1.8 C)
         token_sum = fx.kind == "total" and fx.power == 0 and fx.tokens
         if token_sum and name in _DIV and c == batch * fx.per:
