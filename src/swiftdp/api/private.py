@@ -35,6 +35,8 @@ from swiftdp.clipping.clip_fns import sensitivity
 from swiftdp.clipping.engine import MODES, GradClipper
 from swiftdp.clipping.groups import check_clip_thresholds
 from swiftdp.clipping.guard import IndependenceCheck
+from swiftdp.clipping.views import check_augmult
+from swiftdp.data.augment import Augment, Views
 from swiftdp.errors import InvalidArgumentError
 from swiftdp.optim.adaptive import resolve_adaptive
 from swiftdp.optim.noise import make_noise_generator
@@ -74,6 +76,8 @@ def make_private(
     noise_schedule: Schedule | None = None,
     clip_schedule: Schedule | None = None,
     adaptive_clipping: AdaptiveClipping | None = None,
+    augmult: int = 1,
+    augment: Augment | None = None,
 ) -> PrivateTraining:
     """Make a model, optimizer and loader train with differential privacy.
 
@@ -142,6 +146,17 @@ def make_private(
             norms, with noised counts accounted with the gradient
             (:class:`swiftdp.AdaptiveClipping`; Andrew et al. 2021). With group
             thresholds each ``C_k`` adapts to its own group's norms.
+        augmult: augmentation multiplicity (De et al. 2022): ``dp.data_loader``
+            yields ``K`` augmented views of each example, inputs ``(B, K, ...)``
+            and the other tensors repeated ``(B, K, ...)``; the model runs on
+            ``(B·K, ...)`` and returns ``(B, K, ...)``; each example's views are
+            clipped together, as one example (sensitivity ``C``, not ``K·C``).
+            A mean loss over the ``B·K`` views gives each example the mean of
+            its views' gradients. See :mod:`swiftdp.clipping.views`.
+        augment: the augmentation applied to each view, a callable on a batch
+            of inputs that transforms each example on its own (probed on the
+            first batch of each shape): e.g. :func:`swiftdp.data.augment.crop_flip`.
+            ``None`` with ``augmult`` repeats the inputs (the model augments).
 
     Returns:
         A :class:`PrivateTraining` with ``.model``, ``.optimizer``,
@@ -154,6 +169,12 @@ def make_private(
             clipped exactly (BatchNorm: use ``swiftdp.fix(model)``).
     """
     thresholds = check_clip_thresholds(max_grad_norm, pipeline_stage)
+    check_augmult(augmult)
+    if augmult > 1 and pipeline_stage is not None:
+        raise InvalidArgumentError(
+            f"augmult={augmult} with pipeline_stage={pipeline_stage}: augmentation "
+            "multiplicity is not supported across pipeline stages yet. Use it in one process "
+            "or with data parallelism.")
     check_delta(delta)
     check_clipping(clipping)
     check_mode(mode, MODES)
@@ -290,6 +311,7 @@ def make_private(
             f"debug mode ({distributed.DEBUG_ENV})": (stages or ranks).debug,  # type: ignore[union-attr]
             "adaptive clipping": adaptive,
             "schedules (noise, clip)": (noise_schedule is not None, clip_schedule is not None),
+            "augmult": augmult,
         }, group=control)
     speed = SpeedSettings(mode=mode, max_physical_batch_size=max_physical_batch_size)
     params = _trainable_params(model, optimizer)
@@ -307,6 +329,7 @@ def make_private(
         sink=lambda result: receiver[0].receive(result),
         check_loss=check_loss and pipeline.has_loss(privacy),
         token_reduction=token_reduction,  # type: ignore[arg-type]
+        augmult=augmult,
     )
     if stages is None:
         dp_opt = DPOptimizer(optimizer, params, privacy, acct, gen, state,
@@ -323,7 +346,8 @@ def make_private(
             dp_opt.verify_budget_for(total_steps)
         else:
             check_planned_schedule(noise_schedule, total_steps, privacy)
-    dp_loader = DPDataLoader(loader, state, max_physical_batch_size)
+    dp_loader = DPDataLoader(loader, state, max_physical_batch_size,
+                             Views(augmult, augment) if augmult > 1 or augment else None)
     training = PrivateTraining(model, dp_opt, dp_loader, clipper, acct, speed, num_samples)
     if stages is not None:
         assert isinstance(dp_opt, pipeline.StageOptimizer) and pipeline_stage is not None

@@ -15,6 +15,7 @@ from swiftdp.checks import (
     check_delta,
 )
 from swiftdp.clipping.engine import GradClipper
+from swiftdp.data.augment import Views
 from swiftdp.errors import InvalidArgumentError, StepStructureError
 from swiftdp.optim.optimizer import DPOptimizer, Stamp, StepState
 from swiftdp.sampling import LogicalBatch
@@ -30,13 +31,16 @@ class DPDataLoader:
     Attributes:
         loader: the underlying (Poisson-sampled) ``DataLoader``.
         max_physical_batch_size: chunk size limit, or ``None``.
+        views: with augmentation multiplicity, what turns each batch (chunk)
+            into ``K`` views of each example (:class:`swiftdp.data.augment.Views`).
     """
 
     def __init__(self, loader: DataLoader[Any], step_state: StepState,
-                 max_physical_batch_size: int | None) -> None:
+                 max_physical_batch_size: int | None, views: Views | None = None) -> None:
         self.loader = loader
         self.step_state = step_state
         self.max_physical_batch_size = max_physical_batch_size
+        self.views = views
         self.steps_in_epoch = 0
 
     def __len__(self) -> int:
@@ -75,14 +79,15 @@ class DPDataLoader:
                 )
             st.drawn = k + 1
             self.steps_in_epoch += 1
+            views = self.views if self.views is not None else (lambda b: b)
             if self.max_physical_batch_size is None:
                 st.current = Stamp(k, 0, 1, batch_size_of(batch))
-                yield batch
+                yield views(batch)
                 continue
             lb = LogicalBatch(batch, self.max_physical_batch_size)
             for i, (chunk, _) in enumerate(lb):
                 st.current = Stamp(k, i, lb.num_chunks, batch_size_of(chunk))
-                yield chunk
+                yield views(chunk)  # augmented chunk by chunk: K views of a chunk in memory
         # Exhausted: no batch is current. (A loop left early keeps its last batch
         # current: it was handed out, so its backward and step are still legitimate.)
         st.current = None

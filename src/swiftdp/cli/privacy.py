@@ -31,6 +31,7 @@ from swiftdp.api.private import PrivateTraining, make_private
 from swiftdp.averaging import ParameterAverage
 from swiftdp.cli.options import TrainConfig
 from swiftdp.cli.specs import build_adaptive, build_schedule
+from swiftdp.data.augment import Augment, crop_flip, random_crop
 from swiftdp.errors import InvalidArgumentError
 from swiftdp.optim.schedules import Schedule
 from swiftdp.settings import AdaptiveClipping
@@ -93,7 +94,7 @@ def make_run_private(cfg: TrainConfig, plan: Plan, model: nn.Module, optimizer: 
             adaptive_clipping=plan.adaptive,
             epochs=cfg.epochs, clipping=cfg.clipping, mode=cfg.mode, loss_reduction="sum",
             max_physical_batch_size=cfg.max_physical_batch_size, accountant=cfg.accountant,
-            seed=cfg.seed,
+            seed=cfg.seed, augmult=cfg.augmult, augment=augment_for(cfg),
         )
     except InvalidArgumentError as e:
         raise _in_flag_terms(cfg, e) from None
@@ -206,3 +207,20 @@ def averaging_text(average: ParameterAverage | None) -> str:
         return f"Polyak mean of the weights after step {average.start_step}"
     warmup = ", warmup" if average.warmup else ""
     return f"EMA, decay {average.decay:g}{warmup}"
+
+
+_CROP = {"cifar10": 4, "mnist": 2, "mnist5k": 2, "digits": 1}  # pixels: about 1/8 of a side
+
+
+def augment_for(cfg: TrainConfig) -> Augment | None:
+    """The per-example augmentation of ``--augment`` (``auto``: by dataset, with ``--augmult``)."""
+    kind = cfg.augment
+    if kind == "auto":
+        kind = "none" if cfg.augmult == 1 else (
+            "crop-flip" if cfg.dataset == "cifar10" else "crop")
+    if kind == "none":
+        return None
+    pad = _CROP.get(cfg.dataset, 2)
+    # Digits lie on a black background: shifted in, not mirrored at the border.
+    border = "reflect" if cfg.dataset == "cifar10" else "constant"
+    return crop_flip(pad, border) if kind == "crop-flip" else random_crop(pad, border)

@@ -113,8 +113,19 @@ class Classification:
         return validation_split(train, task=self.kind)
 
     def batch_loss(self, model: nn.Module, x: Tensor, y: Tensor, summed: bool) -> BatchLoss:
-        """Cross-entropy of ``model(x)`` against the labels ``y``."""
+        """Cross-entropy of ``model(x)`` against the labels ``y``.
+
+        With augmentation multiplicity (``x`` ``(B, K, C, H, W)``, ``y``
+        ``(B, K)``, the model's output ``(B, K, classes)``) each example's
+        loss is the mean over its ``K`` views, and its accuracy too.
+        """
         out = model(x)
+        if y.dim() == 2:  # views: (B, K)
+            per_view = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none")
+            per_example = per_view.view(y.shape).mean(1)
+            loss = per_example.sum() if summed else per_example.mean()
+            total = loss.item() if summed else loss.item() * len(y)
+            return BatchLoss(loss, total, float((out.argmax(-1) == y).float().mean(1).sum()))
         loss = F.cross_entropy(out, y, reduction="sum" if summed else "mean")
         total = loss.item() if summed else loss.item() * len(y)
         return BatchLoss(loss, total, float((out.argmax(1) == y).sum()))

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -41,8 +41,9 @@ from swiftdp.averaging import ParameterAverage
 from swiftdp.cli import rundir
 from swiftdp.cli.options import TrainConfig
 from swiftdp.cli.parallel import on_rank0, sum_over_ranks
-from swiftdp.cli.privacy import make_run_private, parameter_average, plan_of
+from swiftdp.cli.privacy import augment_for, make_run_private, parameter_average, plan_of
 from swiftdp.cli.setup import Prepared
+from swiftdp.data.augment import Views
 from swiftdp.errors import CheckpointError
 from swiftdp.io import atomic_torch_save
 
@@ -83,7 +84,15 @@ class Trainer:
         ds = prep.train.dataset()
         self.dp: PrivateTraining | None = None
         self.plan = plan_of(cfg)
+        # The baseline takes the same views (the private loader makes its own).
+        self.views: Views | None = None
+        self.call: Any = model
         if cfg.non_private:
+            augment = augment_for(cfg)
+            if cfg.augmult > 1 or augment is not None:
+                self.views = Views(cfg.augmult, augment)
+            if cfg.augmult > 1:
+                self.call = _ViewsAsRows(model)
             self.generator = torch.Generator().manual_seed(prep.seed)
             self.loader: Any = DataLoader(ds, batch_size=prep.batch_size, shuffle=True,
                                           generator=self.generator)
@@ -137,10 +146,12 @@ class Trainer:
                    dynamic_ncols=True)
         self.model.train()
         for x, y in self.loader:
+            if self.views is not None:
+                x, y = self.views((x, y))
             x, y = x.to(dev), y.to(dev)
             self.optimizer.zero_grad()
             if len(y):  # an empty Poisson batch needs no backward: its step adds noise only
-                batch = task.batch_loss(self.model, x, y, summed=self.dp is not None)
+                batch = task.batch_loss(self.call, x, y, summed=self.dp is not None)
                 batch.loss.backward()
                 loss_sum += batch.total
                 hits += batch.hits
@@ -318,3 +329,17 @@ def metrics_document(trainer: Trainer, final: dict[str, Any] | None) -> dict[str
         "epochs": trainer.history, "final": final,
         "note": PRIVACY_NOTE if not cfg.non_private else "non-private baseline: no guarantee",
     }
+
+
+class _ViewsAsRows:
+    """The baseline's model on ``(B, K, ...)`` views: run on ``(B·K, ...)``, output ``(B, K, ...)``.
+
+    (Under DP the engine does this itself: :mod:`swiftdp.clipping.views`.)
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, x: Tensor) -> Tensor:
+        out: Tensor = self.model(x.flatten(0, 1))
+        return out.unflatten(0, tuple(x.shape[:2]))

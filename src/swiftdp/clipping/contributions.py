@@ -154,6 +154,16 @@ class Contribution:
         r = self.inner_bound(other)
         return None if r is None else r[0]
 
+    def merge_rows(self, per: int) -> Contribution | None:
+        """This use with each example's ``per`` consecutive rows summed into one, or ``None``.
+
+        For a layer that saw a merged batch ``(B * per, ...)`` (the views of
+        augmentation multiplicity) as ``B * per`` examples: the result is the
+        per-example contribution over the ``B`` examples. ``None`` when this
+        kind cannot do it (the engine then refuses the layer).
+        """
+        return None
+
     def region_shape(self) -> torch.Size:
         """Shape of the covered part of ``param``."""
         if self.region is None:
@@ -192,6 +202,11 @@ class PerSampleGrads(Contribution):
 
     def instantiate(self, dtype: torch.dtype | None = None) -> Tensor:
         return self.grads if dtype is None else self.grads.to(dtype)
+
+    def merge_rows(self, per: int) -> PerSampleGrads:
+        g = self.grads  # summed in the compute dtype (>= float32), as the clipped sum is
+        rows = g.to(compute_dtype(g)).reshape(g.shape[0] // per, per, *g.shape[1:]).sum(1)
+        return PerSampleGrads(self.param, rows, self.region)
 
     def inner_bound(self, other: Contribution) -> tuple[Tensor, Tensor] | None:
         if isinstance(other, PerSampleGrads):

@@ -45,7 +45,7 @@ from swiftdp.checks import (
     check_module_options,
     check_no_batch_mixing,
 )
-from swiftdp.clipping import batchdim, generic, loss_trace, nanobatch, recompute
+from swiftdp.clipping import batchdim, generic, loss_trace, nanobatch, recompute, views
 from swiftdp.clipping.boundary import wrap_outputs
 from swiftdp.clipping.clip_fns import ClippingStyle, Thresholds, group_thresholds
 from swiftdp.clipping.compiled import prepare_compiled
@@ -111,6 +111,11 @@ class GradClipper:
             example's loss over its own real tokens: ``"mean"`` or ``"sum"``
             (:class:`~swiftdp.hf.labels.ModelLoss` replaces the model's token
             mean over the whole batch, which couples examples).
+        augmult: augmentation multiplicity (De et al. 2022), ``K`` views of
+            each example clipped as one example: a training forward takes its
+            batched arguments as ``(B, K, ...)`` and the model runs on
+            ``(B·K, ...)``; outputs come back ``(B, K, ...)``
+            (:mod:`~swiftdp.clipping.views`).
 
     Attributes:
         last_norms: the last backward's per-example gradient norms, ``(B,)``;
@@ -138,8 +143,14 @@ class GradClipper:
         sink: Sink | None = None,
         check_loss: bool = True,
         token_reduction: TokenReduction = "mean",
+        augmult: int = 1,
     ) -> None:
         thresholds = check_clip_thresholds(max_grad_norm)
+        self.augmult = views.check_augmult(augmult)
+        if self.augmult > 1 and not batch_first:
+            raise InvalidArgumentError(
+                f"augmult={augmult} needs batch_first=True: the views of each example are "
+                "dimension 1 of a (B, K, ...) batch.")
         check_clipping(clipping)
         check_mode(mode, MODES)
         check_loss_reduction(loss_reduction)
@@ -311,24 +322,25 @@ class GradClipper:
     def _tracing(self) -> bool:
         return bool(self._root_active) and self._root_active[0] != _OFF and self.mode != "nanobatch"
 
-    def _root_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def _root_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+                  ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         if self._root_active:  # a recursive call of the root module
             self._root_active.append(_OFF)
             if self._tracing and not self._suspended:
                 self._push(module, "<model>", args, kwargs)
                 self._root_active[-1] = _FORWARD
-            return
+            return None
         active = not self._suspended and torch.is_grad_enabled()
         if active and _in_backward():
             self._begin_recompute(module, args, kwargs)
-            return
+            return None
         if active and self.group_limits is not None:  # refuse a parameter outside the groups
             self.group_ids(self._refresh_params())  # before any state of this call is set
         if active:
             check_no_backward_hooks(module)  # (before any state of this call is set)
         self._root_active.append(_FORWARD if active else _OFF)
         if not active:
-            return
+            return None
         self._session_root = module
         step = self._step
         if step is None or step.started:  # leftovers of a backward that raised are dropped
@@ -339,11 +351,18 @@ class GradClipper:
         self._names = None
         if self.mode == "nanobatch":
             check_module_options(module)  # no tracer in this mode: check modules here
-            return
+        k = self.augmult
+        if k > 1:
+            views.check_views(args, kwargs, batch, k)
+        if self.mode == "nanobatch":  # (no tracer: plain views)
+            return views.merge_views(args, kwargs, batch, k) if k > 1 else None
         self._tracer.begin(step, token)
         self._mark_inputs(args, kwargs)
         self._tracer.__enter__()
+        if k > 1:  # under the tracer: the rows are marked as the views of their example
+            args, kwargs = views.merge_views(args, kwargs, batch, k)
         self._push(module, "<model>", args, kwargs)
+        return (args, kwargs) if k > 1 else None
 
     def _new_step(self) -> Step:
         old = self._step
@@ -392,10 +411,17 @@ class GradClipper:
             a, kw = step.root_args
             step.end_forward()
             self._check_single_forward(step)
+            if self.augmult > 1:
+                output = views.split_views(output, step.batch_size, self.augmult)
             return self._record_outputs(step, wrap_outputs(
                 self._tracer.anchor, output, nanobatch.make_backward(self, step, module, a, kw)))
         try:
             new_out = self._module_post(module, args, kwargs, output)
+            if self.augmult > 1:
+                token = step.token
+                new_out = views.split_views(
+                    output if new_out is None else new_out, step.batch_size, self.augmult,
+                    lambda t: batchdim.merged(t, token) == (0, self.augmult))
         finally:
             self._tracer.stack.clear()
             step.end_forward()  # the capture list holds activations: the forward is over

@@ -26,6 +26,7 @@ from torch.utils import _pytree as pytree
 
 from swiftdp.checks import check_batch_dim
 from swiftdp.clipping.compare import tree_unchanged, unchanged
+from swiftdp.clipping.views import merge_views, split_views
 from swiftdp.errors import ExampleMixingError
 
 if TYPE_CHECKING:
@@ -171,7 +172,7 @@ class IndependenceCheck:
         axes = [_input_axis(x, batch, self.batch_dim) for x in leaves]
         if batch < 1 or all(a is None for a in axes):
             return
-        probe = _Probe(self.model, spec, leaves, axes, batch)
+        probe = _Probe(self.model, spec, leaves, axes, batch, getattr(self.clipper, "augmult", 1))
         self._probing = True
         try:
             with torch.no_grad(), self.clipper.suspended():
@@ -197,8 +198,10 @@ class _Probe:
         leaves: list[Any],
         axes: list[int | None],
         batch: int,
+        views: int = 1,
     ) -> None:
         self.model, self.spec, self.leaves, self.axes, self.batch = model, spec, leaves, axes, batch
+        self.views = views  # augmentation multiplicity: the model runs on (B·K, ...)
         self.rng = _RngState(_cuda_devices(model, leaves))
         self.buffers = _Buffers(model)
 
@@ -215,6 +218,9 @@ class _Probe:
                 copies[id(x)] = x.clone() if j is None or ax is None else _replace(x, ax, j)
         leaves = [copies.get(id(x), x) if isinstance(x, Tensor) else x for x in self.leaves]
         args, kwargs = pytree.tree_unflatten(leaves, self.spec)
+        if self.views > 1:  # as the engine runs a training forward (clipping/views.py)
+            args, kwargs = merge_views(args, kwargs, self.batch, self.views)
+            return split_views(self.model(*args, **kwargs), self.batch, self.views)
         return self.model(*args, **kwargs)
 
     def run(self) -> None:

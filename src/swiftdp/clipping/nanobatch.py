@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from swiftdp.clipping import views
 from swiftdp.clipping.clip_fns import clip_factors, nonfinite_examples
 from swiftdp.clipping.rounding import AutocastState, compute_dtype, max_finite
 
@@ -68,9 +69,13 @@ def make_backward(
                 a_i = slice_example(args, i, batch, bd)
                 k_i = slice_example(kwargs, i, batch, bd)
                 g_i = [slice_example(g, i, batch, bd) * scale for g in grads]
+                if engine.augmult > 1:  # the example's views as a batch of K rows
+                    a_i, k_i = views.merge_views(a_i, k_i, 1, engine.augmult)
                 with forward.replay():
                     out_i = module(*a_i, **k_i)
                 leaves = [t for t in pytree.tree_leaves(out_i) if isinstance(t, Tensor) and t.requires_grad]
+                if engine.augmult > 1:
+                    g_i = [g.reshape(t.shape) for g, t in zip(g_i, leaves, strict=True)]
                 pg = torch.autograd.grad(leaves, params, g_i, allow_unused=True)
                 flat = [torch.zeros_like(p) if g is None else g for p, g in zip(params, pg, strict=True)]
                 sq = [torch.zeros((), dtype=torch.float64) for _ in limits]

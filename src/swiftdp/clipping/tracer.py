@@ -71,6 +71,12 @@ RECURRENT = frozenset({"lstm", "gru", "rnn_tanh", "rnn_relu"})
 # (function: position of the batched input)
 _UNMERGE: dict[Any, int] = {F.linear: 0, F.layer_norm: 0, F.embedding: 0, F.rms_norm: 0,
                             torch.addmm: 1}
+# Layers acting on each row of an ``(N, C, *spatial)`` input alone, which cannot
+# take an extra dimension: on a merged batch (the K views of augmentation
+# multiplicity, ``(B * K, C, H, W)``) each row is one entry and the rows'
+# per-entry gradients are summed per example (see :meth:`Tracer._row_grouped`).
+_ROW_GROUPED = frozenset({torch.conv1d, torch.conv2d, torch.conv3d, F.group_norm,
+                          F.instance_norm})
 
 
 class Tracer(TorchFunctionMode):
@@ -92,6 +98,8 @@ class Tracer(TorchFunctionMode):
         # tensors a composite rule derives from it inside are not marked).
         self.rule_batched = False
         self._site: Site | None = None  # the routed call's context, built on first use
+        # Entries per example of the rows a row-grouped rule is running on (1: none).
+        self._rows = 1
         self._root_sites: dict[bool, Site] = {}  # the sites of calls outside any module
         # Detached slices of trainable parameters (``self.pos[:, :t]``):
         # id -> (view, parameter, region); the step's, reset at every forward.
@@ -272,6 +280,11 @@ class Tracer(TorchFunctionMode):
                 m = batchdim.merged(args[pos], self.batch_token)
                 if m is not None and m[0] == 0 == self.batch_dim:
                     return self._unmerged(rule, func, args, kwargs, m[1], pos)
+            if func in _ROW_GROUPED:
+                x = args[0] if args else kwargs.get("input")
+                m = batchdim.merged(x, self.batch_token)
+                if m is not None and m[0] == 0:
+                    return self._row_grouped(rule, func, args, kwargs, m[1])
             try:
                 return rule(self, func, args, kwargs)
             except Decline:
@@ -297,6 +310,26 @@ class Tracer(TorchFunctionMode):
         except Decline:
             return self.unknown(func, args, kwargs, self.find_params(args, kwargs))
         return out.reshape(B * per, *out.shape[2:])
+
+    def _row_grouped(self, rule: Any, func: Callable[..., Any], args: tuple[Any, ...],
+                     kwargs: dict[str, Any], per: int) -> Any:
+        """A per-row layer on a merged batch ``(B * per, ...)``: rows clipped with their example.
+
+        The rule runs on the ``B * per`` rows as if each were an example (its
+        :class:`Site` says so), and :meth:`track` sums each example's ``per``
+        consecutive rows of every contribution it builds
+        (:meth:`~swiftdp.clipping.contributions.Contribution.merge_rows`): the
+        clipped unit stays the example, whatever its rows are (the K
+        augmented views of one image, a Swin's windows).
+        """
+        prev, self._rows, self._site = self._rows, per, None
+        try:
+            return rule(self, func, args, kwargs)
+        except Decline:
+            self._rows, self._site = prev, None
+            return self.unknown(func, args, kwargs, self.find_params(args, kwargs))
+        finally:
+            self._rows, self._site = prev, None
 
     def find_params(self, args: Sequence[Any], kwargs: dict[str, Any]) -> list[Tensor]:
         """Trainable parameters and recorded parameter slices anywhere in the arguments."""
@@ -355,12 +388,14 @@ class Tracer(TorchFunctionMode):
         if self._site is not None:
             return self._site
         eng, top = self.engine, (self.stack[-1] if self.stack else None)
-        cache = top.sites if top is not None else self._root_sites
+        cache: dict[bool, Site] = (top.sites if top is not None else self._root_sites
+                                   ) if self._rows == 1 else {}  # row-grouped: not cached
         site = cache.get(self.rule_batched)
+        size = self.batch_size * self._rows
         if (site is None or site.batch_token is not self.batch_token
-                or site.trainable is not self.trainable or site.batch_size != self.batch_size):
+                or site.trainable is not self.trainable or site.batch_size != size):
             site = Site(
-                batch_size=self.batch_size,
+                batch_size=size,
                 batch_dim=0 if eng.batch_first else 1,
                 batch_first=eng.batch_first,
                 module_path=top.path if top is not None else "<model>",
@@ -418,6 +453,8 @@ class Tracer(TorchFunctionMode):
         out = compute() if needs else Source.apply(self.anchor, compute)
         outs = [out] if isinstance(out, Tensor) else [t for t in out if isinstance(t, Tensor)]
         real_params = [p for p in params if p is not None]
+        if self._rows > 1:
+            build = _summed_rows(build, self._rows, self.site.module_path)
         cap = Capture(self, len(outs), build, real_params, tuple(c.call_id for c in self.stack))
         for i, t in enumerate(outs):
             if t.requires_grad:
@@ -516,3 +553,24 @@ def _scan_into(x: Any, trainable: dict[int, Tensor], views: dict[int, Any], toke
     elif isinstance(x, dict):
         for y in x.values():
             _scan_into(y, trainable, views, token, out, state)
+
+
+def _summed_rows(build: Builder, per: int, path: str) -> Builder:
+    """``build`` with each contribution's ``per`` consecutive rows summed per example."""
+
+    def summed(grads: Sequence[Tensor | None], policy: Any) -> list[Any]:
+        out = []
+        for c in build(grads, policy):
+            merged = c.merge_rows(per)
+            if merged is None:
+                raise UnsupportedModuleError(
+                    f"In module `{path}`, a {type(c).__name__} use of parameter of shape "
+                    f"{tuple(c.param.shape)} is on a batch merged with {per} rows per example "
+                    "(augmentation multiplicity's views), which this kind of contribution "
+                    "cannot sum per example. Keep the views on a dimension of their own "
+                    "through this layer, or use mode='nanobatch'."
+                )
+            out.append(merged)
+        return out
+
+    return summed

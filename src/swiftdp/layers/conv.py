@@ -243,7 +243,7 @@ def per_example_weight_grads(
     return stacked.view(b, *weight_shape)
 
 
-def ghost_norm_bounds(x: Tensor, g: Tensor, spec: ConvSpec) -> tuple[Tensor, Tensor]:
+def ghost_norm_bounds(x: Tensor, g: Tensor, spec: ConvSpec, per: int = 1) -> tuple[Tensor, Tensor]:
     """Upper bounds on ``Σ_k ‖g_{k,i}ᵀ a_{k,i}‖²`` without forming the gradients, and the masses.
 
     Per group, :func:`~swiftdp.clipping.contributions.ghost_sq_bound` on the
@@ -254,20 +254,30 @@ def ghost_norm_bounds(x: Tensor, g: Tensor, spec: ConvSpec) -> tuple[Tensor, Ten
         x: input ``(B, C_in, *S)``.
         g: output gradient ``(B, C_out, *S_out)``.
         spec: the convolution geometry.
+        per: rows per example (a merged batch ``(B * per, ...)``): each
+            example's positions are those of its ``per`` rows.
 
     Returns:
         ``(sq, mass)``, float64 ``(B,)``: squared-norm bounds and
         ``Σ_k Σ_t ‖a_{k,t}‖‖g_{k,t}‖``; the unfolded input is freed on return.
     """
-    b, c_out, groups = g.shape[0], g.shape[1], spec.groups
+    b, groups = g.shape[0], spec.groups
     if b == 0:
         z = g.new_zeros(0, dtype=torch.float64)
         return z, z
     positions = math.prod(g.shape[2:])
-    a = patches(x, spec).reshape(b * groups, -1, positions).transpose(1, 2)
-    gk = g.reshape(b * groups, c_out // groups, positions).transpose(1, 2)
+    a = _per_example(patches(x, spec), b // per, per, groups, positions)
+    gk = _per_example(g, b // per, per, groups, positions)
     sq, mass = ghost_sq_bound(a, gk)
-    return sq.view(b, groups).sum(1), mass.view(b, groups).sum(1)
+    return sq.view(b // per, groups).sum(1), mass.view(b // per, groups).sum(1)
+
+
+def _per_example(t: Tensor, b: int, per: int, groups: int, positions: int) -> Tensor:
+    """``(b * per, groups * c, *S)`` rows as ``(b * groups, per * positions, c)``, example-major."""
+    if per == 1:
+        return t.reshape(b * groups, -1, positions).transpose(1, 2)
+    v = t.reshape(b, per, groups, -1, positions).permute(0, 2, 1, 4, 3)
+    return v.reshape(b * groups, per * positions, v.shape[-1])
 
 
 class ConvFactors(Contribution):
@@ -286,6 +296,12 @@ class ConvFactors(Contribution):
         g: the output gradient ``(B, C_out, *S_out)``.
         spec: the convolution geometry.
         ghost: whether to keep the factors rather than instantiate.
+
+    With :meth:`merge_rows` (a merged batch ``(B * per, ...)``, the views of
+    augmentation multiplicity) each example's gradient is the sum over its
+    ``per`` rows: its norm by the ghost identity over all its rows'
+    positions, its clipped sum by one convolution with each row weighted by
+    its example's factor.
     """
 
     def __init__(self, param: Tensor, x: Tensor, g: Tensor, spec: ConvSpec, *, ghost: bool) -> None:
@@ -295,6 +311,7 @@ class ConvFactors(Contribution):
         self.x: Tensor | None = x
         self.g: Tensor | None = g
         self.grads: Tensor | None = None
+        self.per = 1  # rows per example
         self.terms = math.prod(g.shape[2:])
         self._sq: Tensor | None = None
         self._mass: Tensor | None = None
@@ -307,6 +324,19 @@ class ConvFactors(Contribution):
         assert self.x is not None and self.g is not None
         return self.x, self.g
 
+    def merge_rows(self, per: int) -> ConvFactors:
+        assert self._sq is None and self.per == 1
+        if self.grads is not None:
+            g = self.grads
+            self.grads = g.reshape(g.shape[0] // per, per, *g.shape[1:]).sum(1)
+        self.per = per
+        self.terms *= per
+        return self
+
+    def _rows(self, t: Tensor) -> Tensor:
+        """Per-example values ``(B, ...)`` repeated for each of the example's rows."""
+        return t if self.per == 1 else t.repeat_interleave(self.per, 0)
+
     def sq_norms(self) -> Tensor:
         if self._sq is None:
             if self.grads is not None:
@@ -316,7 +346,7 @@ class ConvFactors(Contribution):
                 self._mass = self._sq.sqrt()
             else:
                 x, g = self._factors()
-                self._sq, self._mass = ghost_norm_bounds(x, g, self.spec)
+                self._sq, self._mass = ghost_norm_bounds(x, g, self.spec, self.per)
         return self._sq
 
     def mass(self) -> Tensor:
@@ -331,8 +361,9 @@ class ConvFactors(Contribution):
             dt = compute_dtype(self.grads)
             return weighted_sum_error(0, self.grads.shape[0], dt, self.grads.device), None
         x, g = self._factors()
-        positions = math.prod(g.shape[2:])
-        err = weighted_sum_error(positions, x.shape[0], compute_dtype(x, g), x.device, conv=True)
+        positions = math.prod(g.shape[2:]) * self.per
+        err = weighted_sum_error(positions, x.shape[0] // self.per, compute_dtype(x, g), x.device,
+                                 conv=True)
         return err, self.mass()
 
     def weighted_sum(self, weights: Tensor, dropped: Tensor | None = None) -> Tensor:
@@ -346,11 +377,12 @@ class ConvFactors(Contribution):
         if x.shape[0] == 0:
             return g.new_zeros(self.param.shape, dtype=dt)
         shape = (-1, *([1] * (g.dim() - 1)))
-        gw = g.to(dt) * weights.to(dt).view(shape)
+        gw = g.to(dt) * self._rows(weights.to(dt)).view(shape)
         x_ = x.to(dt)
         if dropped is not None:
-            gw = torch.where(dropped.view(shape), 0.0, gw)
-            x_ = torch.where(dropped.view(shape), 0.0, x_)
+            rows = self._rows(dropped)
+            gw = torch.where(rows.view(shape), 0.0, gw)
+            x_ = torch.where(rows.view(shape), 0.0, x_)
         return self.spec.weight_grad(x_, gw, tuple(self.param.shape), self.spec.groups)
 
     def instantiate(self, dtype: torch.dtype | None = None) -> Tensor:
@@ -358,7 +390,10 @@ class ConvFactors(Contribution):
             return self.grads if dtype is None else self.grads.to(dtype)
         x, g = self._factors()
         dt = dtype or compute_dtype(x, g)
-        return per_example_weight_grads(x.to(dt), g.to(dt), self.spec, tuple(self.param.shape))
+        grads = per_example_weight_grads(x.to(dt), g.to(dt), self.spec, tuple(self.param.shape))
+        if self.per > 1:
+            grads = grads.reshape(-1, self.per, *grads.shape[1:]).sum(1)
+        return grads
 
     def pair_with(self, grads: Tensor) -> Tensor:
         """Per-example ``⟨G_i, H_i⟩`` with instantiated ``H`` ``(B, *weight.shape)``, in float64.
@@ -374,9 +409,11 @@ class ConvFactors(Contribution):
         b = x.shape[0]
         if b == 0:
             return g.new_zeros(0, dtype=f64)
-        kernels = grads.reshape(b * grads.shape[1], *grads.shape[2:]).to(f64)
+        rows = self._rows(grads)  # each row paired with its example's kernel
+        kernels = rows.reshape(b * rows.shape[1], *rows.shape[2:]).to(f64)
         out = self.spec.convolve(x.reshape(1, -1, *x.shape[2:]).to(f64), kernels, b * self.spec.groups)
-        return (out.reshape(b, -1) * g.reshape(b, -1).to(f64)).sum(1)
+        pair = (out.reshape(b, -1) * g.reshape(b, -1).to(f64)).sum(1)
+        return pair if self.per == 1 else pair.view(-1, self.per).sum(1)
 
     def inner_bound(self, other: Contribution) -> tuple[Tensor, Tensor] | None:
         if other.param.shape != self.param.shape or other.region is not None:
