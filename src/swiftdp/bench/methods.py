@@ -8,6 +8,11 @@ divide by the expected batch size, and record the step in their accountant.
 * ``nonprivate``: plain SGD on the unmodified model.
 * ``swiftdp`` (the default, mode ``bk``) and ``swiftdp-<mode>``: :func:`swiftdp.make_private`
   around the unmodified model.
+* ``swiftdp-layerwise`` / ``swiftdp-layerwise-end``: per-layer clipping
+  (:func:`swiftdp.per_layer_thresholds`, one group per layer at ``C/√L``) in
+  ``bk``, each group clipped during the backward as its gradients arrive, or
+  all at the end (the per-example state held to the end, as flat clipping
+  must): the pair shows what clipping inside the backward saves.
 * ``opacus-<mode>``: Opacus 1.6 ``PrivacyEngine.make_private`` in
   ``hooks``, ``functorch`` or ``ghost`` mode, after ``ModuleValidator.fix``
   when Opacus' validator rejects the model (the replaced modules are noted).
@@ -39,8 +44,12 @@ from swiftdp.bench.models import SuiteModel
 from swiftdp.errors import InvalidArgumentError
 
 SWIFTDP_METHODS: tuple[str, ...] = (
-    "swiftdp", "swiftdp-bk", "swiftdp-ghost", "swiftdp-per_sample", "swiftdp-nanobatch"
+    "swiftdp", "swiftdp-bk", "swiftdp-ghost", "swiftdp-per_sample", "swiftdp-nanobatch",
+    "swiftdp-layerwise", "swiftdp-layerwise-end",
 )
+# Per-layer clipping (one group per layer at C/√L, swiftdp.per_layer_thresholds) in bk:
+# each layer clipped during the backward as its gradient arrives, or all at the end.
+_LAYERWISE = {"swiftdp-layerwise": True, "swiftdp-layerwise-end": False}
 OPACUS_METHODS: tuple[str, ...] = ("opacus-hooks", "opacus-functorch", "opacus-ghost")
 METHODS: tuple[str, ...] = ("nonprivate", *SWIFTDP_METHODS, *OPACUS_METHODS)
 DEFAULT_METHODS: tuple[str, ...] = (
@@ -128,6 +137,8 @@ def prepare(method: str, spec: SuiteModel, model: nn.Module, x: Tensor, y: Tenso
     check_methods([method])
     if method == BASELINE:
         return _nonprivate(spec, model)
+    if method in _LAYERWISE:
+        return _swiftdp(spec, model, "bk", x, y, default=False, in_backward=_LAYERWISE[method])
     if method.startswith("swiftdp"):
         mode = method.partition("-")[2] or "bk"
         return _swiftdp(spec, model, mode, x, y, default=method == "swiftdp")
@@ -155,8 +166,9 @@ def _nonprivate(spec: SuiteModel, model: nn.Module) -> PreparedMethod:
 
 
 def _swiftdp(spec: SuiteModel, model: nn.Module, mode: str, x: Tensor, y: Tensor,
-             default: bool) -> PreparedMethod:
+             default: bool, in_backward: bool | None = None) -> PreparedMethod:
     from swiftdp.api.private import make_private
+    from swiftdp.clipping.groups import per_layer_thresholds
 
     opt = torch.optim.SGD(trainable(model), lr=LR)
     fixed: list[tuple[Tensor, Tensor]] = [(x, y)]
@@ -168,9 +180,16 @@ def _swiftdp(spec: SuiteModel, model: nn.Module, mode: str, x: Tensor, y: Tensor
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # poisson_sampling=False is deliberate
         dp = make_private(
-            model, opt, loader, max_grad_norm=MAX_GRAD_NORM, noise_multiplier=NOISE_MULTIPLIER,
-            mode=mode, seed=0, poisson_sampling=False,
+            model, opt, loader, noise_multiplier=NOISE_MULTIPLIER, mode=mode, seed=0,
+            poisson_sampling=False,
+            max_grad_norm=MAX_GRAD_NORM if in_backward is None else per_layer_thresholds(
+                model, MAX_GRAD_NORM),
         )
+    notes = ["default: mode bk"] if default else []
+    if in_backward is not None:
+        dp.clipper.clip_groups_in_backward = in_backward
+        groups = len(dp.clipper.group_limits or ())
+        notes.append(f"{groups} groups, clipped {'in' if in_backward else 'after'} the backward")
     dp_opt = dp.optimizer
     batches = _forever(dp.data_loader)
 
@@ -181,7 +200,7 @@ def _swiftdp(spec: SuiteModel, model: nn.Module, mode: str, x: Tensor, y: Tensor
         spec.loss(model, xb, yb).backward()
         dp_opt.step()
 
-    return PreparedMethod(model, step, ["default: mode bk"] if default else [])
+    return PreparedMethod(model, step, notes)
 
 
 class _Indices(torch.utils.data.Dataset[int]):

@@ -168,6 +168,9 @@ class GradClipper:
         self.cost_objective: CostObjective = cost_objective
         self.last_norms: Tensor | None = None
         self.last_clip_factors: Tensor | None = None
+        # Group mode in bk / per_sample: clip each group once its last use has its
+        # gradient, during the backward (clipping/early.py); False: all at the end.
+        self.clip_groups_in_backward = True
 
         self._sink: Sink = sink if sink is not None else _add_to_grads
         self._tracer = Tracer(self)

@@ -39,6 +39,7 @@ from swiftdp.clipping.contributions import (
     total_sq_norms,
 )
 from swiftdp.clipping.cost import ModePolicy
+from swiftdp.clipping.early import EarlyGroups
 from swiftdp.clipping.loss_check import OutputRef, check_loss
 from swiftdp.clipping.rounding import engine_precision
 from swiftdp.errors import ExampleMixingError, InvalidArgumentError, UnsupportedModuleError
@@ -129,6 +130,7 @@ class Step:
         self.generic_params: dict[int, set[int]] = {}
         self.pending: list[Capture] = []
         self.contribs: list[Contribution] = []
+        self.early: EarlyGroups | None = None  # group mode: groups clipped during the backward
         self.queued = False
         self.generation = 0
         self.started = False
@@ -306,7 +308,13 @@ class Step:
         self.ensure_finalize()
         if cap.seen == len(cap.grads):  # complete: build now, free what is not needed
             self.pending.remove(cap)
-            self.contribs.extend(self._build(cap))
+            built = self._build(cap)
+            if self.early is None and self._clips_groups_early():
+                self.early = EarlyGroups(self)
+            if self.early is not None:  # group mode: clip each group once it is complete
+                self.early.built(self, cap, built)
+            else:
+                self.contribs.extend(built)
 
     def _build(self, cap: Capture) -> list[Contribution]:
         out = cap.build(cap.grads, self.policy)
@@ -329,6 +337,11 @@ class Step:
             # First pass: a parameter used once needs only its norms.
             out = [NormOnly(c) if self.uses.get(id(c.param), 0) <= 1 else c for c in out]
         return out
+
+    def _clips_groups_early(self) -> bool:
+        eng = self.engine
+        return (eng.group_limits is not None and eng.mode in ("bk", "per_sample")
+                and eng.clip_groups_in_backward and not self.pass2)
 
     def _cancelled(self, cap: Capture) -> bool:
         for cid in cap.call_ids:
@@ -394,6 +407,12 @@ class Step:
         """End of the backward pass: norms → clip factors → clipped sums to the sink."""
         self.queued = False
         self.generation += 1
+        early, self.early = self.early, None
+        if early is not None:
+            rest = self._collect()
+            self.generic_params.clear()
+            self.deliver(early.finish(self, rest))
+            return
         by_param = _group(self._collect())
         self.generic_params.clear()
         sq = self._step_norms(by_param)
