@@ -56,6 +56,7 @@ class TrainConfig:
     max_grad_norm: float = 0.1
     clip_schedule: str | None = None
     adaptive_clipping: str | None = None
+    clip_per_layer: bool = False
     lr: float = 4.0
     momentum: float = 0.9
     optimizer: str = "sgd"
@@ -207,6 +208,9 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
            "max(expected batch / 20, σ)) accounted with the gradient in the same σ; flat "
            "clipping only (Andrew et al. 2021) (default: none)",
            nullable=True, parse=parse_adaptive, metavar="SPEC"),
+    Option("clip_per_layer", bool, "clip each layer's gradient on its own, to "
+           "C/sqrt(layers) (He et al. 2022; sensitivity still C); with --adaptive-clipping "
+           "each layer's threshold follows its own norms (default: one C for the model)"),
     Option("lr", float, "learning rate", check=_positive),
     Option("momentum", float, "SGD momentum", check=_unit_left_closed),
     Option("optimizer", str, "optimizer", OPTIMIZERS),
@@ -445,11 +449,16 @@ def check_combination(cfg: TrainConfig) -> None:
 
 
 DP_ONLY = ("noise_multiplier", "noise_schedule", "clip_schedule", "adaptive_clipping")
+# (--clip-per-layer too: refused with --non-private in _check_privacy_options)
 """Options of DP-SGD's noise and clipping, which ``--non-private`` does not have."""
 
 
 def _check_privacy_options(cfg: TrainConfig) -> None:
     """Refuse schedules, adaptive clipping and averaging options that do not fit together."""
+    if cfg.non_private and cfg.clip_per_layer:
+        raise InvalidArgumentError(
+            "--clip-per-layer sets the clipping of DP-SGD, but --non-private trains without "
+            "it: drop --clip-per-layer, or drop --non-private.")
     for name in DP_ONLY:
         value = getattr(cfg, name)
         if cfg.non_private and value is not None:
@@ -467,6 +476,11 @@ def _check_privacy_options(cfg: TrainConfig) -> None:
         raise InvalidArgumentError(
             f"--clip-schedule {cfg.clip_schedule} and --adaptive-clipping "
             f"{cfg.adaptive_clipping} both move C from step to step; choose one of them.")
+    if cfg.clip_per_layer and cfg.clip_schedule is not None:
+        raise InvalidArgumentError(
+            f"--clip-schedule {cfg.clip_schedule} moves one C, and --clip-per-layer clips "
+            "each layer to its own: choose one of them (--adaptive-clipping adapts each "
+            "layer's threshold).")
     if cfg.adaptive_clipping is not None and cfg.clipping != "flat":
         raise InvalidArgumentError(
             f"--adaptive-clipping {cfg.adaptive_clipping} moves the threshold of --clipping "

@@ -31,6 +31,8 @@ from swiftdp.api.private import PrivateTraining, make_private
 from swiftdp.averaging import ParameterAverage
 from swiftdp.cli.options import TrainConfig
 from swiftdp.cli.specs import build_adaptive, build_schedule
+from swiftdp.clipping.clip_fns import Thresholds, sensitivity
+from swiftdp.clipping.groups import per_layer_thresholds
 from swiftdp.data.augment import Augment, crop_flip, random_crop
 from swiftdp.errors import InvalidArgumentError
 from swiftdp.optim.schedules import Schedule
@@ -88,7 +90,9 @@ def make_run_private(cfg: TrainConfig, plan: Plan, model: nn.Module, optimizer: 
     try:
         dp = make_private(
             model, optimizer, DataLoader(dataset, batch_size=batch_size),
-            max_grad_norm=cfg.max_grad_norm, target_epsilon=cfg.epsilon, delta=cfg.delta,
+            max_grad_norm=(per_layer_thresholds(model, cfg.max_grad_norm) if cfg.clip_per_layer
+                           else cfg.max_grad_norm),
+            target_epsilon=cfg.epsilon, delta=cfg.delta,
             noise_multiplier=cfg.noise_multiplier if plan.noise_schedule is None else None,
             noise_schedule=plan.noise_schedule, clip_schedule=plan.clip_schedule,
             adaptive_clipping=plan.adaptive,
@@ -224,3 +228,8 @@ def augment_for(cfg: TrainConfig) -> Augment | None:
     # Digits lie on a black background: shifted in, not mirrored at the border.
     border = "reflect" if cfg.dataset == "cifar10" else "constant"
     return crop_flip(pad, border) if kind == "crop-flip" else random_crop(pad, border)
+
+
+def total_clip(thresholds: Thresholds) -> float:
+    """One number for a run's thresholds: ``C``, or ``√Σ_k C_k²`` per layer (the sensitivity)."""
+    return float(sensitivity(thresholds, "flat"))

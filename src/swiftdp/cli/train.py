@@ -41,7 +41,13 @@ from swiftdp.averaging import ParameterAverage
 from swiftdp.cli import rundir
 from swiftdp.cli.options import TrainConfig
 from swiftdp.cli.parallel import on_rank0, sum_over_ranks
-from swiftdp.cli.privacy import augment_for, make_run_private, parameter_average, plan_of
+from swiftdp.cli.privacy import (
+    augment_for,
+    make_run_private,
+    parameter_average,
+    plan_of,
+    total_clip,
+)
 from swiftdp.cli.setup import Prepared
 from swiftdp.data.augment import Views
 from swiftdp.errors import CheckpointError
@@ -134,7 +140,7 @@ class Trainer:
         """C of the first step and of the last step taken (``None`` when non-private)."""
         if self.dp is None:
             return None
-        first = float(self.dp.optimizer.initial_max_grad_norm)  # type: ignore[arg-type]
+        first = total_clip(self.dp.optimizer.initial_max_grad_norm)
         return first, first if self.clip_used is None else self.clip_used
 
     def train_epoch(self, progress: bool) -> dict[str, float]:
@@ -158,7 +164,7 @@ class Trainer:
                 seen += len(y)
             before = self.dp.steps if self.dp is not None else self.steps
             # The C this step clips to (a schedule or adaptive clipping moves it after).
-            clip = None if self.dp is None else float(self.dp.privacy.max_grad_norm)  # type: ignore[arg-type]
+            clip = None if self.dp is None else total_clip(self.dp.privacy.max_grad_norm)
             self.optimizer.step()
             if self.dp is not None and self.dp.steps == before:
                 continue  # a physical chunk of a logical batch; the step is not complete

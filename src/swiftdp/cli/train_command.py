@@ -27,7 +27,7 @@ from swiftdp.cli.options import (
     read_config_file,
     resolve,
 )
-from swiftdp.cli.privacy import averaging_text
+from swiftdp.cli.privacy import averaging_text, total_clip
 from swiftdp.cli.setup import Prepared, prepare, set_threads
 from swiftdp.cli.train import Trainer, metrics_document, run_epochs
 from swiftdp.errors import InvalidArgumentError
@@ -282,7 +282,9 @@ def _train(args: argparse.Namespace, cfg: TrainConfig, resume_dir: Path | None,
         ranks = f" on {cfg.nproc} processes" if cfg.nproc > 1 else ""
         sigma = f"σ = {trainer.dp.optimizer.noise_multiplier:.4f}"
         sigma += f" ({cfg.noise_schedule})" if cfg.noise_schedule is not None else ""
-        clip = f"C = {trainer.dp.optimizer.initial_max_grad_norm:g}"
+        clip = f"C = {total_clip(trainer.dp.optimizer.initial_max_grad_norm):g}"
+        groups = trainer.dp.clipper.group_limits
+        clip += f" (per layer, {len(groups)} layers)" if groups else ""
         clip += f" ({cfg.clip_schedule})" if cfg.clip_schedule is not None else ""
         clip += " (adaptive)" if p.adaptive is not None else ""
         say(f"{len(prep.train)} training examples, expected batch {p.expected_batch_size:g} "

@@ -1,4 +1,4 @@
-"""`swiftdp train --augmult K --augment KIND`: the views reach the engine and the run folder."""
+"""`swiftdp train --augmult K --augment KIND` and `--clip-per-layer`: reach the engine and the run folder."""
 
 from __future__ import annotations
 
@@ -44,3 +44,21 @@ def test_views_of_text_are_refused(tmp_path, capsys):
 def test_augmult_below_one_is_refused(tmp_path, capsys):
     assert main([*TINY, "--augmult", "0", "--out", str(tmp_path / "r")]) == 2
     assert "--augmult expects an integer >= 1" in capsys.readouterr().err
+
+
+def test_per_layer_clipping_trains_with_one_group_per_layer_and_total_sensitivity_c(tmp_path):
+    out = tmp_path / "run"
+    assert main([*TINY, "--clip-per-layer", "--adaptive-clipping", "0.5", "--out", str(out)]) == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["clip_per_layer"] is True
+    final = json.loads((out / "metrics.json").read_text())["final"]
+    assert final["first_max_grad_norm"] == pytest.approx(0.1)  # sqrt(sum C_k^2) = C
+
+
+@pytest.mark.parametrize(("extra", "needle"), [
+    (["--clip-per-layer", "--clip-schedule", "exp:0.9"], "choose one of them"),
+    (["--clip-per-layer", "--non-private"], "drop --clip-per-layer"),
+])
+def test_per_layer_clipping_combinations_are_refused(tmp_path, capsys, extra, needle):
+    assert main([*TINY, *extra, "--out", str(tmp_path / "r")]) == 2
+    assert needle in capsys.readouterr().err
