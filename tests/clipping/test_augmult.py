@@ -42,7 +42,13 @@ def _conv1d() -> nn.Module:
                          nn.Flatten(), nn.Linear(4 * 4, 4))
 
 
-CASES = {"mlp": (_mlp, (6,)), "cnn": (_cnn, (2, 5, 5)), "conv1d": (_conv1d, (2, 8))}
+def _wrn() -> nn.Module:  # De et al.'s architecture, at its smallest depth and width
+    from swiftdp.models import WideResNetGN
+    return WideResNetGN((2, 8, 8), 4, depth=10, width=1)
+
+
+CASES = {"mlp": (_mlp, (6,)), "cnn": (_cnn, (2, 5, 5)), "conv1d": (_conv1d, (2, 8)),
+         "wrn": (_wrn, (2, 8, 8))}
 
 
 def _data(shape: tuple[int, ...], seed: int = 0, scale: float = 1.0) -> tuple[Tensor, Tensor]:

@@ -13,6 +13,8 @@ name               what                                             input
 ``mlp``            tanh MLP                                          any shape
 ``resnet-gn``      ResNet-18 layout with GroupNorm                   images (CIFAR-sized)
 ``vit-tiny``       Vision Transformer, patch 4                       images, sides % 4 == 0
+``wrn-16-4``       Wide ResNet 16-4 / 40-4 with GroupNorm (De et     images (CIFAR-sized)
+``wrn-40-4``       al. 2022's CIFAR-10 networks; ``size`` unused)
 ``transformer``    text classifier: Embedding + TransformerEncoder  token ids ``(T,)``
 ``lstm``           text classifier: Embedding + LSTM                 token ids ``(T,)``
 ``gpt``            causal LM with tied embeddings; ``num_classes``   token ids ``(T,)``
@@ -43,11 +45,12 @@ from swiftdp.models.scatter import ScatterNet
 from swiftdp.models.text import LSTMClassifier, TinyGPT, TransformerClassifier
 from swiftdp.models.vision import MLP, ClassicCNN, FeatureClassifier, scatter_classifier
 from swiftdp.models.vit import ViT
+from swiftdp.models.wide_resnet import WideResNetGN
 
 SIZES = ("small", "medium")
 """Model sizes accepted by :func:`build_model`."""
 
-IMAGE_MODELS = ("cnn", "cnn-classic", "mlp", "resnet-gn", "vit-tiny")
+IMAGE_MODELS = ("cnn", "cnn-classic", "mlp", "resnet-gn", "vit-tiny", "wrn-16-4", "wrn-40-4")
 """Models that take images ``(B, C, H, W)`` (``mlp`` takes any shape)."""
 
 TEXT_MODELS = ("transformer", "lstm", "gpt")
@@ -91,6 +94,9 @@ _BUILDERS: dict[str, _Builder] = {
     "mlp": lambda s, k, z, v: MLP(s, k, z),
     "resnet-gn": lambda s, k, z, v: ResNetGN(_image(s, "resnet-gn"), k, z),
     "vit-tiny": lambda s, k, z, v: ViT(_image(s, "vit-tiny"), k, z),
+    # De et al.'s CIFAR-10 networks; the name fixes the size (``size`` is not read)
+    "wrn-16-4": lambda s, k, z, v: WideResNetGN(_image(s, "wrn-16-4"), k, 16, 4),
+    "wrn-40-4": lambda s, k, z, v: WideResNetGN(_image(s, "wrn-40-4"), k, 40, 4),
     "transformer": lambda s, k, z, v: TransformerClassifier(v, _seq_len(s, "transformer"), k, z),
     "lstm": _lstm,
     "gpt": lambda s, k, z, v: TinyGPT(k, _seq_len(s, "gpt"), z),
@@ -147,6 +153,7 @@ __all__ = [
     "TinyGPT",
     "TransformerClassifier",
     "ViT",
+    "WideResNetGN",
     "build_model",
     "scatter_classifier",
 ]
