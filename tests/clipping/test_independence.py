@@ -352,28 +352,28 @@ def test_probe_runs_once_per_input_signature_and_again_when_the_shape_changes():
     model = nn.Sequential(counter, nn.Linear(6, 3))
     clipper, check = _guarded(model)
     _step(model, torch.randn(5, 6))
-    assert counter.calls == 1 + 3  # the real forward; reference + examples 0 and B-1
+    assert counter.calls == 1 + 4  # the real forward; reference, examples 0 and B-1, backward
     _step(model, torch.randn(5, 6))
-    assert counter.calls == 5  # same signature: no probe
+    assert counter.calls == 6  # same signature: no probe
     _step(model, torch.randn(7, 6))
-    assert counter.calls == 6  # another batch size only (Poisson sampling): no probe
+    assert counter.calls == 7  # another batch size only (Poisson sampling): no probe
     _step(model, torch.randn(7, 4, 6))
-    assert counter.calls == 7 + 3  # new example shape: probed again
+    assert counter.calls == 8 + 4  # new example shape: probed again
     _step(model, torch.randn(7, 4, 6).double().float())
-    assert counter.calls == 11
+    assert counter.calls == 13
     with torch.no_grad():
         model(torch.randn(3, 6, 6))
-    assert counter.calls == 12  # no probe without gradient
+    assert counter.calls == 14  # no probe without gradient
     model.eval()
     _step(model, torch.randn(3, 6, 6))
-    assert counter.calls == 13 + 3  # eval mode is probed too (private training without dropout)
+    assert counter.calls == 15 + 4  # eval mode is probed too (private training without dropout)
     model.train()
     _step(model, torch.randn(1, 5, 6))
-    assert counter.calls == 17 + 2  # a batch of one: state written from the data only
+    assert counter.calls == 20 + 2  # a batch of one: state written from the data only
     _step(model, torch.randn(1, 5, 6))
-    assert counter.calls == 20  # ... once per signature
+    assert counter.calls == 23  # ... once per signature
     _step(model, torch.randn(4, 5, 6))
-    assert counter.calls == 21 + 3  # the first larger batch of that shape gets the full probe
+    assert counter.calls == 24 + 4  # the first larger batch of that shape gets the full probe
     assert len(check.probed) == 4  # (B, 6), (B, 4, 6), (B, 6, 6), (B, 5, 6)
     clipper.remove()
     check.remove()

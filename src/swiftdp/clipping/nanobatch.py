@@ -19,6 +19,7 @@ from torch.utils import _pytree as pytree
 from swiftdp.clipping import views
 from swiftdp.clipping.clip_fns import clip_factors, nonfinite_examples
 from swiftdp.clipping.rounding import AutocastState, compute_dtype, max_finite
+from swiftdp.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
     from swiftdp.clipping.boundary import OutputsBackward
@@ -51,6 +52,12 @@ def make_backward(
 
     def backward(outs: list[Tensor], grads: list[Tensor]) -> None:
         del outs
+        reduction = step.reduction_override or engine.loss_reduction
+        if reduction == "mean" and any(g.dtype in (torch.bfloat16, torch.float16) for g in grads):
+            # as the other modes refuse it (clipping/step.py): (∂ℓ_i/∂out)/B rounded to 16
+            # bits makes one example's presence move every other example's gradient
+            from swiftdp.clipping.step import MEAN_IN_HALF
+            raise InvalidArgumentError(MEAN_IN_HALF.format(dtype=grads[0].dtype))
         step.started = True
         params = list(step.trainable.values())
         batch = step.batch_size

@@ -279,7 +279,7 @@ class Step:
             # pass (FGSM, logging): not a training backward, nothing to deliver.
             return
         if grad.dtype in _HALF and (self.reduction_override or self.engine.loss_reduction) == "mean":
-            raise InvalidArgumentError(_MEAN_IN_HALF.format(dtype=grad.dtype))
+            raise InvalidArgumentError(MEAN_IN_HALF.format(dtype=grad.dtype))
         self.started = True
         if cap.generation != self.generation:
             cap.generation = self.generation
@@ -485,7 +485,7 @@ class Step:
 
 
 _HALF = (torch.bfloat16, torch.float16)
-_MEAN_IN_HALF = (
+MEAN_IN_HALF = (
     "The model's output gradients are {dtype} (torch.autocast or 16-bit parameters) and the "
     "loss is a mean over the batch (loss_reduction='mean'): each example's gradient is then "
     "(∂ℓ_i/∂out)/B rounded to 16 bits, so its rounding depends on the batch size and one "

@@ -59,6 +59,13 @@ def check_views(args: tuple[Any, ...], kwargs: dict[str, Any], batch: int, views
     """
     leaves, _ = pytree.tree_flatten_with_path((args, kwargs))
     for path, t in leaves:
+        if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == batch * views and views > 1:
+            # Rows the engine cannot credit: neither marked as the batch nor probed.
+            raise InvalidArgumentError(
+                f"augmult={views}: the model's argument {_name(path)} has shape "
+                f"{tuple(t.shape)}, {batch} x {views} rows already flattened. Pass every "
+                f"batched argument as (B, {views}, ...), as dp.data_loader yields it: the "
+                "engine flattens it itself and then knows which rows are whose.")
         if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == batch and (
                 t.dim() < 2 or t.shape[1] != views):
             raise InvalidArgumentError(

@@ -29,7 +29,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -97,8 +97,9 @@ class Views:
         augment: maps a batch of inputs ``(B, ...)`` to augmented inputs of
             the same shape, each example transformed on its own; ``None``
             repeats the inputs (the model then augments each row itself).
-        probe: check on the first batch of each input shape that ``augment``
-            transforms each example on its own (two extra calls of it).
+        probe: check on every batch that ``augment`` transforms each example
+            on its own (the ``K`` views built twice more, with the first and
+            the last example replaced).
 
     Raises:
         InvalidArgumentError: ``augmult`` is not a positive int, or
@@ -116,7 +117,6 @@ class Views:
         self.augmult = augmult
         self.augment = augment
         self.probe = probe
-        self._probed: set[Hashable] = set()
 
     def __call__(self, batch: Any) -> Any:
         """The batch with ``K`` views of each example (inputs augmented, the rest repeated).
@@ -149,11 +149,14 @@ class Views:
         fn = self.augment
         if fn is None:
             return self._repeat(x)
-        sig = (tuple(x.shape[1:]), x.dtype, x.device.type)
-        if self.probe and x.shape[0] > 1 and sig not in self._probed:
-            _probe(fn, x)
-            self._probed.add(sig)
-        views = [fn(x) for _ in range(self.augmult)]
+        if self.probe and x.shape[0] > 1:
+            return _probed_views(self, x)
+        return self._views(x)
+
+    def _views(self, x: Tensor) -> Tensor:
+        """``augment`` applied ``K`` times, stacked along dimension 1 (none for ``K = 1``)."""
+        assert self.augment is not None
+        views = [self.augment(x) for _ in range(self.augmult)]
         if any(v.shape != x.shape for v in views):
             bad = next(v for v in views if v.shape != x.shape)
             raise InvalidArgumentError(
@@ -162,24 +165,34 @@ class Views:
         return views[0] if self.augmult == 1 else torch.stack(views, dim=1)
 
 
-def _probe(fn: Augment, x: Tensor) -> None:
-    """Refuse an ``augment`` whose output for one example depends on another."""
-    devices = [x.device.index or 0] if x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        state = torch.get_rng_state()
-        cuda = torch.cuda.get_rng_state(x.device) if devices else None
-        ref = fn(x.clone())
-        gen = torch.Generator(device=x.device).manual_seed(7919)  # not the augment's stream
+def _probed_views(views: Views, x: Tensor) -> Tensor:
+    """The views of ``x``, after checking that none depends on another example.
+
+    The ``K`` views are built three times from the same random state: for
+    ``x``, and for ``x`` with its first, then its last example replaced; every
+    other example's views must come out identical (a transform that mixes
+    examples on some calls only, ``RandomApply(mixup)``, is caught the first
+    time it mixes). The random stream continues from the reference build, as
+    if the views had been built once; the reference views are the ones used.
+    """
+    cuda = x.device if x.device.type == "cuda" else None
+    start = torch.get_rng_state()
+    start_cuda = torch.cuda.get_rng_state(cuda) if cuda is not None else None
+    ref = views._views(x)
+    after = torch.get_rng_state()
+    after_cuda = torch.cuda.get_rng_state(cuda) if cuda is not None else None
+    gen = torch.Generator(device=x.device).manual_seed(7919)  # not the augment's stream
+    try:
         for j in sorted({0, x.shape[0] - 1}):
             y = x.clone()
             if y.is_floating_point():
                 y[j] = torch.rand(y[j].shape, generator=gen, device=x.device, dtype=y.dtype) * 10 + 5
             else:
                 y[j] = y[(j + 1) % len(y)]
-            torch.set_rng_state(state)
-            if cuda is not None:
-                torch.cuda.set_rng_state(cuda, x.device)
-            out = fn(y)
+            torch.set_rng_state(start)
+            if start_cuda is not None and cuda is not None:
+                torch.cuda.set_rng_state(start_cuda, cuda)
+            out = views._views(y)
             keep = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
             keep[j] = False
             if out.shape != ref.shape or not torch.equal(out[keep], ref[keep]):
@@ -188,5 +201,9 @@ def _probe(fn: Augment, x: Tensor) -> None:
                     f"{x.shape[0]} changed the augmented views of others (or their random "
                     "draws). Each example's views must depend on that example alone (no "
                     "mixup or batch statistics across examples); draw the same random "
-                    "numbers whatever the data."
-                )
+                    "numbers whatever the data.")
+    finally:
+        torch.set_rng_state(after)
+        if after_cuda is not None and cuda is not None:
+            torch.cuda.set_rng_state(after_cuda, cuda)
+    return ref
