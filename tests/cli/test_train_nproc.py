@@ -29,7 +29,8 @@ from swiftdp.cli.main import main
 N_TRAIN, BATCH, DELTA = 1438, 256, 1e-5  # the digits' training split; 5 Poisson steps an epoch
 ARGS = ["train", "--dataset", "digits", "--model", "mlp", "--batch-size", str(BATCH),
         "--seed", "0", "--accountant", "rdp", "--quiet"]
-FILES = {"config.yaml", "metrics.json", "checkpoint.pt", "model.pt", "accuracy_vs_epsilon.png"}
+FILES = {"config.yaml", "metrics.json", "checkpoint.pt", "model.pt", "accuracy_vs_epsilon.png",
+         "privacy.json", "privacy.md"}
 
 
 def _swiftdp(*args: str) -> list[str]:
@@ -73,6 +74,9 @@ def test_two_processes_write_the_one_process_outputs_and_epsilon(tmp_path, capsy
     want = _epsilon(sigma, 5)
     assert m_two["final"]["epsilon"] == pytest.approx(want, rel=1e-9)
     assert m_one["final"]["epsilon"] == pytest.approx(want, rel=1e-9)
+    reports = [json.loads((d / "privacy.json").read_text()) for d in (one, two)]
+    assert [r["processes"] for r in reports] == [1, 2]
+    assert reports[1]["epsilon"] == m_two["final"]["epsilon"]
     assert f"{want:.4f}" in proc.stdout
     assert 0.0 < m_two["epochs"][0]["test_accuracy"] <= 1.0
 

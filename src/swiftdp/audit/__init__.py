@@ -1,5 +1,19 @@
-"""Empirical privacy auditing of the real training pipeline."""
+"""Empirical privacy auditing of the real training pipeline.
 
+* :func:`one_run` — one training run with gradient canaries, a lower bound on
+  ε at a chosen confidence (Steinke et al. 2023; the f-DP refinement of
+  Mahloujifar et al. 2025), beside the accountant's ε (:mod:`.one_run`,
+  :mod:`.bounds`).
+* :mod:`.faults` — test-only injections of known privacy bugs, to check an
+  audit's power on a configuration.
+* :func:`audit_gaussian_step` — the older many-run audit of one step.
+"""
+
+from swiftdp.audit import faults
+from swiftdp.audit.bounds import epsilon_lower_bound as one_run_lower_bound
+from swiftdp.audit.bounds import epsilon_lower_bound_fdp
 from swiftdp.audit.canary import AuditResult, audit_gaussian_step, epsilon_lower_bound
+from swiftdp.audit.one_run import OneRunAudit, one_run
 
-__all__ = ["AuditResult", "audit_gaussian_step", "epsilon_lower_bound"]
+__all__ = ["AuditResult", "OneRunAudit", "audit_gaussian_step", "epsilon_lower_bound",
+           "epsilon_lower_bound_fdp", "faults", "one_run", "one_run_lower_bound"]

@@ -1,4 +1,4 @@
-"""The ``swiftdp`` command: ``swiftdp train`` (the main job), ``swiftdp epsilon``, ``swiftdp bench``.
+"""The ``swiftdp`` command: ``swiftdp train`` (the main job), ``swiftdp epsilon``, ``swiftdp audit``, ``swiftdp bench``.
 
 Bad input (unknown option values, an unreadable data folder, an unreachable ε,
 a resume folder that does not match) prints one line, ``swiftdp: error: ...``,
@@ -36,15 +36,16 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``swiftdp`` parser with its subcommands."""
-    from swiftdp.cli import epsilon, train_command
+    from swiftdp.cli import audit, epsilon, train_command
 
     parser = _Parser(prog="swiftdp", description="Fast, exact differentially private training.")
     parser.add_argument("--version", action="version", version=_version())
     from swiftdp.bench import cli as bench_cli
 
-    sub = parser.add_subparsers(dest="command", metavar="{train,epsilon,bench}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{train,epsilon,audit,bench}", parser_class=_Parser)
     train_command.add_parser(sub)
     epsilon.add_parser(sub)
+    audit.add_parser(sub)
     bench_cli.add_parser(sub)
     return parser
 
@@ -94,6 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from swiftdp.cli import epsilon
 
                 return epsilon.run(args)
+            if args.command == "audit":
+                from swiftdp.cli import audit
+
+                return audit.run(args)
             if args.command == "bench":
                 from swiftdp.bench import cli as bench_cli
 

@@ -70,6 +70,8 @@ class TrainConfig:
     augmult: int = 1
     augment: str = "auto"
     seed: int | None = None
+    secure: bool = False
+    audit: bool = False
     device: str = "cpu"
     threads: int | None = None
     nproc: int = 1
@@ -240,6 +242,14 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
     Option("seed", int, "seed of initialisation, sampling and noise (default: a "
            "secret random seed)",
            check=_non_negative, nullable=True),
+    Option("secure", bool, "draw the noise and the sampling from the OS's secure generator "
+           "(noise: a float64 sum of Gaussians per coordinate); checkpoints then hold no "
+           "generator state and a resume draws fresh entropy (--seed still seeds the model's "
+           "initialisation)"),
+    Option("audit", bool, "after training, audit the run's mechanism (its σ, q, steps, "
+           "clipping mode) in one run of the real pipeline with 1,000 gradient canaries: an "
+           "empirical lower bound on ε beside the claimed one, in privacy.md/json and "
+           "audit.png (swiftdp audit; one σ only)"),
     Option("device", str, "device", DEVICES),
     Option("threads", int, "CPU threads per process (default: all cores, shared evenly among "
            "the --nproc processes)", check=_at_least_one, nullable=True),
@@ -476,6 +486,11 @@ def _check_privacy_options(cfg: TrainConfig) -> None:
         raise InvalidArgumentError(
             f"--clip-schedule {cfg.clip_schedule} and --adaptive-clipping "
             f"{cfg.adaptive_clipping} both move C from step to step; choose one of them.")
+    if cfg.audit and (cfg.non_private or cfg.noise_schedule is not None
+                      or cfg.adaptive_clipping is not None):
+        why = ("--non-private has no mechanism" if cfg.non_private else
+               "the audit replays one σ, and --noise-schedule/--adaptive-clipping move it")
+        raise InvalidArgumentError(f"--audit: {why}. Drop --audit, or audit with swiftdp audit.")
     if cfg.clip_per_layer and cfg.clip_schedule is not None:
         raise InvalidArgumentError(
             f"--clip-schedule {cfg.clip_schedule} moves one C, and --clip-per-layer clips "

@@ -98,7 +98,7 @@ def make_run_private(cfg: TrainConfig, plan: Plan, model: nn.Module, optimizer: 
             adaptive_clipping=plan.adaptive,
             epochs=cfg.epochs, clipping=cfg.clipping, mode=cfg.mode, loss_reduction="sum",
             max_physical_batch_size=cfg.max_physical_batch_size, accountant=cfg.accountant,
-            seed=cfg.seed, augmult=cfg.augmult, augment=augment_for(cfg),
+            seed=cfg.seed, secure=cfg.secure, augmult=cfg.augmult, augment=augment_for(cfg),
         )
     except InvalidArgumentError as e:
         raise _in_flag_terms(cfg, e) from None

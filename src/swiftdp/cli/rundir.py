@@ -13,6 +13,9 @@ file                  content
 ``model.pt``          the final model's ``state_dict`` (the evaluated weights)
 ``accuracy_vs_epsilon.png``  test accuracy against ε spent
                       (``perplexity_vs_epsilon.png`` for text)
+``privacy.json``      the privacy report when the run finishes: mechanism, σ,
+                      C, q, steps, δ, ε by each accountant, assumptions
+                      (:mod:`swiftdp.cli.report`); ``privacy.md`` the same to read
 ====================  =========================================================
 """
 
@@ -34,6 +37,8 @@ CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
 PLOT = "accuracy_vs_epsilon.png"
 """The plot of a classification run (:func:`plot_name` in general)."""
+PRIVACY_JSON = "privacy.json"
+PRIVACY_MD = "privacy.md"
 
 
 def plot_name(metric: str) -> str:

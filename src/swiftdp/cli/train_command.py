@@ -15,7 +15,7 @@ import torch
 
 import swiftdp
 from swiftdp import distributed
-from swiftdp.cli import parallel, rundir
+from swiftdp.cli import parallel, report, rundir
 from swiftdp.cli.options import (
     OPTIONS_BY_NAME,
     RECIPES,
@@ -314,11 +314,13 @@ def _train(args: argparse.Namespace, cfg: TrainConfig, resume_dir: Path | None,
         final = _summary(trainer, wall)
         atomic_torch_save(_model_file(cfg, prep, trainer), run_dir / rundir.MODEL)
         rundir.write_metrics(run_dir, metrics_document(trainer, final))
+        report.write_privacy_report(trainer)
         if trainer.history:
             rundir.plot_metric(run_dir, trainer.history, prep.eval_name, prep.task.metric,
                                trainer.dp is not None)
 
-    parallel.on_rank0(finish, "write the report, model.pt, metrics.json and the plot")
+    parallel.on_rank0(finish, "write the report, model.pt, metrics.json, privacy.json/md and "
+                      "the plot")
     return 0
 
 

@@ -9,30 +9,63 @@ bit. Whoever holds such a checkpoint (or the seed) can regenerate the noise
 of every later step and subtract it from the released model, so the
 checkpoint is as secret as the training data.
 
-``secure=True`` seeds a :class:`SecureGenerator` from the operating
-system's entropy (``secrets``) and never records the seed; checkpoints never
-contain its state, and a resumed run draws fresh OS entropy
-(:func:`reseed_from_os_entropy`), so no noise is ever replayed. The samples
-still come from torch's floating-point Gaussian sampler, which is known to
-be attackable in principle (Mironov 2012); this is documented, not hidden.
+``secure=True`` returns a :class:`SecureGenerator`: the noise is then drawn
+from the operating system's cryptographically secure generator
+(``os.urandom``, the kernel's ChaCha20 CSPRNG), never from torch's Mersenne
+Twister, and nothing of it is ever recorded; checkpoints never contain a
+state, and a resumed run simply keeps drawing fresh OS entropy, so no noise
+is ever replayed. Each coordinate's noise is the sum of
+:data:`SECURE_SUMMANDS` independent Box–Muller Gaussians in float64 (53-bit
+uniforms, never 0), scaled by ``1/√k``: exactly ``N(0, std²)`` in
+distribution, and the standard mitigation of the floating-point attacks on
+a single floating-point Gaussian sample (Mironov 2012; Jin et al. 2022),
+whose output's low-order bits can reveal the value it was added to — a sum
+of several samples fills them. It is a mitigation, not the discrete
+Gaussian's exact guarantee. Cost: measured in BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import secrets
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import torch
+
+SECURE_SUMMANDS = 4
+"""Gaussians summed for each coordinate of secure noise."""
 
 
 class SecureGenerator(torch.Generator):
-    """A CPU noise generator seeded from OS entropy whose state never leaves the process.
+    """The mark of secure noise: :func:`add_gaussian_noise` draws it from ``os.urandom``.
 
-    It is an ordinary ``torch.Generator``; the type marks it so that
-    checkpoints leave its state out (:mod:`swiftdp.api.checkpoint`). Build it
-    with :func:`make_noise_generator` (``secure=True``).
+    A ``torch.Generator`` by type (what the optimizer holds), reseeded from OS
+    entropy, whose own stream is never used for the noise; checkpoints leave
+    its state out (:mod:`swiftdp.api.checkpoint`). Build it with
+    :func:`make_noise_generator` (``secure=True``).
     """
+
+
+def secure_standard_normal(n: int, summands: int = SECURE_SUMMANDS) -> torch.Tensor:
+    """``n`` standard normal float64 samples from the OS CSPRNG, each a sum of ``summands``.
+
+    Box–Muller on 53-bit uniforms in ``(0, 1)`` from ``os.urandom``; the
+    ``summands`` samples of each coordinate are summed and scaled by
+    ``1/√summands``.
+    """
+    if n == 0:
+        return torch.zeros(0, dtype=torch.float64)
+    pairs = (n * summands + 1) // 2
+    raw = np.frombuffer(os.urandom(16 * pairs), dtype=np.uint64)
+    u = ((raw >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53  # (0, 1), 53 bits
+    radius = np.sqrt(-2.0 * np.log(u[:pairs]))
+    angle = 2.0 * np.pi * u[pairs:]
+    z = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[: n * summands]
+    out = z.reshape(n, summands).sum(1) / math.sqrt(summands)
+    return torch.from_numpy(out)
 
 
 def make_noise_generator(seed: int | None, *, secure: bool = False) -> tuple[torch.Generator, int | None]:
@@ -96,10 +129,14 @@ def add_gaussian_noise(params: Iterable[Any], std: float, generator: torch.Gener
         std: the noise standard deviation (σ · sensitivity).
         generator: the library's noise generator.
     """
+    secure = isinstance(generator, SecureGenerator)
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         if std == 0:
             continue
-        noise = torch.randn(p.shape, generator=generator, dtype=p.dtype)
+        if secure:  # OS CSPRNG, float64 sum of Gaussians (module docstring)
+            noise = secure_standard_normal(p.shape.numel()).reshape(p.shape)
+        else:
+            noise = torch.randn(p.shape, generator=generator, dtype=p.dtype)
         p.grad.add_(noise.to(device=p.grad.device, dtype=p.grad.dtype), alpha=std)
