@@ -62,3 +62,15 @@ def test_per_layer_clipping_trains_with_one_group_per_layer_and_total_sensitivit
 def test_per_layer_clipping_combinations_are_refused(tmp_path, capsys, extra, needle):
     assert main([*TINY, *extra, "--out", str(tmp_path / "r")]) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_augmented_views_go_through_the_frozen_features_not_their_cache():
+    """The default cnn caches its ScatterNet features; augmenting them would shift 7x7 maps."""
+    from swiftdp.cli.setup import prepare
+
+    plain = prepare(TrainConfig(dataset="digits", seed=0))
+    views = prepare(TrainConfig(dataset="digits", seed=0, augmult=2))
+    assert plain.train.x.shape[1:] != (1, 8, 8)  # cached features
+    assert views.train.x.shape[1:] == (1, 8, 8)  # the images, augmented at each step
+    assert sum(p.numel() for p in views.trainable.parameters() if p.requires_grad) == sum(
+        p.numel() for p in plain.trainable.parameters() if p.requires_grad)

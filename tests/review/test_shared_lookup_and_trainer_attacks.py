@@ -277,10 +277,8 @@ def test_make_private_shared_lookup_cumsum_along_batch_sensitivity():
     assert s <= C * (1 + 1e-9)
 
 
-@pytest.mark.xfail(strict=True, raises=NOT_FIXED,
-                   reason="measured: indices laundered from example 1 via .tolist() to shape "
-                          "(1, T) are taken as shared; make_private's probe replaces only "
-                          "examples 0 and B-1: sensitivity 1.114 C, no error")
+# Was a leak (1.114 C: indices laundered from example 1 via .tolist() taken as shared);
+# now refused by the independence probe's backward check (clipping/backward_probe.py).
 def test_make_private_laundered_data_index_as_shared_lookup():
     x, y = _data()
     try:

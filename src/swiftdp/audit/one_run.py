@@ -5,9 +5,10 @@ would (Poisson sampling at the run's q, the clipping engine, the noise, the
 division by ``q·N``, many steps), on a dataset holding ``m`` canaries, each
 included independently with probability ½, and filler examples. Each canary
 is a crafted example whose gradient is a fixed direction of norm above ``C``
-(white-box gradient canaries: a linear model trained on the linear loss
-``⟨w, x⟩``, canary ``i`` the input ``2C·e_i``, so its clipped gradient is
-``C·e_i`` at every step it is sampled); its score after training is the
+(white-box gradient canaries: a linear model on one-hot inputs trained on
+the linear loss ``⟨w, x⟩``, canary ``i`` the input ``10C·e_i``, so its
+clipped gradient is ``C·e_i`` at every step it is sampled; the model is a
+lookup table, so a million canaries cost a million parameters); its score after training is the
 model's movement along its direction. The auditor guesses "included" for the
 highest scores; the number of right guesses gives a lower bound on ε at the
 chosen confidence (:mod:`swiftdp.audit.bounds`, the (ε, δ) bound and its
@@ -94,6 +95,18 @@ class OneRunAudit:
         return d
 
 
+class _Canaries(nn.Module):
+    """A linear model on one-hot inputs, as a lookup: ``out_k = norm_k · w[row_k]``."""
+
+    def __init__(self, rows: int) -> None:
+        super().__init__()
+        self.table = nn.Embedding(rows, 1, dtype=torch.float64)
+        nn.init.zeros_(self.table.weight)
+
+    def forward(self, row: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+        return self.table(row)[:, 0] * norm
+
+
 def one_run(*, canaries: int = 1000, fillers: int = 1000, steps: int = 10,
             sample_rate: float = 0.5, noise_multiplier: float = 1.0, max_grad_norm: float = 1.0,
             delta: float = 1e-5, confidence: float = 0.95, mode: str = "bk",
@@ -134,20 +147,19 @@ def one_run(*, canaries: int = 1000, fillers: int = 1000, steps: int = 10,
     included = rng.random(canaries) < 0.5
     kept = np.flatnonzero(included)
     d = canaries + fillers
-    rows = np.concatenate([kept, canaries + np.arange(fillers)])
-    x = torch.zeros(len(rows), d, dtype=torch.float64)
-    norms = torch.full((len(rows),), 2.0 * max_grad_norm, dtype=torch.float64)  # fillers: 2C
+    # Example k is (row, norm): a lookup of its own parameter row, scaled. The linear
+    # loss makes its gradient norm·e_row, a fixed direction (canaries 10C, fillers 2C).
+    rows = torch.as_tensor(np.concatenate([kept, canaries + np.arange(fillers)]))
+    norms = torch.full((len(rows),), 2.0 * max_grad_norm, dtype=torch.float64)
     norms[:len(kept)] = canary_norm * max_grad_norm
-    x[torch.arange(len(rows)), torch.as_tensor(rows)] = norms
     n = len(rows)
     batch = max(1, round(sample_rate * n))
-    model = nn.Linear(d, 1, bias=False).double()
-    nn.init.zeros_(model.weight)
+    model = _Canaries(d)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         dp = make_private(
-            model, opt, DataLoader(TensorDataset(x), batch_size=batch),
+            model, opt, DataLoader(TensorDataset(rows, norms), batch_size=batch),
             noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, steps=steps,
             delta=delta, loss_reduction="sum", mode=mode, accountant=accountant,
             max_physical_batch_size=max_physical_batch_size,
@@ -155,10 +167,10 @@ def one_run(*, canaries: int = 1000, fillers: int = 1000, steps: int = 10,
             secure=seed is None, check_independence=False)
     taken = 0
     while taken < steps:
-        for (xb,) in dp.data_loader:
+        for idx, scale in dp.data_loader:
             dp.optimizer.zero_grad()
-            if len(xb):
-                dp.model(xb).sum().backward()
+            if len(idx):
+                dp.model(idx, scale).sum().backward()
             before = dp.steps
             dp.optimizer.step()
             if dp.steps > before:
@@ -168,7 +180,7 @@ def one_run(*, canaries: int = 1000, fillers: int = 1000, steps: int = 10,
     claimed = dp.epsilon(delta)
     q_n = dp.privacy.expected_batch_size
     # Canary i's score: the model's movement along e_i, in units of C / (q·N).
-    w = model.weight.detach()[0, :canaries].numpy()
+    w = model.table.weight.detach()[:canaries, 0].numpy()
     scores = -w * q_n / max_grad_norm
     dp.detach()
     eps, _, _ = best_guesses(scores, included, confidence=confidence, delta=delta, fdp=False)

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from swiftdp.cli.options import TrainConfig
+from swiftdp.cli.privacy import augment_for
 from swiftdp.cli.tasks import TrainTask, task_for
 from swiftdp.data import Dataset, Split, load_dataset
 from swiftdp.errors import InvalidArgumentError
@@ -111,7 +112,9 @@ def prepare(cfg: TrainConfig) -> Prepared:
     torch.manual_seed(seed)
     model = task.build_model(cfg, data)
     trainable: nn.Module = model
-    if isinstance(model, FeatureClassifier):
+    # Frozen features are computed once and cached, unless the images are augmented
+    # (--augmult / --augment): then each view goes through the features at every step.
+    if isinstance(model, FeatureClassifier) and augment_for(cfg) is None:
         trainable = model.classifier
         train = Split(featurize(model.features, train.x, device), train.y)
         evaluation = Split(featurize(model.features, evaluation.x, device), evaluation.y)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 import sys
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,6 +25,8 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from swiftdp.checks import check_batch_dim
+from swiftdp.clipping.backward_probe import FIX as _FIX
+from swiftdp.clipping.backward_probe import check_backward
 from swiftdp.clipping.compare import tree_unchanged, unchanged
 from swiftdp.clipping.hook_check import check_no_backward_hooks
 from swiftdp.clipping.views import merge_views, split_views
@@ -37,11 +39,6 @@ MAX_SIGNATURES = 1024
 """How many probed input signatures are remembered (oldest forgotten first)."""
 
 
-_FIX = (
-    "Examples must be processed independently: remove the cross-example op, or replace "
-    "BatchNorm-like statistics by GroupNorm/LayerNorm; if you are sure, pass "
-    "check_independence=False to make_private."
-)
 _Event = tuple[str, str, str | None, Any]  # (kind "in"/"out", module path, enclosing path, value)
 
 
@@ -241,84 +238,7 @@ class _Probe:
                         "from private data in training mode (or make the statistic a "
                         f"parameter trained with DP noise). {_FIX}"
                     )
-        self.backward_check()  # after the forward probe: its errors name the module
-
-    def backward_check(self) -> None:
-        """Refuse a backward that moves gradients between examples (the forward may look fine).
-
-        A straight-through term (``h + (r - r.detach())`` with ``r`` another
-        example's row), a custom ``autograd.Function`` whose backward mixes
-        rows, or a tensor hook the forward registers on an activation leave
-        every forward output per-example, so the forward probe cannot see
-        them; the gradients the engine captures would still carry other
-        examples' losses. Here the gradient of example ``j``'s outputs alone
-        is taken with respect to the floating-point inputs: every other
-        example's rows must be exactly zero. (Integer inputs, token ids, have
-        no gradient: a model with none is not probed this way.)
-        """
-        floats = [i for i, (x, ax) in enumerate(zip(self.leaves, self.axes, strict=True))
-                  if isinstance(x, Tensor) and ax is not None and x.is_floating_point()]
-        if not floats or self.batch < 2:
-            return
-        gen = torch.Generator().manual_seed(104729)
-        self.restore()
-        leaves = list(self.leaves)
-        inputs = []
-        for i in floats:
-            leaves[i] = self.leaves[i].detach().clone().requires_grad_(True)
-            inputs.append(leaves[i])
-        args, kwargs = pytree.tree_unflatten(leaves, self.spec)
-        with torch.enable_grad():
-            if self.views > 1:
-                a, kw = merge_views(args, kwargs, self.batch, self.views)
-                out = split_views(self.model(*a, **kw), self.batch, self.views)
-            else:
-                out = self.model(*args, **kwargs)
-            outs = [t for t in pytree.tree_leaves(out)
-                    if isinstance(t, Tensor) and t.requires_grad and t.is_floating_point()
-                    and t.dim() > 0 and self.batch in t.shape]
-            if not outs:
-                return
-            probes = sorted({0, self.batch - 1})
-            for n, j in enumerate(probes):
-                grads = []
-                for t in outs:  # the gradient of example j's outputs alone
-                    g = torch.zeros_like(t)
-                    row = g.select(list(t.shape).index(self.batch), j)
-                    row.copy_(torch.randn(row.shape, generator=gen, dtype=torch.float64)
-                              .to(device=t.device, dtype=t.dtype))
-                    grads.append(g)
-                try:
-                    got = torch.autograd.grad(outs, inputs, grads, allow_unused=True,
-                                              retain_graph=n + 1 < len(probes))
-                except RuntimeError as e:
-                    if "heckpoint" in str(e):  # reentrant checkpointing refuses autograd.grad
-                        return
-                    raise
-                self._refuse_moved(floats, got, j)
-
-    def _refuse_moved(self, floats: list[int], got: Sequence[Tensor | None], j: int) -> None:
-        for i, g in zip(floats, got, strict=True):
-            if g is None:
-                continue
-            ax = self.axes[i]
-            assert ax is not None
-            keep = torch.ones(self.batch, dtype=torch.bool, device=g.device)
-            keep[j] = False
-            others = g.movedim(ax, 0)[keep]
-            # (a non-finite example's own rows may read 0·NaN: not evidence of mixing)
-            moved = (others != 0) & torch.isfinite(others)
-            if others.numel() and bool(moved.any()):
-                raise ExampleMixingError(
-                    f"The model's backward moves gradients between examples: the gradient "
-                    f"of example {j}'s outputs alone reached other examples' inputs "
-                    f"(input #{i}, largest {float(others[moved].abs().max()):.3g}), although "
-                    "every forward output is per-example. A straight-through term across the "
-                    "batch (h + (r - r.detach()) with r from other rows), a custom "
-                    "autograd.Function whose backward mixes rows, or a tensor hook on an "
-                    "activation (registered in the forward or by a forward hook) does this; "
-                    "each example's gradient would carry other examples' losses. Keep the "
-                    f"backward per-example. {_FIX}")
+        check_backward(self)  # after the forward probe: its errors name the module
 
     def mixing_error(self, j: int) -> ExampleMixingError:
         """Rerun the reference and example ``j`` with every module recorded; name the first mixer."""

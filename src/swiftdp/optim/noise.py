@@ -17,7 +17,7 @@ state, and a resumed run simply keeps drawing fresh OS entropy, so no noise
 is ever replayed. Each coordinate's noise is the sum of
 :data:`SECURE_SUMMANDS` independent Box–Muller Gaussians in float64 (53-bit
 uniforms, never 0), scaled by ``1/√k``: exactly ``N(0, std²)`` in
-distribution, and the standard mitigation of the floating-point attacks on
+distribution (52-bit uniforms, odd multiples of 2⁻⁵³), and the standard mitigation of the floating-point attacks on
 a single floating-point Gaussian sample (Mironov 2012; Jin et al. 2022),
 whose output's low-order bits can reveal the value it was added to — a sum
 of several samples fills them. It is a mitigation, not the discrete
@@ -60,7 +60,8 @@ def secure_standard_normal(n: int, summands: int = SECURE_SUMMANDS) -> torch.Ten
         return torch.zeros(0, dtype=torch.float64)
     pairs = (n * summands + 1) // 2
     raw = np.frombuffer(os.urandom(16 * pairs), dtype=np.uint64)
-    u = ((raw >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53  # (0, 1), 53 bits
+    # odd multiples of 2^-53: exactly representable, strictly inside (0, 1)
+    u = ((raw >> np.uint64(12)) * np.uint64(2) + np.uint64(1)).astype(np.float64) * 2.0**-53
     radius = np.sqrt(-2.0 * np.log(u[:pairs]))
     angle = 2.0 * np.pi * u[pairs:]
     z = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[: n * summands]

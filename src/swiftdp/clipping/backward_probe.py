@@ -1,0 +1,129 @@
+"""The independence probe's backward check: no gradient may move between examples.
+
+A straight-through term (``h + (r - r.detach())`` with ``r`` another
+example's row), a custom ``autograd.Function`` whose backward mixes rows, or
+a tensor hook the forward registers on an activation leave every forward
+output per-example, so the forward probe (:mod:`.guard`) cannot see them;
+the gradients the engine captures would still carry other examples' losses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+from swiftdp.clipping.views import merge_views, split_views
+from swiftdp.errors import ExampleMixingError
+
+__all__ = ["check_backward"]
+
+FIX = (
+    # the fix named by every independence refusal (guard.py's too)
+    "Examples must be processed independently: remove the cross-example op, or replace "
+    "BatchNorm-like statistics by GroupNorm/LayerNorm; if you are sure, pass "
+    "check_independence=False to make_private."
+)
+
+
+def check_backward(probe: Any) -> None:
+    """Refuse a backward that moves gradients between examples (the forward may look fine).
+
+    A straight-through term (``h + (r - r.detach())`` with ``r`` another
+    example's row), a custom ``autograd.Function`` whose backward mixes
+    rows, or a tensor hook the forward registers on an activation leave
+    every forward output per-example, so the forward probe cannot see
+    them; the gradients the engine captures would still carry other
+    examples' losses. Here the gradient of example ``j``'s outputs alone is
+    taken with respect to the floating-point inputs and to the output of
+    every submodule (an embedding's too, so token-only models are probed):
+    at each, every other example's rows must be exactly zero (for a tensor
+    with several dimensions of size ``B``, along at least one of them).
+    """
+    if probe.batch < 2:
+        return
+    gen = torch.Generator().manual_seed(104729)
+    probe.restore()
+    leaves = list(probe.leaves)
+    points: list[tuple[str, Tensor, list[int]]] = []  # (what, tensor, candidate batch axes)
+    for i, (x, ax) in enumerate(zip(probe.leaves, probe.axes, strict=True)):
+        if isinstance(x, Tensor) and ax is not None and x.is_floating_point():
+            leaves[i] = x.detach().clone().requires_grad_(True)
+            points.append((f"input #{i}", leaves[i], [ax]))
+    args, kwargs = pytree.tree_unflatten(leaves, probe.spec)
+    rows = probe.batch * probe.views  # submodules see the merged views
+
+    def record(name: str) -> Any:
+        def hook(module: Any, a: Any, out: Any) -> None:
+            for t in pytree.tree_leaves(out):
+                if (isinstance(t, Tensor) and t.requires_grad and t.is_floating_point()
+                        and t.dim() > 0):
+                    axes = [d for d in range(t.dim()) if t.shape[d] == rows]
+                    if axes:
+                        points.append((f"the output of `{name}`", t, axes))
+        return hook
+
+    handles = [m.register_forward_hook(record(n)) for n, m in probe.model.named_modules() if n]
+    try:
+        with torch.enable_grad():
+            if probe.views > 1:
+                a, kw = merge_views(args, kwargs, probe.batch, probe.views)
+                out = split_views(probe.model(*a, **kw), probe.batch, probe.views)
+            else:
+                out = probe.model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    outs = [t for t in pytree.tree_leaves(out)
+            if isinstance(t, Tensor) and t.requires_grad and t.is_floating_point()
+            and t.dim() > 0 and probe.batch in t.shape]
+    if not outs or not points:
+        return
+    probes = sorted({0, probe.batch - 1})
+    for n, j in enumerate(probes):
+        grads = []
+        for t in outs:  # the gradient of example j's outputs alone
+            g = torch.zeros_like(t)
+            row = g.select(list(t.shape).index(probe.batch), j)
+            row.copy_(torch.randn(row.shape, generator=gen, dtype=torch.float64)
+                      .to(device=t.device, dtype=t.dtype))
+            grads.append(g)
+        try:
+            with torch.enable_grad():
+                got = torch.autograd.grad(outs, [t for _, t, _ in points], grads,
+                                          allow_unused=True, retain_graph=n + 1 < len(probes))
+        except RuntimeError as e:
+            if "heckpoint" in str(e):  # reentrant checkpointing refuses autograd.grad
+                return
+            raise
+        for (what, _, axes), g in zip(points, got, strict=True):
+            if g is not None:
+                _refuse_moved(probe, what, g, axes, j)
+
+
+def _refuse_moved(probe: Any, what: str, g: Tensor, axes: list[int], j: int) -> None:
+    """Refuse when every candidate batch axis of ``g`` has a nonzero row of another example."""
+    per = g.shape[axes[0]] // probe.batch if axes else 1
+    largest = 0.0
+    for ax in axes:
+        rows = g.movedim(ax, 0)
+        if per > 1:  # merged views: rows j·K .. j·K + K − 1 are example j's
+            rows = rows.reshape(probe.batch, per, *rows.shape[1:])
+        keep = torch.ones(probe.batch, dtype=torch.bool, device=g.device)
+        keep[j] = False
+        others = rows[keep]
+        # (a non-finite example's own rows may read 0·NaN: not evidence of mixing)
+        moved = (others != 0) & torch.isfinite(others)
+        if not others.numel() or not bool(moved.any()):
+            return
+        largest = max(largest, float(others[moved].abs().max()))
+    raise ExampleMixingError(
+        f"The model's backward moves gradients between examples: the gradient of example "
+        f"{j}'s outputs alone reached other examples' rows of {what} (largest "
+        f"{largest:.3g}), although every forward output is per-example. A straight-through "
+        "term across the batch (h + (r - r.detach()) with r from other rows), a custom "
+        "autograd.Function whose backward mixes rows, or a tensor hook on an activation "
+        "(registered in the forward or by a forward hook) does this; each example's "
+        f"gradient would carry other examples' losses. Keep the backward per-example. {FIX}")
