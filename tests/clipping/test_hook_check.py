@@ -65,3 +65,33 @@ def test_a_global_backward_hook_is_refused_and_removing_it_works():
     F.cross_entropy(model(torch.randn(5, 4)), torch.randint(0, 3, (5,))).backward()
     assert all(p.grad is not None for p in model.parameters())
     clipper.remove()
+
+
+def test_a_tensor_hook_on_an_activation_may_read_but_not_change_its_gradient():
+    """Registered in the forward at any step: a reading hook runs, a rewriting one is refused."""
+    seen = []
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+            self.mix = False
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x)
+            if self.mix:
+                h.register_hook(lambda g: g + g.roll(1, 0))
+            else:
+                h.register_hook(lambda g: seen.append(float(g.norm())))
+            return self.b(torch.tanh(h))
+
+    model = Net()
+    clipper = swiftdp.GradClipper(model, 1.0)
+    torch.nn.functional.cross_entropy(model(torch.randn(6, 4)), torch.zeros(6, dtype=torch.long)
+                                      ).backward()
+    assert len(seen) == 1  # read-only: allowed
+    model.mix = True  # switched on at a later step
+    with pytest.raises(UnsupportedModuleError, match="changed the gradient of an activation"):
+        torch.nn.functional.cross_entropy(model(torch.randn(6, 4)),
+                                          torch.zeros(6, dtype=torch.long)).backward()
+    clipper.remove()

@@ -488,9 +488,8 @@ def test_probe_mixing_on_input_independent_branch():
     _refused_or_bounded(ParamBranchST, (xs * 10,), ys)
 
 
-@pytest.mark.xfail(strict=True, reason="leak: a tensor hook on an activation registered only "
-                   "after the signature was probed (step 2 on) is never checked: accepted; "
-                   "the hook adds 3x the neighbour row's gradient")
+# Was a leak (a hook on an activation registered from step 2 on, accepted): the tracer now
+# wraps hooks registered on batch-carrying tensors during the forward (read-only).
 def test_probe_activation_hook_added_on_a_later_step():
     flag = {"on": False}
 

@@ -11,7 +11,10 @@ are refused at every forward with gradient.
 
 from __future__ import annotations
 
-from torch import nn
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor, nn
 from torch.nn.modules import module as module_hooks
 
 from swiftdp.errors import UnsupportedModuleError
@@ -40,3 +43,31 @@ def check_no_backward_hooks(model: nn.Module) -> None:
                 "so each example's clipped gradient could depend on the others. Remove the "
                 "hook (handle.remove()) while training privately; to read gradients, use "
                 "dp.clipper.last_norms or the optimizer's noised p.grad after the step.")
+
+
+def read_only_hook(hook: Callable[[Tensor], Any], path: str) -> Callable[[Tensor], None]:
+    """``hook`` as registered on an activation during a traced forward: it may only read.
+
+    A tensor hook on an activation that carries the batch (registered in a
+    module's forward or by a forward hook, at any step) can rewrite the
+    gradient flowing to the layers below after the engine captured it,
+    moving one example's loss into another's gradient. The engine registers
+    such hooks wrapped: one that returns a replacement gradient or modifies
+    it in place is refused at the backward, before any clipped sum exists.
+
+    Raises:
+        UnsupportedModuleError: (at the backward) the hook changed the gradient.
+    """
+    def guarded(grad: Tensor) -> None:
+        version = grad._version
+        out = hook(grad)
+        if (out is not None and out is not grad) or grad._version != version:
+            raise UnsupportedModuleError(
+                f"A tensor hook registered during the forward of module `{path}` changed the "
+                "gradient of an activation (it returned a new gradient or modified it in "
+                "place). It would reach the layers below after per-example clipping read "
+                "them, and can move one example's loss into another's gradient. Under DP, "
+                "hooks on activations may read gradients (return None) only.")
+        return None
+
+    return guarded

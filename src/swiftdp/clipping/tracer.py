@@ -37,6 +37,7 @@ from swiftdp.clipping import batchdim, expand, shared
 from swiftdp.clipping.args import SETITEM, detach_in, flat, mutates, slice_region
 from swiftdp.clipping.capture import Capture, ModuleCall, Source
 from swiftdp.clipping.contract import Build, Decline, Site, Unbatched
+from swiftdp.clipping.hook_check import read_only_hook
 from swiftdp.errors import UnsupportedModuleError
 from swiftdp.layers import RULES
 
@@ -65,6 +66,7 @@ _BROADCAST_FUNCS: set[Any] = {
 
 
 RECURRENT = frozenset({"lstm", "gru", "rnn_tanh", "rnn_relu"})
+_REGISTER_HOOK = Tensor.register_hook
 
 # Layers acting on each row of their input alone: on a batch merged into the
 # rows (OPT's ``(B * T, d)``), run as ``(B, T, d)``.
@@ -154,6 +156,10 @@ class Tracer(TorchFunctionMode):
             kwargs = {}
         if self.engine.is_suspended:
             return func(*args, **kwargs)
+        if func is _REGISTER_HOOK and args and isinstance(args[0], Tensor) and batchdim.read(
+                args[0], self.batch_token)[0]:
+            hook = args[1] if len(args) > 1 else kwargs["hook"]
+            return func(args[0], read_only_hook(hook, self.module_path()))
         found, src, meets = self.scan(args, kwargs)
         if meets and torch.is_grad_enabled():
             if src is None:  # still without the batch: on the parameters' aliases
