@@ -15,7 +15,6 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from swiftdp.clipping.views import merge_views, split_views
 from swiftdp.errors import ExampleMixingError
 
 __all__ = ["check_backward"]
@@ -68,11 +67,7 @@ def check_backward(probe: Any) -> None:
     handles = [m.register_forward_hook(record(n)) for n, m in probe.model.named_modules() if n]
     try:
         with torch.enable_grad():
-            if probe.views > 1:
-                a, kw = merge_views(args, kwargs, probe.batch, probe.views)
-                out = split_views(probe.model(*a, **kw), probe.batch, probe.views)
-            else:
-                out = probe.model(*args, **kwargs)
+            out = probe.call(args, kwargs)
     finally:
         for h in handles:
             h.remove()

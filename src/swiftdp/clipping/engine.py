@@ -358,12 +358,12 @@ class GradClipper:
         if k > 1:
             views.check_views(args, kwargs, batch, k)
         if self.mode == "nanobatch":  # (no tracer: plain views)
-            return views.merge_views(args, kwargs, batch, k) if k > 1 else None
+            return views.merge_views(args, kwargs, batch, k, check=False) if k > 1 else None
         self._tracer.begin(step, token)
         self._mark_inputs(args, kwargs)
         self._tracer.__enter__()
         if k > 1:  # under the tracer: the rows are marked as the views of their example
-            args, kwargs = views.merge_views(args, kwargs, batch, k)
+            args, kwargs = views.merge_views(args, kwargs, batch, k, check=False)
         self._push(module, "<model>", args, kwargs)
         return (args, kwargs) if k > 1 else None
 

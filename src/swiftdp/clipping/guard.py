@@ -217,7 +217,11 @@ class _Probe:
                 copies[id(x)] = x.clone() if j is None or ax is None else _replace(x, ax, j)
         leaves = [copies.get(id(x), x) if isinstance(x, Tensor) else x for x in self.leaves]
         args, kwargs = pytree.tree_unflatten(leaves, self.spec)
-        if self.views > 1:  # as the engine runs a training forward (clipping/views.py)
+        return self.call(args, kwargs)
+
+    def call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The model on these arguments, as the engine runs a training forward (its views)."""
+        if self.views > 1:  # (clipping/views.py)
             args, kwargs = merge_views(args, kwargs, self.batch, self.views)
             return split_views(self.model(*args, **kwargs), self.batch, self.views)
         return self.model(*args, **kwargs)

@@ -19,6 +19,7 @@ from torch.utils import _pytree as pytree
 from swiftdp.clipping import views
 from swiftdp.clipping.clip_fns import clip_factors, nonfinite_examples
 from swiftdp.clipping.rounding import AutocastState, compute_dtype, max_finite
+from swiftdp.clipping.step import MEAN_IN_HALF
 from swiftdp.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -56,7 +57,6 @@ def make_backward(
         if reduction == "mean" and any(g.dtype in (torch.bfloat16, torch.float16) for g in grads):
             # as the other modes refuse it (clipping/step.py): (∂ℓ_i/∂out)/B rounded to 16
             # bits makes one example's presence move every other example's gradient
-            from swiftdp.clipping.step import MEAN_IN_HALF
             raise InvalidArgumentError(MEAN_IN_HALF.format(dtype=grads[0].dtype))
         step.started = True
         params = list(step.trainable.values())
@@ -77,7 +77,7 @@ def make_backward(
                 k_i = slice_example(kwargs, i, batch, bd)
                 g_i = [slice_example(g, i, batch, bd) * scale for g in grads]
                 if engine.augmult > 1:  # the example's views as a batch of K rows
-                    a_i, k_i = views.merge_views(a_i, k_i, 1, engine.augmult)
+                    a_i, k_i = views.merge_views(a_i, k_i, 1, engine.augmult, check=False)
                 with forward.replay():
                     out_i = module(*a_i, **k_i)
                 leaves = [t for t in pytree.tree_leaves(out_i) if isinstance(t, Tensor) and t.requires_grad]

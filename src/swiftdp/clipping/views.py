@@ -77,10 +77,14 @@ def check_views(args: tuple[Any, ...], kwargs: dict[str, Any], batch: int, views
             )
 
 
-def merge_views(args: tuple[Any, ...], kwargs: dict[str, Any], batch: int, views: int
-                ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Every argument ``(B, K, ...)`` as ``(B·K, ...)``, example-major; the rest unchanged."""
-    check_views(args, kwargs, batch, views)
+def merge_views(args: tuple[Any, ...], kwargs: dict[str, Any], batch: int, views: int, *,
+                check: bool = True) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Every argument ``(B, K, ...)`` as ``(B·K, ...)``, example-major; the rest unchanged.
+
+    ``check=False``: the arguments were :func:`check_views`-ed already.
+    """
+    if check:
+        check_views(args, kwargs, batch, views)
 
     def merge(t: Any) -> Any:
         if isinstance(t, Tensor) and t.dim() > 1 and t.shape[0] == batch:
