@@ -9,8 +9,8 @@ noise × 0.3, noise drawn per physical chunk (10 chunks: × 0.32) and σ
 lowered without telling the accountant each push it above. Sampling at 2q
 needs a million canaries (one step at q = 0.5, σ = 3: claimed 0.781; the
 correct pipeline 0.44–0.49, sampling at 2q 0.82–0.87 over seeds 1–3); dividing
-by the realised batch size is not seen at any configuration we tried
-(README: the audit's limits).
+by the realised batch size leaks a count no single canary can be blamed for:
+tests/audit/test_many_runs.py catches it across independent runs.
 """
 
 from __future__ import annotations

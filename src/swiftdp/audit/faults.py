@@ -18,7 +18,8 @@ accountant reports.
   chunks draws ``1/k`` of the noise std, as a loop that scales its noise to
   the chunk's share would: the step's noise std is ``σC/√k``, not ``σC``.
 * :func:`realised_batch_division` — the noised sum divided by the realised
-  batch size instead of the expected ``q·N``.
+  batch size instead of the expected ``q·N``: a count leak, seen by
+  :func:`swiftdp.audit.many_runs` (``score="scale"``), not by one run.
 * :func:`sampling_rate_scaled` — examples sampled at ``factor · q`` while the
   accountant is told ``q``.
 * :func:`sigma_unreported` — σ multiplied by ``factor`` for the noise from

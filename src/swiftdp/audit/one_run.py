@@ -8,8 +8,11 @@ is a crafted example whose gradient is a fixed direction of norm above ``C``
 (white-box gradient canaries: a linear model on one-hot inputs trained on
 the linear loss ``⟨w, x⟩``, canary ``i`` the input ``10C·e_i``, so its
 clipped gradient is ``C·e_i`` at every step it is sampled; the model is a
-lookup table, so a million canaries cost a million parameters); its score after training is the
-model's movement along its direction. The auditor guesses "included" for the
+lookup table, so a million canaries cost a million parameters:
+:mod:`swiftdp.audit.pipeline`); its score after training is the model's
+movement along its direction. An excluded canary keeps its slot in the
+dataset and is dropped after sampling, so q and the divisor ``q·N`` are the
+run's public parameters in both worlds (add/remove neighbours, as accounted). The auditor guesses "included" for the
 highest scores; the number of right guesses gives a lower bound on ε at the
 chosen confidence (:mod:`swiftdp.audit.bounds`, the (ε, δ) bound and its
 f-DP refinement), reported beside the accountant's ε for the same run.
@@ -29,15 +32,12 @@ References:
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
+from swiftdp.audit import pipeline
 from swiftdp.audit.bounds import best_guesses
 from swiftdp.errors import InvalidArgumentError
 
@@ -65,6 +65,10 @@ class OneRunAudit:
         noise_multiplier: σ.
         in_scores: scores of the included canaries.
         out_scores: scores of the excluded ones.
+        runs: independent training runs the guesses come from (1: one run;
+            :func:`swiftdp.audit.many_runs`: one canary per run).
+        score: what was scored (``"direction"``: the movement along each
+            canary's direction; ``"scale"``: the update's spread).
     """
 
     epsilon_claimed: float
@@ -82,6 +86,8 @@ class OneRunAudit:
     noise_multiplier: float
     in_scores: tuple[float, ...]
     out_scores: tuple[float, ...]
+    runs: int = 1
+    score: str = "direction"
 
     @property
     def violated(self) -> bool:
@@ -93,18 +99,6 @@ class OneRunAudit:
         d = asdict(self)
         d["violated"] = self.violated
         return d
-
-
-class _Canaries(nn.Module):
-    """A linear model on one-hot inputs, as a lookup: ``out_k = norm_k · w[row_k]``."""
-
-    def __init__(self, rows: int) -> None:
-        super().__init__()
-        self.table = nn.Embedding(rows, 1, dtype=torch.float64)
-        nn.init.zeros_(self.table.weight)
-
-    def forward(self, row: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-        return self.table(row)[:, 0] * norm
 
 
 def one_run(*, canaries: int = 1000, fillers: int = 1000, steps: int = 10,
@@ -119,7 +113,9 @@ def one_run(*, canaries: int = 1000, fillers: int = 1000, steps: int = 10,
         fillers: ordinary examples always in the dataset (each its own
             direction, norm ``2C``: clipped too).
         steps: logical steps (one Poisson batch each).
-        sample_rate: q (the expected batch is ``q·N``, N the dataset size).
+        sample_rate: q (the expected batch, the divisor, is ``B = q·N``, N the
+            slots: fillers and canaries, present or not, so q and B are the same
+            whichever canaries are in, as the accountant assumes).
         noise_multiplier: σ.
         max_grad_norm: C.
         delta: δ of the claim and of the bounds.
@@ -137,52 +133,27 @@ def one_run(*, canaries: int = 1000, fillers: int = 1000, steps: int = 10,
     Raises:
         InvalidArgumentError: a count or rate out of range.
     """
-    from swiftdp.api.private import make_private
-
     if canaries < 10 or fillers < 0 or steps < 1 or not canary_norm >= 1:
         raise InvalidArgumentError(
             f"Expected canaries >= 10, fillers >= 0, steps >= 1, canary_norm >= 1; got "
             f"{canaries}, {fillers}, {steps}, {canary_norm}.")
     rng = np.random.default_rng(seed)
     included = rng.random(canaries) < 0.5
-    kept = np.flatnonzero(included)
-    d = canaries + fillers
-    # Example k is (row, norm): a lookup of its own parameter row, scaled. The linear
-    # loss makes its gradient norm·e_row, a fixed direction (canaries 10C, fillers 2C).
-    rows = torch.as_tensor(np.concatenate([kept, canaries + np.arange(fillers)]))
-    norms = torch.full((len(rows),), 2.0 * max_grad_norm, dtype=torch.float64)
-    norms[:len(kept)] = canary_norm * max_grad_norm
-    n = len(rows)
-    batch = max(1, round(sample_rate * n))
-    model = _Canaries(d)
-    opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        dp = make_private(
-            model, opt, DataLoader(TensorDataset(rows, norms), batch_size=batch),
-            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, steps=steps,
-            delta=delta, loss_reduction="sum", mode=mode, accountant=accountant,
-            max_physical_batch_size=max_physical_batch_size,
-            seed=None if seed is None else int(rng.integers(2**31)),
-            secure=seed is None, check_independence=False)
-    taken = 0
-    while taken < steps:
-        for idx, scale in dp.data_loader:
-            dp.optimizer.zero_grad()
-            if len(idx):
-                dp.model(idx, scale).sum().backward()
-            before = dp.steps
-            dp.optimizer.step()
-            if dp.steps > before:
-                taken += 1
-            if taken >= steps:
-                break
-    claimed = dp.epsilon(delta)
-    q_n = dp.privacy.expected_batch_size
-    # Canary i's score: the model's movement along e_i, in units of C / (q·N).
-    w = model.table.weight.detach()[:canaries, 0].numpy()
-    scores = -w * q_n / max_grad_norm
-    dp.detach()
+    # One slot per filler (first: the loader's template batch is a present example), then
+    # one per canary, present or not (pipeline.py: q and the divisor fixed across worlds).
+    rows = np.concatenate([canaries + np.arange(fillers), np.arange(canaries)])
+    norms = np.concatenate([np.full(fillers, 2.0 * max_grad_norm),
+                            np.full(canaries, canary_norm * max_grad_norm)])
+    present = np.concatenate([np.ones(fillers, dtype=bool), included])
+    run = pipeline.train(
+        table_rows=canaries + fillers, rows=rows, norms=norms, present=present,
+        sample_rate=sample_rate, steps=steps, noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm, delta=delta, mode=mode, accountant=accountant,
+        max_physical_batch_size=max_physical_batch_size,
+        seed=None if seed is None else int(rng.integers(2**31)))
+    claimed = run.epsilon
+    # Canary i's score: the model's movement along e_i, in units of C / B.
+    scores = -run.weights[:canaries] * run.expected_batch_size / max_grad_norm
     eps, _, _ = best_guesses(scores, included, confidence=confidence, delta=delta, fdp=False)
     eps_f, k, v = best_guesses(scores, included, confidence=confidence, delta=delta, fdp=True)
     perfect = included.astype(np.float64)  # every guess right: the most this audit can show
@@ -191,7 +162,7 @@ def one_run(*, canaries: int = 1000, fillers: int = 1000, steps: int = 10,
         epsilon_claimed=float(claimed), epsilon_lower_bound=eps, epsilon_lower_bound_fdp=eps_f,
         ceiling_fdp=ceiling if math.isfinite(ceiling) else float("inf"),
         canaries=canaries, included=int(included.sum()), guesses=k, correct=v,
-        confidence=confidence, delta=delta, steps=steps, sample_rate=float(dp.privacy.sample_rate),
+        confidence=confidence, delta=delta, steps=steps, sample_rate=run.sample_rate,
         noise_multiplier=float(noise_multiplier),
         in_scores=tuple(float(s) for s in scores[included]),
         out_scores=tuple(float(s) for s in scores[~included]))

@@ -7,11 +7,15 @@ canaries' scores prove beside the accountant's ε for the same run
 
     swiftdp audit --canaries 1000 --sample-rate 1 --steps 1 --noise-multiplier 2
     swiftdp audit --fault noise:0.3          # a known bug: the bound must exceed the claim
+    swiftdp audit --runs 200 --fault realised-batch   # a count leak: many runs, one canary each
 
 ``--out DIR`` writes ``audit.json`` (every figure and the scores) and
 ``audit.png`` (the score distributions of included and excluded canaries).
 The exit code is 1 when a bound exceeds the claimed ε (a privacy bug at the
-confidence), 0 otherwise. ``--fault`` injects one of
+confidence), 0 otherwise. ``--runs R`` audits ``R`` independent runs
+with one canary each instead (:func:`swiftdp.audit.many_runs`; ``--score
+scale`` by default, which reads the update's divisor: the audit for leaks of
+a count). ``--fault`` injects one of
 :mod:`swiftdp.audit.faults` (test-only) to check the audit's power.
 """
 
@@ -25,6 +29,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 from swiftdp.audit import faults
+from swiftdp.audit.many_runs import SCORES, many_runs
 from swiftdp.audit.one_run import OneRunAudit, one_run
 from swiftdp.errors import InvalidArgumentError
 
@@ -46,7 +51,15 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # t
         description="Train once through make_private with gradient canaries and print the "
                     "lower bound on ε their scores prove, beside the accountant's ε.")
     p.add_argument("--canaries", type=int, default=1000, help="m canaries (default 1000)")
-    p.add_argument("--fillers", type=int, default=1000, help="ordinary examples (default 1000)")
+    p.add_argument("--fillers", type=int, default=None,
+                   help="ordinary examples (default 1000; with --runs, 1 per run)")
+    p.add_argument("--runs", type=int, default=1,
+                   help="independent runs, one canary each (default 1: one run, --canaries)")
+    p.add_argument("--score", choices=SCORES, default=None,
+                   help="what --runs scores: scale (default: the update's divisor) or "
+                        "direction (the canary's direction, as one run scores)")
+    p.add_argument("--spare", type=int, default=1000,
+                   help="with --runs: parameters no example touches (default 1000)")
     p.add_argument("--steps", type=int, default=1, help="logical steps (default 1)")
     p.add_argument("--sample-rate", type=float, default=1.0, help="Poisson rate q (default 1)")
     p.add_argument("--noise-multiplier", "--sigma", type=float, default=2.0, dest="sigma",
@@ -90,6 +103,26 @@ def parse_fault(text: str) -> tuple[str, float | None]:
 def run(args: argparse.Namespace) -> int:
     """Run the audit; print it; 1 when a bound exceeds the claimed ε."""
     kind, factor = parse_fault(args.fault)
+    if args.runs < 1:
+        raise InvalidArgumentError(f"--runs {args.runs}: expected a count >= 1.")
+    if args.runs == 1 and args.score is not None:
+        raise InvalidArgumentError(
+            "--score applies to --runs R (R > 1): one run scores each canary's direction.")
+    if args.runs > 1:
+        with FAULTS[kind](factor):
+            result = many_runs(
+                runs=args.runs, fillers=1 if args.fillers is None else args.fillers,
+                spare=args.spare, steps=args.steps, sample_rate=args.sample_rate,
+                noise_multiplier=args.sigma, max_grad_norm=args.max_grad_norm,
+                delta=args.delta, confidence=args.confidence, mode=args.mode,
+                max_physical_batch_size=args.max_physical_batch_size,
+                score=args.score or "scale", seed=args.seed)
+        print(report(result, args.fault))
+        if args.out is not None:
+            write(result, args.out, args.fault)
+        return 1 if result.violated else 0
+    if args.fillers is None:
+        args.fillers = 1000
     with FAULTS[kind](factor):
         result = one_run(
             canaries=args.canaries, fillers=args.fillers, steps=args.steps,
@@ -107,8 +140,9 @@ def report(r: OneRunAudit, fault: str = "none") -> str:
     verdict = ("VIOLATED: a lower bound exceeds the claimed ε" if r.violated
                else "consistent: no bound exceeds the claimed ε")
     power = ("" if r.ceiling_fdp > r.epsilon_claimed else
-             f" (these {r.canaries} canaries cannot show more than ε = {r.ceiling_fdp:.3f}, "
-             "below the claim: add canaries to give the audit power)")
+             f" (these {r.canaries} {'canaries' if r.runs == 1 else 'runs'} cannot show more "
+             f"than ε = {r.ceiling_fdp:.3f}, below the claim: add "
+             f"{'canaries' if r.runs == 1 else 'runs'} to give the audit power)")
     return "\n".join([
         f"claimed ε          {r.epsilon_claimed:.4f} (δ = {r.delta:g}; σ = {r.noise_multiplier:g}, "
         f"q = {r.sample_rate:.4g}, {r.steps} steps)",
@@ -116,7 +150,9 @@ def report(r: OneRunAudit, fault: str = "none") -> str:
         f"lower bound f-DP   {r.epsilon_lower_bound_fdp:.4f} (Mahloujifar et al. 2025; "
         f"{r.correct} of {r.guesses} guesses right, {r.confidence:.0%} confidence)",
         f"ceiling            {r.ceiling_fdp:.4f} (every guess right){power}",
-        f"canaries           {r.canaries} ({r.included} included)"
+        (f"canaries           {r.canaries} ({r.included} included)" if r.runs == 1 else
+         f"runs               {r.runs}, one canary each ({r.included} included; "
+         f"score: {r.score})")
         + ("" if fault == "none" else f"; fault injected: {fault}"),
         f"verdict            {verdict}",
     ])
@@ -136,7 +172,9 @@ def write(r: OneRunAudit, out: Path, fault: str = "none") -> None:
     bins = 40
     ax.hist(r.out_scores, bins=bins, alpha=0.6, label=f"excluded ({len(r.out_scores)})")
     ax.hist(r.in_scores, bins=bins, alpha=0.6, label=f"included ({len(r.in_scores)})")
-    ax.set_xlabel("canary score (movement along its direction, units of C/(qN))")
+    ax.set_xlabel("canary score (movement along its direction, units of C/(qN))"
+                  if r.score == "direction" else
+                  "run score (-log of the spare parameters' spread: the divisor)")
     ax.set_ylabel("canaries")
     ax.set_title(f"claimed ε {r.epsilon_claimed:.2f}, lower bound {r.epsilon_lower_bound_fdp:.2f}")
     ax.legend()

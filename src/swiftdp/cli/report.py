@@ -285,7 +285,7 @@ def audit_of(trainer: Trainer) -> dict[str, Any]:
     The real pipeline (``make_private``: Poisson sampling at the run's q, the
     engine in the run's mode, the noise at its σ, the division by q·N) for as
     many steps as the run took, on a linear model with 1,000 gradient
-    canaries and fillers up to the run's dataset size
+    canaries and fillers in as many slots as the run's dataset has
     (:func:`swiftdp.audit.one_run`).
     """
     from swiftdp.audit.one_run import one_run
@@ -295,7 +295,7 @@ def audit_of(trainer: Trainer) -> dict[str, Any]:
     assert dp is not None
     priv = dp.privacy
     canaries = 1000
-    result = one_run(canaries=canaries, fillers=max(0, len(trainer.prep.train) - canaries // 2),
+    result = one_run(canaries=canaries, fillers=max(0, len(trainer.prep.train) - canaries),
                      steps=max(1, trainer.steps), sample_rate=float(priv.sample_rate),
                      noise_multiplier=float(priv.noise_multiplier), delta=float(priv.delta),
                      mode=trainer.cfg.mode, seed=trainer.cfg.seed)
