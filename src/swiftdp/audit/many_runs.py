@@ -29,8 +29,7 @@ import math
 import numpy as np
 
 from swiftdp.audit import pipeline
-from swiftdp.audit.bounds import best_guesses
-from swiftdp.audit.one_run import OneRunAudit
+from swiftdp.audit.one_run import OneRunAudit, audit_of_scores
 from swiftdp.errors import InvalidArgumentError
 
 __all__ = ["SCORES", "many_runs"]
@@ -104,15 +103,6 @@ def many_runs(*, runs: int = 200, fillers: int = 1, spare: int = 1000, steps: in
         else:
             noise = run.weights[1 + fillers:]
             scores[r] = -0.5 * math.log(max(float(np.mean(noise * noise)), 1e-300))
-    eps, _, _ = best_guesses(scores, included, confidence=confidence, delta=delta, fdp=False)
-    eps_f, k, v = best_guesses(scores, included, confidence=confidence, delta=delta, fdp=True)
-    perfect = included.astype(np.float64)
-    ceiling, _, _ = best_guesses(perfect, included, confidence=confidence, delta=delta, fdp=True)
-    return OneRunAudit(
-        epsilon_claimed=claimed, epsilon_lower_bound=eps, epsilon_lower_bound_fdp=eps_f,
-        ceiling_fdp=ceiling if math.isfinite(ceiling) else float("inf"),
-        canaries=runs, included=int(included.sum()), guesses=k, correct=v,
-        confidence=confidence, delta=delta, steps=steps, sample_rate=sample_rate_used,
-        noise_multiplier=float(noise_multiplier),
-        in_scores=tuple(float(s) for s in scores[included]),
-        out_scores=tuple(float(s) for s in scores[~included]), runs=runs, score=score)
+    return audit_of_scores(scores, included, epsilon_claimed=claimed, delta=delta,
+                           confidence=confidence, steps=steps, sample_rate=sample_rate_used,
+                           noise_multiplier=noise_multiplier, runs=runs, score=score)

@@ -154,15 +154,42 @@ def one_run(*, canaries: int = 1000, fillers: int = 1000, steps: int = 10,
     claimed = run.epsilon
     # Canary i's score: the model's movement along e_i, in units of C / B.
     scores = -run.weights[:canaries] * run.expected_batch_size / max_grad_norm
+    return audit_of_scores(scores, included, epsilon_claimed=claimed, delta=delta,
+                           confidence=confidence, steps=steps, sample_rate=run.sample_rate,
+                           noise_multiplier=noise_multiplier)
+
+
+def audit_of_scores(scores: np.ndarray, included: np.ndarray, *, epsilon_claimed: float,
+                    delta: float, confidence: float, steps: int, sample_rate: float,
+                    noise_multiplier: float, runs: int = 1,
+                    score: str = "direction") -> OneRunAudit:
+    """The bounds, their ceiling and the :class:`OneRunAudit` of canaries' scores.
+
+    Args:
+        scores: one per canary, higher for "more likely included" (fixed
+            before the inclusion is looked at, as the bounds require).
+        included: which canaries were in the training set.
+        epsilon_claimed: the accountant's ε for the run (``inf``: no claim).
+        delta: δ of the claim and of the bounds.
+        confidence: of the bounds.
+        steps: logical steps trained.
+        sample_rate: q.
+        noise_multiplier: σ.
+        runs: independent runs the scores come from.
+        score: what was scored.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    included = np.asarray(included, dtype=bool)
     eps, _, _ = best_guesses(scores, included, confidence=confidence, delta=delta, fdp=False)
     eps_f, k, v = best_guesses(scores, included, confidence=confidence, delta=delta, fdp=True)
     perfect = included.astype(np.float64)  # every guess right: the most this audit can show
     ceiling, _, _ = best_guesses(perfect, included, confidence=confidence, delta=delta, fdp=True)
     return OneRunAudit(
-        epsilon_claimed=float(claimed), epsilon_lower_bound=eps, epsilon_lower_bound_fdp=eps_f,
+        epsilon_claimed=float(epsilon_claimed), epsilon_lower_bound=eps,
+        epsilon_lower_bound_fdp=eps_f,
         ceiling_fdp=ceiling if math.isfinite(ceiling) else float("inf"),
-        canaries=canaries, included=int(included.sum()), guesses=k, correct=v,
-        confidence=confidence, delta=delta, steps=steps, sample_rate=run.sample_rate,
+        canaries=len(scores), included=int(included.sum()), guesses=k, correct=v,
+        confidence=confidence, delta=delta, steps=steps, sample_rate=float(sample_rate),
         noise_multiplier=float(noise_multiplier),
         in_scores=tuple(float(s) for s in scores[included]),
-        out_scores=tuple(float(s) for s in scores[~included]))
+        out_scores=tuple(float(s) for s in scores[~included]), runs=runs, score=score)

@@ -24,9 +24,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 from swiftdp.audit import faults
 from swiftdp.audit.many_runs import SCORES, many_runs
@@ -41,6 +43,13 @@ FAULTS: dict[str, Callable[[float | None], AbstractContextManager[None]]] = {
     "realised-batch": lambda f: faults.realised_batch_division(),
     "sampling": lambda f: faults.sampling_rate_scaled(2.0 if f is None else f),
     "sigma": lambda f: faults.sigma_unreported(0.3 if f is None else f),
+}
+
+
+XLABELS = {
+    "direction": "canary score (movement along its direction, units of C/(qN))",
+    "scale": "run score (-log of the spare parameters' spread: the divisor)",
+    "input": "canary score (log-probability of its label on the trained model)",
 }
 
 
@@ -158,11 +167,22 @@ def report(r: OneRunAudit, fault: str = "none") -> str:
     ])
 
 
-def write(r: OneRunAudit, out: Path, fault: str = "none") -> None:
-    """``audit.json`` and ``audit.png`` in ``out`` (created)."""
+def _finite(v: Any) -> Any:
+    """JSON-safe: a non-finite number becomes ``None`` (no claim, not recorded)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_finite(x) for x in v]
+    return v
+
+
+def write(r: OneRunAudit, out: Path, fault: str = "none", name: str = "audit") -> None:
+    """``{name}.json`` and ``{name}.png`` (``audit`` by default) in ``out`` (created)."""
     out.mkdir(parents=True, exist_ok=True)
     doc = {"fault": fault, **r.to_dict()}
-    (out / "audit.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (out / f"{name}.json").write_text(json.dumps(_finite(doc), indent=2, allow_nan=False) + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,12 +192,10 @@ def write(r: OneRunAudit, out: Path, fault: str = "none") -> None:
     bins = 40
     ax.hist(r.out_scores, bins=bins, alpha=0.6, label=f"excluded ({len(r.out_scores)})")
     ax.hist(r.in_scores, bins=bins, alpha=0.6, label=f"included ({len(r.in_scores)})")
-    ax.set_xlabel("canary score (movement along its direction, units of C/(qN))"
-                  if r.score == "direction" else
-                  "run score (-log of the spare parameters' spread: the divisor)")
+    ax.set_xlabel(XLABELS.get(r.score, r.score))
     ax.set_ylabel("canaries")
     ax.set_title(f"claimed ε {r.epsilon_claimed:.2f}, lower bound {r.epsilon_lower_bound_fdp:.2f}")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "audit.png")
+    fig.savefig(out / f"{name}.png")
     plt.close(fig)

@@ -72,6 +72,7 @@ class TrainConfig:
     seed: int | None = None
     secure: bool = False
     audit: bool = False
+    audit_inputs: int = 0
     device: str = "cpu"
     threads: int | None = None
     nproc: int = 1
@@ -250,6 +251,11 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
            "clipping mode) in one run of the real pipeline with 1,000 gradient canaries: an "
            "empirical lower bound on ε beside the claimed one, in privacy.md/json and "
            "audit.png (swiftdp audit; one σ only)"),
+    Option("audit_inputs", int, "insert M input-space canaries (random-pixel images with "
+           "random labels, each kept with probability 1/2) into the training set and score "
+           "them on the trained model: a black-box lower bound on ε of this very run, in "
+           "privacy.md/json and audit_inputs.png (0: none)", check=_non_negative,
+           metavar="M"),
     Option("device", str, "device", DEVICES),
     Option("threads", int, "CPU threads per process (default: all cores, shared evenly among "
            "the --nproc processes)", check=_at_least_one, nullable=True),
@@ -491,6 +497,13 @@ def _check_privacy_options(cfg: TrainConfig) -> None:
         why = ("--non-private has no mechanism" if cfg.non_private else
                "the audit replays one σ, and --noise-schedule/--adaptive-clipping move it")
         raise InvalidArgumentError(f"--audit: {why}. Drop --audit, or audit with swiftdp audit.")
+    text = cfg.dataset in TEXT_DATASETS
+    if cfg.audit_inputs and (cfg.audit_inputs < 10 or text or cfg.nproc > 1):
+        why = ("needs at least 10 canaries" if cfg.audit_inputs < 10 else
+               "input canaries are images with random labels, for the image datasets (a text "
+               "run can use --audit)" if text else
+               "the canaries are scored in one process; use --nproc 1")
+        raise InvalidArgumentError(f"--audit-inputs {cfg.audit_inputs}: {why}.")
     if cfg.clip_per_layer and cfg.clip_schedule is not None:
         raise InvalidArgumentError(
             f"--clip-schedule {cfg.clip_schedule} moves one C, and --clip-per-layer clips "

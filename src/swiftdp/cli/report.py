@@ -225,7 +225,8 @@ def markdown(r: dict[str, Any]) -> str:
         head = ["# Privacy report: no privacy guarantee", "",
                 "No privacy guarantee holds (ε = ∞): this run used `--non-private`, which "
                 "trains without clipping or noise; the model may reveal any training example."]
-        return "\n".join([*head, "", *_table(rows), "", "audit: not run", ""])
+        return "\n".join([*head, "", *_table(rows), "", _audit_line(r),
+                          _inputs_line(r), ""])
     m, s, eps = r["mechanism"], r["sampling"], r["epsilon_by_accountant"]
     rows += [("mechanism", "DP-SGD: Gaussian noise on the sum of clipped per-example "
                            "gradients, Poisson subsampling"),
@@ -250,7 +251,8 @@ def markdown(r: dict[str, Any]) -> str:
     head = [f"# Privacy report: ({r['epsilon']:.4g}, {r['delta']:g})-DP", "",
             f"ε by the run's {r['accountant'].upper()} accountant, for {m['privacy_unit']} of "
             f"the {r['dataset_size']} training examples."]
-    return "\n".join([*head, "", *_table(rows), "", _audit_line(r), "", "## Assumptions", "",
+    return "\n".join([*head, "", *_table(rows), "", _audit_line(r), _inputs_line(r), "",
+                      "## Assumptions", "",
                       *notes, ""])
 
 
@@ -318,11 +320,31 @@ def _audit_line(r: dict[str, Any]) -> str:
             f"{a['ceiling_fdp']:.3f}); {verdict}. Scores: audit.png.")
 
 
+def _inputs_line(r: dict[str, Any]) -> str:
+    a = r.get("audit_inputs")
+    if not a:
+        return ""
+    claimed = a["epsilon_claimed"]
+    against = "no claim (ε = ∞)" if claimed is None else f"ε = {claimed:.3f} claimed"
+    verdict = "VIOLATED" if a["violated"] else "consistent with the claim"
+    return (f"\naudit of the trained model (--audit-inputs): {a['canaries']} input canaries "
+            f"({a['included']} in the training set), scored by the log-probability of their "
+            f"label: lower bound ε ≥ {a['epsilon_lower_bound_fdp']:.3f} (f-DP) / "
+            f"{a['epsilon_lower_bound']:.3f} ((ε, δ)) at {a['confidence']:.0%} confidence, "
+            f"against {against} (the most they can show: {a['ceiling_fdp']:.3f}); {verdict}. "
+            "Black-box, so weak by nature; the canaries were trained on. Scores: "
+            "audit_inputs.png.")
+
+
 def write_privacy_report(trainer: Trainer) -> None:
     """Write ``privacy.json`` and ``privacy.md`` into the run folder (atomically, rank 0 only)."""
     doc = privacy_report(trainer)
     if trainer.cfg.audit and trainer.dp is not None:
         doc["audit"] = audit_of(trainer)
+    if trainer.input_canaries is not None:
+        from swiftdp.cli import canaries
+
+        doc["audit_inputs"] = canaries.audit_of(trainer, *trainer.input_canaries)
     report = _finite(doc)
     rundir.atomic_write_text(trainer.run_dir / rundir.PRIVACY_JSON,
                              json.dumps(report, indent=2, allow_nan=False, ensure_ascii=False) + "\n")

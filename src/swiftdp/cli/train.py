@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from swiftdp.api.private import PrivateTraining
+from swiftdp.audit.inputs import InputCanaries
 from swiftdp.averaging import ParameterAverage
 from swiftdp.cli import rundir
 from swiftdp.cli.options import TrainConfig
@@ -119,6 +120,8 @@ class Trainer:
         self._eps_shown_at = 0.0
         self.history: list[dict[str, Any]] = []
         self.elapsed_before = 0.0
+        # --audit-inputs: the canaries and their model inputs (swiftdp.cli.canaries).
+        self.input_canaries: tuple[InputCanaries, Tensor] | None = None
 
     @property
     def steps_per_epoch(self) -> int:

@@ -15,7 +15,7 @@ import torch
 
 import swiftdp
 from swiftdp import distributed
-from swiftdp.cli import parallel, report, rundir
+from swiftdp.cli import canaries, parallel, report, rundir
 from swiftdp.cli.options import (
     OPTIONS_BY_NAME,
     RECIPES,
@@ -269,6 +269,10 @@ def _train(args: argparse.Namespace, cfg: TrainConfig, resume_dir: Path | None,
     set_threads(parallel.threads_per_process(cfg.threads, cfg.nproc))
     say(f"loading {cfg.dataset} and building model {cfg.model!r} ...")
     prep = prepare(cfg)
+    inputs = None
+    if cfg.audit_inputs:
+        say(f"inserting {cfg.audit_inputs} input canaries (each kept with probability 1/2) ...")
+        inputs = canaries.insert(prep, cfg.audit_inputs, cfg.seed)
     out = getattr(args, "out", None)
     run_dir = resume_dir if resume_dir is not None else parallel.on_rank0(
         lambda: rundir.new_run_dir(out, cfg.dataset, cfg.model), "create the run folder")
@@ -277,6 +281,7 @@ def _train(args: argparse.Namespace, cfg: TrainConfig, resume_dir: Path | None,
                 else "checking the noise against")
         say(f"{what} ε = {cfg.epsilon:g}, δ = {cfg.delta:g} over {cfg.epochs} epochs ...")
     trainer = Trainer(cfg, prep, run_dir)
+    trainer.input_canaries = inputs
     if trainer.dp is not None:
         p = trainer.dp.privacy
         ranks = f" on {cfg.nproc} processes" if cfg.nproc > 1 else ""
