@@ -134,20 +134,37 @@ def test_a_decomposing_loss_passes_and_is_exact(mode, case, loss_fn, reduction):
     assert max_rel_error(got, want) < 1e-9
 
 
-def test_the_checked_steps_are_the_powers_of_two_per_output_signature_and_others_plain():
+def test_every_step_is_traced_and_the_full_check_runs_at_powers_of_two_and_new_losses(
+        monkeypatch):
+    import swiftdp.clipping.step as step_module
+
+    calls = []
+    real = step_module.check_loss
+
+    def counted(*args, **kwargs):
+        calls.append(len(kinds))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(step_module, "check_loss", counted)
     model = _mlp()
     clipper = swiftdp.GradClipper(model, C)
     x, y = _data()
     kinds = []
-    for _ in range(9):
+    for n in range(1, 13):
         out = model(x)
         kinds.append(type(out))
-        F.cross_entropy(out, y).backward()
-    out = model(x[:, None, :].expand(B, 2, D))  # a new output signature: checked again
+        loss = F.cross_entropy(out, y)
+        if n >= 6:  # a new term from step 6 on: a new fingerprint, checked at once
+            loss = loss + 0.1 * out.pow(2).sum(1).mean()
+        if n == 10:  # its weight moves (non-zero to non-zero): the same fingerprint
+            loss = loss * 2.0
+        loss.backward()
+    out = model(x[:, None, :].expand(B, 2, D))  # a new output signature
     kinds.append(type(out))
     clipper.remove()
-    checked = [Traced if n & (n - 1) == 0 else Tensor for n in range(1, 10)]  # 1, 2, 4, 8
-    assert kinds == [*checked, Traced]
+    assert kinds == [Traced] * 13
+    # 1, 2, 4 (the old loss), 6 (the new one), 8 (a power of two), 10 (a new op: mul)
+    assert calls == [1, 2, 4, 6, 8, 10]
 
 
 def test_a_caught_refusal_does_not_turn_the_check_off():

@@ -354,6 +354,18 @@ def test_bf16_autocast_sum_loss_bounded():
     assert _sens(run, xs * 20, ys) <= BOUND3 * (1 + 1e-5)  # measured 0.999998 of the bound
 
 
+class _InfRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, rows):
+        ctx.save_for_backward(rows)
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, gr):
+        (rows,) = ctx.saved_tensors
+        return torch.where(rows, gr * math.inf, gr), None
+
+
 def _nonfinite(early: bool, xs: Tensor, ys: Tensor, bad: int = 2) -> list[Tensor]:
     m = _mlp()
     c = swiftdp.GradClipper(m, G3, loss_reduction="sum")
@@ -363,8 +375,9 @@ def _nonfinite(early: bool, xs: Tensor, ys: Tensor, bad: int = 2) -> list[Tensor
             warnings.simplefilter("ignore")
             h = m[1](m[0](xs))
             rows = torch.arange(len(xs)).view(-1, 1) == (bad if bad < len(xs) else -1)
-            # example `bad`'s gradient is inf in the first layer's group only
-            h.register_hook(lambda gr: torch.where(rows, gr * math.inf, gr))
+            # example `bad`'s gradient is inf in the first layer's group only (a function
+            # in the graph: a tensor hook on an output may no longer change its gradient)
+            h = _InfRows.apply(h, rows)
             _ce(m[4](m[3](m[2](h))), ys).backward()
     finally:
         c.remove()

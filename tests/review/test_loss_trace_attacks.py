@@ -545,15 +545,15 @@ def test_the_first_step_outputs_print_like_tensors():
     assert text.startswith("tensor(")
 
 
-@pytest.mark.xfail(strict=True, reason="by design (documented): on the checked step the outputs "
-                   "are a Tensor subclass (Traced), so type(out) is Tensor is False; "
-                   "isinstance(out, Tensor) holds")
+@pytest.mark.xfail(strict=True, reason="by design (documented): at every step the outputs "
+                   "are a Tensor subclass (Traced, read for the loss check), so type(out) is "
+                   "Tensor is False; isinstance(out, Tensor) holds")
 def test_the_first_step_outputs_type_like_tensors():
     _text, kind = _first_step_repr_and_type()
     assert kind is Tensor
 
 
-def test_in_place_ops_on_the_output_views_of_later_steps_work():
+def test_in_place_ops_on_the_outputs_of_later_steps_work():
     def fn(model, x, y):
         for _ in range(3):
             out = model(x)

@@ -190,7 +190,6 @@ class GradClipper:
         self._names: dict[int, str] | None = None
         self.checked_losses: set[Any] = set()  # (loss rank, output signature) checked
         self.check_loss = bool(check_loss)
-        self._loss_traced: set[Any] = set()  # output signatures handed out as Traced
         self._loss_uses: dict[Any, int] = {}  # forwards per output signature
         # Escape guard: a hook on every trainable parameter that fires when
         # autograd delivers a gradient to it. Every use the engine routes is
@@ -498,26 +497,26 @@ class GradClipper:
             return output
         if self.check_loss and step.batch_size >= 2:
             sig = step.output_signature(self.batch_dim)
-            # Checked again at the 2nd, 4th, 8th, ... forward of a signature: a coupling
-            # term the loop adds later (a regulariser switched on) is seen within as many
-            # steps as had passed (a check costs up to 1.4 steps on an LM head, so not each).
+            # Traced at every step: the loss's form is read (and refused if it couples
+            # examples or misstates the reduction) before every backward, and the
+            # second-derivative check runs for each new fingerprint of the operations
+            # that form the loss (a term switched on later is checked at once), and
+            # again at the 2nd, 4th, 8th, ... forward of a signature (data-dependent
+            # couplings behind the same operations).
             uses = self._loss_uses[sig] = self._loss_uses.get(sig, 0) + 1
-            if sig in self._loss_traced and uses & (uses - 1) == 0:
-                self._loss_traced.discard(sig)
+            if uses & (uses - 1) == 0:
                 self.checked_losses.difference_update(
                     [k for k in self.checked_losses if k[1] == sig])
-            if sig not in self._loss_traced:
-                self._loss_traced.add(sig)
-                step.loss_signature, step.loss_checked = sig, False
-                ctx = loss_trace.Context(step.batch_size, step.check_traced_loss)
-                token = step.token
+            step.loss_signature, step.loss_checked = sig, False
+            ctx = loss_trace.Context(step.batch_size, step.check_traced_loss)
+            token = step.token
 
-                def axis_of(t: Tensor) -> int | None:
-                    carries, dim = batchdim.read(t, token)
-                    return dim if carries else None
+            def axis_of(t: Tensor) -> int | None:
+                carries, dim = batchdim.read(t, token)
+                return dim if carries else None
 
-                return loss_trace.trace_outputs(output, step.batch_size, self.batch_dim, ctx,
-                                                axis_of)
+            return loss_trace.trace_outputs(output, step.batch_size, self.batch_dim, ctx,
+                                            axis_of)
         return views
 
     # ------------------------------------------------------ per-example loss
@@ -556,8 +555,9 @@ class GradClipper:
         return 0 if self.batch_first else 1
 
     def loss_check_failed(self, step: Step) -> None:
-        """A step's loss was refused: trace the outputs of its signature again next time."""
-        self._loss_traced.discard(step.loss_signature)
+        """A step's loss was refused: check its signature's losses in full again next time."""
+        sig = step.loss_signature
+        self.checked_losses.difference_update([k for k in self.checked_losses if k[1] == sig])
 
     @property
     def current_step(self) -> Step | None:

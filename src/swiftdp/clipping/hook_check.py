@@ -45,7 +45,8 @@ def check_no_backward_hooks(model: nn.Module) -> None:
                 "dp.clipper.last_norms or the optimizer's noised p.grad after the step.")
 
 
-def read_only_hook(hook: Callable[[Tensor], Any], path: str) -> Callable[[Tensor], None]:
+def read_only_hook(hook: Callable[[Tensor], Any], path: str,
+                   where: str | None = None) -> Callable[[Tensor], None]:
     """``hook`` as registered on an activation during a traced forward: it may only read.
 
     A tensor hook on an activation that carries the batch (registered in a
@@ -54,16 +55,20 @@ def read_only_hook(hook: Callable[[Tensor], Any], path: str) -> Callable[[Tensor
     moving one example's loss into another's gradient. The engine registers
     such hooks wrapped: one that returns a replacement gradient or modifies
     it in place is refused at the backward, before any clipped sum exists.
+    ``where`` says where it was registered (default: during the forward of
+    module ``path``).
 
     Raises:
         UnsupportedModuleError: (at the backward) the hook changed the gradient.
     """
+    place = where or f"during the forward of module `{path}`"
+
     def guarded(grad: Tensor) -> None:
         version = grad._version
         out = hook(grad)
         if (out is not None and out is not grad) or grad._version != version:
             raise UnsupportedModuleError(
-                f"A tensor hook registered during the forward of module `{path}` changed the "
+                f"A tensor hook registered {place} changed the "
                 "gradient of an activation (it returned a new gradient or modified it in "
                 "place). It would reach the layers below after per-example clipping read "
                 "them, and can move one example's loss into another's gradient. Under DP, "

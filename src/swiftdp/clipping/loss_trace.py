@@ -1,7 +1,7 @@
-"""How the loss is formed from the model's outputs, read on the checked steps.
+"""How the loss is formed from the model's outputs, read at every step.
 
-On the first step of each output signature the engine hands the model's
-outputs back as :class:`Traced` tensors. Every torch operation on them runs
+At every step the engine hands the model's outputs back as :class:`Traced`
+tensors. Every torch operation on them runs
 as usual (the same numbers, attached to the same graph) and records, on the
 result, what it did to the batch: a :class:`Form` (rules in
 :mod:`swiftdp.clipping.loss_forms`). When the loss built from them is
@@ -20,7 +20,12 @@ engine reads the loss's form *before any gradient flows* and refuses
   neither ``B`` nor the batch's token count);
 
 then checks the loss's second derivative at the outputs for cross-example
-terms (:func:`~swiftdp.clipping.loss_check.check_loss`). A token mean over
+terms (:func:`~swiftdp.clipping.loss_check.check_loss`) whenever the loss's
+fingerprint — the operations on the traced tensors, with which of their
+plain numbers are zero — is new for the output signature, and again at the
+2nd, 4th, 8th, ... step of a signature. A tensor hook registered on a traced
+tensor may read its gradient, never change it
+(:func:`~swiftdp.clipping.hook_check.read_only_hook`). A token mean over
 the batch whose targets happened to have no padding keeps its signature
 traced, so a later padded batch is refused too.
 
@@ -100,12 +105,19 @@ def coupled(why: str) -> Form:
 class Context:
     """What the forms of one checked step share: the batch and the step's hook."""
 
-    __slots__ = ("batch", "handed", "on_backward")
+    __slots__ = ("batch", "handed", "on_backward", "ops")
 
     def __init__(self, batch: int, on_backward: Callable[[Tensor, Form], None]) -> None:
         self.batch = batch
         self.on_backward = on_backward
         self.handed: list[weakref.ref[Tensor]] = []  # the traced outputs, for retain_grad
+        # What was done to the outputs with gradient, in order: the loss's fingerprint
+        # (a new one is checked at once; see GradClipper._record_outputs).
+        self.ops: list[tuple[str, tuple[int, ...]]] = []
+
+    def fingerprint(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        """The operations on the traced tensors so far, each with its numbers' zero pattern."""
+        return tuple(self.ops)
 
     def retained(self) -> list[tuple[Tensor, Tensor | None]]:
         """The handed-out outputs that retain their gradient, with its value now."""
@@ -125,6 +137,16 @@ class Traced(Tensor):
         from swiftdp.clipping.loss_forms import propagate
 
         kwargs = kwargs or {}
+        if func is _REGISTER_HOOK and args and isinstance(args[0], Traced):
+            # A hook on an output (or a tensor computed from one) sits between the loss
+            # and the layers: it may read the gradient, never change it (it could move
+            # one example's loss into another's gradient).
+            from swiftdp.clipping.hook_check import read_only_hook
+
+            hook = args[1] if len(args) > 1 else kwargs["hook"]
+            with torch._C.DisableTorchFunctionSubclass():
+                return _REGISTER_HOOK(args[0], read_only_hook(
+                    hook, "", where="on a model output (or a tensor computed from one)"))
         if func is Tensor.backward or func is torch.autograd.backward:
             roots = args[0] if args else kwargs.get("tensors", kwargs.get("self"))
             for root in pytree.tree_leaves(roots):
@@ -138,10 +160,11 @@ class Traced(Tensor):
             out = func(*args, **kwargs)
         if torch.compiler.is_compiling() or not _grad_tensors(out):
             return out
-        traced = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, Traced)]
-        if not traced:
+        leaves = pytree.tree_leaves((args, kwargs))
+        ctx = next((a.sdp_ctx for a in leaves if isinstance(a, Traced)), None)
+        if ctx is None:
             return out
-        ctx = traced[0].sdp_ctx
+        ctx.ops.append((getattr(func, "__name__", repr(func)), _zeros(leaves)))
         try:
             form = propagate(func, args, kwargs, out, ctx.batch)
         except Exception:  # never let the bookkeeping break the user's code
@@ -155,6 +178,21 @@ class Traced(Tensor):
     def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
         with torch._C.DisableTorchFunctionSubclass():
             return Tensor.__repr__(self.as_subclass(Tensor))
+
+
+_REGISTER_HOOK = Tensor.register_hook
+
+
+def _zeros(leaves: list[Any]) -> tuple[int, ...]:
+    """Which plain numbers among an operation's arguments (``leaves``) are zero (1) or not (0).
+
+    A term weighted ``0.0`` on the checked steps and switched on later (a
+    regulariser's weight) changes the fingerprint; a weight that moves among
+    non-zero values does not, so an annealed weight is not re-checked at
+    every step.
+    """
+    return tuple(int(a == 0) for a in leaves
+                 if isinstance(a, int | float) and not isinstance(a, bool))
 
 
 def trace_outputs(output: Any, batch: int, batch_dim: int, ctx: Context,

@@ -189,7 +189,9 @@ class Step:
         with torch._C.DisableTorchFunctionSubclass():
             if form is not None and form.kind == "coupled":
                 self._refuse(form, "sum")
-            sig = (losses.dim(), self.output_signature(batch_dim))
+            ctx = getattr(losses, "sdp_ctx", None)
+            sig = (losses.dim(), self.output_signature(batch_dim),
+                   None if ctx is None else ctx.fingerprint())
             if sig not in checked:
                 self._check_loss(losses, batch_dim, form)
                 checked.add(sig)
@@ -219,7 +221,9 @@ class Step:
             with torch._C.DisableTorchFunctionSubclass():
                 if form.kind == "coupled":
                     self._refuse(form, "mean")
-                sig = (0, self.output_signature(eng.batch_dim))
+                ctx = getattr(loss, "sdp_ctx", None)
+                sig = (0, self.output_signature(eng.batch_dim),
+                       None if ctx is None else ctx.fingerprint())
                 if sig not in eng.checked_losses and loss.dim() == 0:
                     # first: cross-example terms get the most specific refusal
                     self._check_loss(loss, eng.batch_dim, form)
@@ -228,9 +232,7 @@ class Step:
         except Exception:
             eng.loss_check_failed(self)  # a caught refusal does not turn the check off
             raise
-        self.loss_checked = True
-        if form.relabel:
-            eng.loss_check_failed(self)  # a token mean: check the next batch's labels too
+        self.loss_checked = True  # (a token mean's labels are read again next step: traced)
 
     def _refuse(self, form: loss_trace.Form, reduction: str, *, scalar: bool = True) -> None:
         why = loss_trace.verdict(form, reduction, self.batch_size, scalar=scalar)
