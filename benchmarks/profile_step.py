@@ -32,13 +32,15 @@ import pstats
 import sys
 import warnings
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 import swiftdp
+from swiftdp.bench.methods import _Indices
 from swiftdp.bench.models import get_model, suite_loss
 
 StepFn = Callable[[], None]
@@ -57,15 +59,19 @@ def make_steps(model_name: str, mode: str, batch: int, size: str) -> tuple[StepF
         warnings.simplefilter("ignore")
         dp = swiftdp.make_private(
             dpm, torch.optim.SGD(dpm.parameters(), lr=1e-3),
-            DataLoader(TensorDataset(x, y), batch_size=batch),
+            # the bench's harness: the loader hands out the prebuilt batch (no per-example fetch)
+            DataLoader(_Indices(batch), batch_size=batch, collate_fn=lambda _: (x, y)),
             max_grad_norm=1.0, noise_multiplier=1.0, mode=mode, seed=0,
+            poisson_sampling=False,  # the same full batch every step, drawn from dp.data_loader
         )
+    batches = _forever(dp.data_loader)
 
-    def labelled(model: torch.nn.Module, opt: torch.optim.Optimizer) -> StepFn:
+    def labelled(model: torch.nn.Module, opt: torch.optim.Optimizer, private: bool) -> StepFn:
         def step() -> None:
+            bx, by = next(batches) if private else (x, y)  # a DP step needs its loader's batch
             opt.zero_grad(set_to_none=True)
             with record_function("phase: forward+loss"):
-                loss = suite_loss(model(x), y)
+                loss = suite_loss(model(bx), by)
             with record_function("phase: backward"):
                 loss.backward()
             with record_function("phase: optimizer step"):
@@ -73,7 +79,12 @@ def make_steps(model_name: str, mode: str, batch: int, size: str) -> tuple[StepF
 
         return step
 
-    return labelled(base, base_opt), labelled(dpm, dp.optimizer)
+    return labelled(base, base_opt, False), labelled(dpm, dp.optimizer, True)
+
+
+def _forever(loader: Any) -> Iterator[Any]:
+    while True:
+        yield from loader
 
 
 def op_times(step: StepFn, steps: int) -> dict[str, float]:
