@@ -156,14 +156,16 @@ def test_every_step_is_traced_and_the_full_check_runs_at_powers_of_two_and_new_l
         loss = F.cross_entropy(out, y)
         if n >= 6:  # a new term from step 6 on: a new fingerprint, checked at once
             loss = loss + 0.1 * out.pow(2).sum(1).mean()
-        if n == 10:  # its weight moves (non-zero to non-zero): the same fingerprint
-            loss = loss * 2.0
+        if n == 10:  # a new operation (a division): a new fingerprint
+            loss = loss / 2.0
+        if n == 11:  # a weight that moves between non-zero values: the same fingerprint
+            loss = loss * 3.0
         loss.backward()
     out = model(x[:, None, :].expand(B, 2, D))  # a new output signature
     kinds.append(type(out))
     clipper.remove()
     assert kinds == [Traced] * 13
-    # 1, 2, 4 (the old loss), 6 (the new one), 8 (a power of two), 10 (a new op: mul)
+    # 1, 2, 4 (the old loss), 6 (the new one), 8 (a power of two), 10 (a new op: div)
     assert calls == [1, 2, 4, 6, 8, 10]
 
 

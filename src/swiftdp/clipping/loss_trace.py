@@ -111,12 +111,13 @@ class Context:
         self.batch = batch
         self.on_backward = on_backward
         self.handed: list[weakref.ref[Tensor]] = []  # the traced outputs, for retain_grad
-        # What was done to the outputs with gradient, in order: the loss's fingerprint
-        # (a new one is checked at once; see GradClipper._record_outputs).
-        self.ops: list[tuple[str, tuple[int, ...]]] = []
+        # What was done to the outputs with gradient, each distinct op once in first-use
+        # order: the loss's fingerprint (a new one is checked at once; see
+        # GradClipper._record_outputs).
+        self.ops: dict[tuple[str, tuple[int, ...]], None] = {}
 
     def fingerprint(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
-        """The operations on the traced tensors so far, each with its numbers' zero pattern."""
+        """The distinct operations on the traced tensors so far, each with its numbers' zero pattern."""
         return tuple(self.ops)
 
     def retained(self) -> list[tuple[Tensor, Tensor | None]]:
@@ -164,7 +165,9 @@ class Traced(Tensor):
         ctx = next((a.sdp_ctx for a in leaves if isinstance(a, Traced)), None)
         if ctx is None:
             return out
-        ctx.ops.append((getattr(func, "__name__", repr(func)), _zeros(leaves)))
+        # Each distinct (op, zeros) once, in first-use order: a per-example loop's
+        # fingerprint does not grow with B (a new batch size is not a new loss).
+        ctx.ops.setdefault((getattr(func, "__name__", repr(func)), _zeros(leaves)), None)
         try:
             form = propagate(func, args, kwargs, out, ctx.batch)
         except Exception:  # never let the bookkeeping break the user's code

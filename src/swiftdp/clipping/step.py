@@ -406,9 +406,25 @@ class Step:
 
     @engine_precision
     def finalize(self) -> None:
-        """End of the backward pass: norms → clip factors → clipped sums to the sink."""
+        """End of the backward pass: norms → clip factors → clipped sums to the sink.
+
+        Raises:
+            InvalidArgumentError: the step's outputs were handed out traced and
+                the loss reached the layers without passing the loss check (a
+                loss formed from a plain tensor taken out of an output, e.g.
+                ``out.as_subclass(torch.Tensor)``): nothing is delivered.
+        """
         self.queued = False
         self.generation += 1
+        if self.loss_signature is not None and not self.loss_checked:
+            self.early = None
+            raise InvalidArgumentError(
+                "This backward reached the model without passing swiftdp's loss check: the "
+                "loss was formed from a plain tensor taken out of the model's output (e.g. "
+                "out.as_subclass(torch.Tensor), or a tensor built with its data), so "
+                "swiftdp cannot tell whether it couples examples. Compute the loss from the "
+                "output itself, or hand one loss per example to dp.backward(losses); "
+                "check_loss=False turns the check off.")
         early, self.early = self.early, None
         if early is not None:
             rest = self._collect()
