@@ -132,6 +132,9 @@ class InputCanaries:
             sample_rate: q (reported only).
             noise_multiplier: σ (reported only).
         """
+        if not 0 < confidence < 1:
+            raise InvalidArgumentError(
+                f"confidence={confidence!r}: expected a number in (0, 1), e.g. 0.95.")
         return audit_of_scores(self.scores(model, canary_x), self.included,
                                epsilon_claimed=epsilon_claimed, delta=delta,
                                confidence=confidence, steps=steps, sample_rate=sample_rate,

@@ -19,7 +19,10 @@ Scores (chosen before training, as the bounds require):
 * ``"scale"`` — minus the log of the spread of the spare parameters: pure
   noise divided by the divisor, so it reads the divisor. A correct pipeline
   divides by the fixed ``B`` in both worlds and the score carries nothing;
-  one that divides by the realised batch shows the canary in the count.
+  one that divides by the realised batch shows the canary in the count. It
+  reads the count best at q = 1 and one step (the default): at q = 0.5 with
+  3 fillers and 4 steps the review measured the realised-batch fault at 0.19
+  against 2.52 claimed, not caught.
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ def many_runs(*, runs: int = 200, fillers: int = 1, spare: int = 1000, steps: in
         raise InvalidArgumentError(
             f"score='scale' reads the spread of the spare parameters; got spare={spare}, "
             "expected at least 2 (1000 by default).")
+    pipeline.check_rates(sample_rate=sample_rate, confidence=confidence, slots=1 + fillers)
     rng = np.random.default_rng(seed)
     included = rng.random(runs) < 0.5
     # Slots: the fillers first (the loader's template batch is a present example), the

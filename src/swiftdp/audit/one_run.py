@@ -137,6 +137,8 @@ def one_run(*, canaries: int = 1000, fillers: int = 1000, steps: int = 10,
         raise InvalidArgumentError(
             f"Expected canaries >= 10, fillers >= 0, steps >= 1, canary_norm >= 1; got "
             f"{canaries}, {fillers}, {steps}, {canary_norm}.")
+    pipeline.check_rates(sample_rate=sample_rate, confidence=confidence,
+                         slots=canaries + fillers)
     rng = np.random.default_rng(seed)
     included = rng.random(canaries) < 0.5
     # One slot per filler (first: the loader's template batch is a present example), then

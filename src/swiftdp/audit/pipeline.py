@@ -28,6 +28,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from swiftdp.errors import InvalidArgumentError
+
 
 class Canaries(nn.Module):
     """A linear model on one-hot inputs, as a lookup: ``out_k = norm_k · w[row_k]``."""
@@ -58,6 +60,30 @@ class Trained:
     epsilon: float
     sample_rate: float
     expected_batch_size: float
+
+
+def check_rates(*, sample_rate: float, confidence: float, slots: int) -> None:
+    """Refuse a rate the audit would not run at, before any training.
+
+    Raises:
+        InvalidArgumentError: ``confidence`` not in (0, 1); ``sample_rate``
+            not in (0, 1]; or ``sample_rate · slots`` not a whole batch (the
+            audit would silently run at another q), naming the nearest q that is.
+    """
+    if not 0 < confidence < 1:
+        raise InvalidArgumentError(
+            f"confidence={confidence!r}: expected a number in (0, 1), e.g. 0.95.")
+    if not 0 < sample_rate <= 1:
+        raise InvalidArgumentError(
+            f"sample_rate={sample_rate!r}: expected a Poisson rate q in (0, 1].")
+    batch = sample_rate * slots
+    if abs(batch - round(batch)) > 1e-9 * max(1.0, batch) or round(batch) < 1:
+        k = min(slots, max(1, round(batch)))
+        raise InvalidArgumentError(
+            f"sample_rate={sample_rate!r} over {slots} slots is an expected batch of "
+            f"{batch:g}, not a whole number: the audit would run at q = {k}/{slots} = "
+            f"{k / slots:.6g}. Pass that sample_rate, or change the number of slots "
+            "(fillers, canaries).")
 
 
 def train(*, table_rows: int, rows: np.ndarray, norms: np.ndarray, present: np.ndarray,
