@@ -487,7 +487,7 @@ class GradClipper:
         Their gradient edges and shapes only: holding the tensors would keep
         them (the logits of a language model) alive through the loss backward.
         The user gets a view of each output (a :class:`~swiftdp.clipping.loss_trace.Traced`
-        one on a checked step), so ``torch.autograd.grad(loss, out)`` stops at
+        one at every step when the loss is checked), so ``torch.autograd.grad(loss, out)`` stops at
         the view and never reaches the layers' output-gradient hooks: a
         gradient for logging is not a training backward.
         """
