@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from swiftdp.clipping.deferred import PendingCounts, nonfinite_message
 from swiftdp.errors import NonFiniteGradientWarning
 
 ClippingStyle = Literal["flat", "automatic"]
@@ -77,19 +78,31 @@ def clip_factors(
     return c.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
 
 
-def nonfinite_examples(norms: Tensor, *, warn: bool = True) -> Tensor | None:
+def nonfinite_examples(norms: Tensor, *, warn: bool = True,
+                       pending: PendingCounts | None = None) -> Tensor | None:
     """The examples whose gradient norm is NaN or inf, to be dropped from this step.
 
     One host synchronisation (the sum of the norms, finite when all are); the
-    mask and the count are formed only when it is not.
+    mask and the count are formed only when it is not. With ``pending`` (a
+    step run without host synchronisation, :mod:`swiftdp.clipping.deferred`)
+    nothing is read: the mask is returned every time and the count queued for
+    a later warning.
 
     Args:
         norms: per-example gradient norms, shape ``(B,)``.
         warn: emit :class:`~swiftdp.errors.NonFiniteGradientWarning` with the count.
+        pending: where a sync-free step queues its count, or ``None``.
 
     Returns:
-        A ``(B,)`` bool mask, or ``None`` when every norm is finite.
+        A ``(B,)`` bool mask (always, with ``pending``), or ``None`` when every
+        norm is finite.
     """
+    if pending is not None:
+        bad = ~torch.isfinite(norms)
+        pending.poll()
+        if warn:
+            pending.push(bad)
+        return bad
     # A finite sum proves every norm finite (NaN and inf propagate): one
     # reduction in the common case; the mask only when something is off.
     if math.isfinite(float(norms.sum())):
@@ -99,16 +112,7 @@ def nonfinite_examples(norms: Tensor, *, warn: bool = True) -> Tensor | None:
         return None
     if warn:
         k, n = int(bad.sum()), int(bad.numel())
-        warnings.warn(
-            NonFiniteGradientWarning(
-                f"{k} of {n} examples of this step had a non-finite per-example gradient "
-                "norm (NaN, inf, or beyond the float range) and were dropped from the "
-                "clipped sum: clip factor 0, contribution left out exactly, the other "
-                "examples unchanged. Look for NaN/inf or extreme values in those inputs "
-                "or targets (e.g. `torch.isfinite(x).all()`), or a diverging model."
-            ),
-            stacklevel=3,
-        )
+        warnings.warn(NonFiniteGradientWarning(nonfinite_message(k, n)), stacklevel=3)
     return bad
 
 

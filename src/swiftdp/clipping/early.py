@@ -98,7 +98,8 @@ class EarlyGroups:
             step.norms = norms
             if self.dropped:  # one warning for the step, every example dropped counted
                 any_bad = torch.stack(self.dropped).any(0)
-                nonfinite_examples(torch.where(any_bad, torch.inf, 0.0).to(ref.dtype))
+                nonfinite_examples(torch.where(any_bad, torch.inf, 0.0).to(ref.dtype),
+                                   pending=eng.pending_for(ref.device))
         step.clipped_with = self.thresholds
         return self.sums
 
@@ -144,7 +145,7 @@ class EarlyGroups:
             return
         scale = step.scale(sq.shape[-1])
         norms = sq.clamp(min=0).sqrt() * scale
-        dropped = nonfinite_examples(norms, warn=False)
+        dropped = nonfinite_examples(norms, warn=False, pending=eng.pending_for(norms.device))
         if dropped is not None:
             self.dropped.append(dropped)
         factors = clip_factors(norms, self.limits[k], eng.clipping, warn_nonfinite=False)

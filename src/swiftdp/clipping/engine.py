@@ -50,6 +50,7 @@ from swiftdp.clipping.boundary import wrap_outputs
 from swiftdp.clipping.clip_fns import ClippingStyle, Thresholds, group_thresholds
 from swiftdp.clipping.compiled import prepare_compiled
 from swiftdp.clipping.cost import CostObjective
+from swiftdp.clipping.deferred import PendingCounts
 from swiftdp.clipping.escapes import ParameterGuard
 from swiftdp.clipping.groups import GroupPartition, check_clip_thresholds
 from swiftdp.clipping.hook_check import check_no_backward_hooks
@@ -96,8 +97,10 @@ class GradClipper:
             means over tokens.
         batch_first: whether sequence activations are ``(B, T, ...)``;
             ``False`` for ``(T, B, ...)`` models.
-        cost_objective: ``"time"`` or ``"memory"``, what the per-layer cost
-            model minimises.
+        cost_objective: what the per-layer cost model minimises: ``"time"``
+            or ``"memory"``; ``"ghost"`` or ``"instantiate"`` force that side
+            for every factored layer (to measure it). Speed and memory only:
+            the clipped sum is the same.
         sink: receives each backward's clipped sums instead of ``p.grad``
             (``make_private`` keeps them private until the noisy step).
             Default: add them to ``p.grad``.
@@ -121,6 +124,12 @@ class GradClipper:
         last_norms: the last backward's per-example gradient norms, ``(B,)``;
             in group mode ``(K, B)``, row ``k`` the norms of group ``k``.
         last_clip_factors: the clip factors, shaped like ``last_norms``.
+        sync_free: run the step without host synchronisation: examples with a
+            non-finite norm are dropped by a mask formed on the device every
+            step and their warning arrives later (:mod:`~swiftdp.clipping.deferred`).
+            ``None`` (the default): on for norms off the CPU, off on the CPU
+            (where reading a value waits for nothing, and the mask is formed
+            only when something is off).
 
     Raises:
         UnsupportedModuleError: the model has a layer that mixes examples
@@ -171,6 +180,8 @@ class GradClipper:
         # Group mode in bk / per_sample: clip each group once its last use has its
         # gradient, during the backward (clipping/early.py); False: all at the end.
         self.clip_groups_in_backward = True
+        self.sync_free: bool | None = None
+        self._pending = PendingCounts()
 
         self._sink: Sink = sink if sink is not None else _add_to_grads
         self._tracer = Tracer(self)
@@ -312,8 +323,18 @@ class GradClipper:
         """Whether the engine is suspended (see :meth:`suspended`)."""
         return self._suspended
 
+    def pending_for(self, device: torch.device) -> PendingCounts | None:
+        """Where a sync-free step on ``device`` queues its counts; ``None`` off that mode."""
+        free = self.sync_free if self.sync_free is not None else device.type != "cpu"
+        return self._pending if free else None
+
+    def report_pending(self) -> None:
+        """Emit the warnings of sync-free steps not read yet (waits for the device)."""
+        self._pending.poll(wait=True)
+
     def remove(self) -> None:
         """Detach the engine from the model (hooks removed, model untouched)."""
+        self.report_pending()
         for h in self._handles:
             h.remove()
         self._handles.clear()

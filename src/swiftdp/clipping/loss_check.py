@@ -95,7 +95,11 @@ def check_loss(losses: Tensor, outputs: Sequence[Tensor | OutputRef], batch_size
     if not pairs:
         return  # linear in the outputs: no cross-example terms
     for j in probes:
-        total = sum(((g * _row_direction(o, j, batch_size, batch_dim)).sum() for g, o in pairs),
+        # A direction on row j only: the product is formed on that row (a full-size
+        # direction and product would hold two more output-sized tensors).
+        total = sum(((_row(g, o, j, batch_size, batch_dim) * _row_direction(o, j, batch_size,
+                                                                          batch_dim)).sum()
+                     for g, o in pairs),
                     torch.zeros((), dtype=pairs[0][0].dtype, device=pairs[0][0].device))
         hv = torch.autograd.grad(total, inputs, retain_graph=True, allow_unused=True)
         _require_only_row(hv, outs, j, batch_size, batch_dim, "the loss's gradient")
@@ -106,14 +110,19 @@ def _bdim(t: Tensor | OutputRef, bd: int, batch: int) -> int | None:
     return d if t.dim() > 0 and t.shape[d] == batch else None
 
 
-def _row_direction(o: Tensor | OutputRef, j: int, batch: int, bd: int) -> Tensor:
-    v = torch.zeros(o.shape, dtype=o.dtype, device=o.device)
+def _row(g: Tensor, o: Tensor | OutputRef, j: int, batch: int, bd: int) -> Tensor:
     d = _bdim(o, bd, batch)
     assert d is not None
+    return g.select(d, j)
+
+
+def _row_direction(o: Tensor | OutputRef, j: int, batch: int, bd: int) -> Tensor:
+    """A random direction on row ``j`` of ``o`` (the row's shape; zero on the other rows)."""
+    d = _bdim(o, bd, batch)
+    assert d is not None
+    shape = o.shape[:d] + o.shape[d + 1:]
     gen = torch.Generator(device="cpu").manual_seed(j)
-    row = v.select(d, j)
-    row.copy_(torch.randn(row.shape, generator=gen, dtype=o.dtype).to(o.device))
-    return v
+    return torch.randn(shape, generator=gen, dtype=o.dtype).to(o.device)
 
 
 def _require_only_row(grads: tuple[Tensor | None, ...], outs: Sequence[Tensor | OutputRef],
@@ -123,9 +132,12 @@ def _require_only_row(grads: tuple[Tensor | None, ...], outs: Sequence[Tensor | 
             continue
         d = _bdim(o, bd, batch)
         assert d is not None
-        others = torch.cat([g.narrow(d, 0, j), g.narrow(d, j + 1, batch - j - 1)], dim=d)
-        scale = float(g.abs().max()) if g.numel() else 0.0
-        if others.numel() and float(others.abs().max()) > _TOL * max(scale, 1e-30):
+        # Largest entry on the other rows against the largest anywhere, without a copy
+        # of the gradient (an infinity norm is a reduction; abs() and cat would be two).
+        others = [g.narrow(d, 0, j), g.narrow(d, j + 1, batch - j - 1)]
+        off = max((_amax(x) for x in others if x.numel()), default=0.0)
+        scale = max(off, _amax(g.select(d, j)))
+        if off > _TOL * max(scale, 1e-30):
             raise ExampleMixingError(
                 f"The loss is not a sum of per-example terms: {what} for example {j} depends "
                 f"on other examples' outputs (a model output of shape {tuple(o.shape)}). "
@@ -134,3 +146,8 @@ def _require_only_row(grads: tuple[Tensor | None, ...], outs: Sequence[Tensor | 
                 "example's loss from its own outputs and labels only, e.g. "
                 "swiftdp.losses.per_example_cross_entropy(logits, labels), and pass that vector."
             )
+
+
+def _amax(x: Tensor) -> float:
+    """``max |x|`` as a number (one reduction, no copy of ``x``)."""
+    return float(torch.linalg.vector_norm(x, float("inf")))

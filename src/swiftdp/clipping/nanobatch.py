@@ -101,7 +101,8 @@ def make_backward(
                     s.add_(torch.where(c[k] > 0, g.to(s.dtype) * c[k].to(s.dtype), 0.0))
         if norms:
             stacked = torch.stack(norms)  # (B,), or (B, K) in group mode
-            nonfinite_examples(stacked if gid is None else stacked.amax(1))  # one warning, counted
+            nonfinite_examples(stacked if gid is None else stacked.amax(1),  # one warning, counted
+                               pending=engine.pending_for(stacked.device))
             dtype = compute_dtype(params[0]) if params else torch.float32
             engine.last_norms = (stacked if gid is None else stacked.t()).to(dtype)
             c_all = torch.stack(factors)

@@ -374,13 +374,14 @@ class Step:
         # are left out of every clipped sum exactly (one example must never
         # be able to poison the update); in group mode a non-finite norm in
         # any group drops the example from all of them.
+        pending = eng.pending_for(norms.device)
         if limits is None:
-            self.dropped = nonfinite_examples(norms)
+            self.dropped = nonfinite_examples(norms, pending=pending)
             c_max = eng.max_grad_norm
             assert isinstance(c_max, float)
             c = clip_factors(norms, c_max, eng.clipping, warn_nonfinite=False)
         else:
-            self.dropped = nonfinite_examples(norms.amax(0))
+            self.dropped = nonfinite_examples(norms.amax(0), pending=pending)
             c = torch.stack([clip_factors(n, ck, eng.clipping, warn_nonfinite=False)
                              for n, ck in zip(norms, limits, strict=True)])
         eng.last_norms, eng.last_clip_factors = norms.detach(), c.detach()
@@ -466,7 +467,8 @@ class Step:
             within = torch.full((len(limits),), float(self.batch_size), dtype=torch.float64)
         else:
             n = self.norms.double().reshape(len(limits), -1)
-            within = (n <= torch.tensor(limits, dtype=torch.float64)[:, None]).sum(1).double()
+            top = torch.tensor(limits, dtype=torch.float64, device=n.device)[:, None]
+            within = (n <= top).sum(1).double()
         self.norms, self.clipped_with = None, None
         self._on_deliver(self, BackwardResult(out, self.batch_size, forwards, used, within))
 

@@ -159,7 +159,7 @@ class EmbeddingGrads(Contribution):
             if method == "dense":
                 uniq, inv = torch.arange(self.batch * self.vocab, device=keys.device), keys
             else:
-                uniq, inv = torch.unique(keys, sorted=True, return_inverse=True)
+                uniq, inv = _unique_padded(keys)
             sums = g.new_zeros(uniq.shape[0], self.dim).index_add_(0, inv, g.reshape(-1, self.dim))
             self._seg, self._inv = (uniq, sums), inv
         self._sq: Tensor | None = None
@@ -184,11 +184,14 @@ class EmbeddingGrads(Contribution):
 
         Returns:
             ``keys`` ``(U,)`` equal to ``i · V + row`` and ``sums`` ``(U, d)``,
-            the gradient of that row for that example (some may be zero).
+            the gradient of that row for that example (some may be zero). ``U``
+            is the number of lookups ``B · T``, not the number of distinct
+            keys: the keys after the distinct ones repeat the largest key with
+            zero sums (:func:`_unique_padded`; no read of the count).
         """
         if self._seg is None:
             rows = self.g
-            uniq, inv = torch.unique(self._keys(), sorted=True, return_inverse=True)
+            uniq, inv = _unique_padded(self._keys())
             sums = rows.new_zeros(uniq.shape[0], self.dim).index_add_(
                 0, inv, rows.reshape(-1, self.dim))
             self._seg = (uniq, sums)
@@ -316,6 +319,26 @@ class EmbeddingGrads(Contribution):
         hit = k1[pos] == k2
         vals = (s1[pos].to(F64) * s2.to(F64)).sum(1) * hit
         return out.index_add_(0, k2 // self.vocab, vals), n
+
+
+def _unique_padded(keys: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.unique(keys, sorted=True, return_inverse=True)`` without reading the count.
+
+    The distinct keys come first, sorted; the ``n - U`` entries after them
+    repeat the largest key (the list stays sorted), and no lookup maps to
+    them, so the rows summed there stay zero. ``torch.unique``'s output size
+    depends on the values: on an accelerator it waits for the device.
+    """
+    n = keys.numel()
+    if n == 0:
+        return keys.clone(), keys.clone()
+    ordered, order = keys.sort()
+    new = torch.ones(n, dtype=torch.bool, device=keys.device)
+    new[1:] = ordered[1:] != ordered[:-1]
+    seg = new.cumsum(0).sub_(1)  # distinct-key index of each sorted lookup
+    inv = torch.empty_like(seg).scatter_(0, order, seg)
+    uniq = ordered[-1:].expand(n).clone().scatter_(0, seg, ordered)
+    return uniq, inv
 
 
 # ------------------------------------------------------------------------ rules

@@ -120,9 +120,14 @@ def reseed_from_os_entropy(generator: torch.Generator) -> None:
 def add_gaussian_noise(params: Iterable[Any], std: float, generator: torch.Generator) -> None:
     """Add ``N(0, std²)`` to every coordinate of each parameter's ``.grad`` (in place).
 
-    A parameter without ``.grad`` gets one (the noise alone). Noise is drawn on
-    the CPU generator and moved to the parameter's device, so the stream is
-    the same on every device.
+    A parameter without ``.grad`` gets one (the noise alone). On the CPU the
+    noise is drawn from ``generator`` itself. On another device it is drawn
+    there, by that device's generator seeded for this call from ``generator``
+    (one 62-bit draw on the CPU, :func:`device_generator`): no host-side
+    Gaussians, no copy to the device and no synchronisation, and the stream
+    is still fixed by ``generator``'s state (a resumed run continues it; the
+    device's own algorithm — Philox on CUDA — makes it differ from the CPU
+    stream). Secure noise is always drawn on the host (``os.urandom``).
 
     Args:
         params: the trainable parameters (or anything with ``grad``, ``shape``
@@ -131,13 +136,41 @@ def add_gaussian_noise(params: Iterable[Any], std: float, generator: torch.Gener
         generator: the library's noise generator.
     """
     secure = isinstance(generator, SecureGenerator)
+    on_device: dict[torch.device, torch.Generator] = {}
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         if std == 0:
             continue
+        g = p.grad
         if secure:  # OS CSPRNG, float64 sum of Gaussians (module docstring)
             noise = secure_standard_normal(p.shape.numel()).reshape(p.shape)
-        else:
+        elif g.device.type == "cpu":
             noise = torch.randn(p.shape, generator=generator, dtype=p.dtype)
-        p.grad.add_(noise.to(device=p.grad.device, dtype=p.grad.dtype), alpha=std)
+        else:
+            if g.device not in on_device:
+                on_device[g.device] = device_generator(generator, g.device)
+            noise = torch.randn(p.shape, generator=on_device[g.device], dtype=g.dtype,
+                                device=g.device)
+        g.add_(noise.to(device=g.device, dtype=g.dtype), alpha=std)
+
+
+def device_generator(generator: torch.Generator, device: torch.device | str) -> torch.Generator:
+    """A generator on ``device`` seeded from the next 62 bits of ``generator``.
+
+    Each call advances ``generator`` (a CPU generator, the one checkpoints
+    save) by one draw and returns a fresh generator for ``device`` seeded
+    with it, so the noise drawn from it is fixed by ``generator``'s state and
+    differs at every call.
+
+    Args:
+        generator: the library's CPU noise generator.
+        device: where the noise is drawn.
+
+    Returns:
+        A ``torch.Generator`` on ``device``.
+    """
+    seed = int(torch.randint(0, 1 << 62, (), generator=generator))
+    out = torch.Generator(device=device)
+    out.manual_seed(seed)
+    return out
