@@ -9,8 +9,8 @@ from typing import Any
 
 from swiftdp.bench.methods import BASELINE, OPACUS_METHODS
 
-TIME_TARGET = 1.3
-MEMORY_TARGET = 1.2
+TIME_TARGET = 1.15
+MEMORY_TARGET = 1.15
 OPACUS_SPEEDUP_TARGET = 2.0
 DEFAULT_METHOD = "swiftdp"
 
@@ -39,11 +39,13 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
     Columns: step time (median), its ratio to the non-private step measured
     interleaved in the same process, raw peak memory and its ratio to the
     non-private process' peak, the peak above the idle process ("train MB")
+    and its ratio, the peak of a steady-state step above the idle process
+    ("steady MB": a step that neither probes the batch nor checks the loss)
     and its ratio, examples per second, the largest batch (CUDA), notes.
     """
     has_max = any(r.get("max_batch") is not None for r in results)
     head = ["model", "method", "batch", "step ms", "× time", "peak MB", "× mem",
-            "train MB", "× train mem", "ex/s"]
+            "train MB", "× train mem", "steady MB", "× steady mem", "ex/s"]
     if has_max:
         head.append("max batch")
     head.append("notes")
@@ -58,6 +60,8 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
             _fmt(r.get("mem_ratio") if ok else None, ".2f"),
             _fmt(r.get("train_mb") if ok else None, ".0f"),
             _fmt(r.get("train_mem_ratio") if ok else None, ".2f"),
+            _fmt(r.get("steady_mb") if ok else None, ".0f"),
+            _fmt(r.get("steady_mem_ratio") if ok else None, ".2f"),
             _fmt(r.get("examples_per_s") if ok else None,
                  ".0f" if (r.get("examples_per_s") or 0) >= 10 else ".2f"),
         ]
@@ -75,11 +79,12 @@ def _geomean(values: list[float]) -> float | None:
 def targets(results: list[dict[str, Any]], method: str = DEFAULT_METHOD) -> dict[str, Any]:
     """Check the issue's targets for ``method`` (swiftdp default).
 
-    * time: ``ratio <= 1.3`` on every model, or the model's own
+    * time: ``ratio <= 1.15`` on every model, or the model's own
       ``time_target`` where its result carries one (GPT-2 small on a CPU:
       1.2 full fine-tuning, 1.1 LoRA);
-    * memory: ``mem_ratio <= 1.2`` (raw peaks) on every model (the peak
-      above the idle process, ``train_mem_ratio``, is reported alongside);
+    * memory: ``train_mem_ratio <= 1.15`` (the peak above the idle process,
+      every step of the warm-up included) on every model; the raw peaks'
+      ratio and the steady-state step's are reported alongside;
     * Opacus: the geometric mean over the models where some Opacus mode ran
       of (best Opacus time ratio) / (swiftdp time ratio) is at least 2.
       Both ratios are to the non-private step measured interleaved in the
@@ -107,7 +112,8 @@ def targets(results: list[dict[str, Any]], method: str = DEFAULT_METHOD) -> dict
             "ratio": s["ratio"], "mem_ratio": s.get("mem_ratio"),
             "train_mem_ratio": s.get("train_mem_ratio"), "time_target": limit,
             "time_ok": s["ratio"] <= limit,
-            "memory_ok": (s.get("mem_ratio") or math.inf) <= MEMORY_TARGET,
+            "steady_mem_ratio": s.get("steady_mem_ratio"),
+            "memory_ok": (s.get("train_mem_ratio") or math.inf) <= MEMORY_TARGET,
             "best_opacus": best[0] if best else None,
             "speedup_vs_opacus": best[1] / s["ratio"] if best else None,
         }
@@ -138,26 +144,28 @@ def targets_markdown(t: dict[str, Any]) -> str:
     lines = [
         f"- swiftdp default ≤ its target × non-private step time ({limits}) on every model: "
         f"**{mark(t['time_met'])}**",
-        f"- swiftdp default ≤ {MEMORY_TARGET}x non-private peak memory on every model: "
+        f"- swiftdp default ≤ {MEMORY_TARGET}x non-private peak memory above the idle process "
+        "on every model: "
         f"**{mark(t['memory_met'])}**",
         f"- swiftdp default ≥ {OPACUS_SPEEDUP_TARGET}x faster than the best Opacus mode "
         f"(geometric mean): **{mark(t['opacus_met'])}** "
         + ("" if t["opacus_geomean_speedup"] is None
            else f"({t['opacus_geomean_speedup']:.2f}x)"),
         "",
-        "| model | × time | target | × mem (raw) | × mem (above idle) | best Opacus "
-        "| speed-up vs it |",
-        "|---|---|---|---|---|---|---|",
+        "| model | × time | target | × mem (raw) | × mem (above idle) | × mem (steady step) "
+        "| best Opacus | speed-up vs it |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for model, e in t["per_model"].items():
         if "ratio" not in e:
-            lines.append(f"| {model} | — | — | — | — | — | {e.get('status')} |")
+            lines.append(f"| {model} | — | — | — | — | — | — | {e.get('status')} |")
             continue
         lines.append(
             f"| {model} | {e['ratio']:.2f}{'' if e['time_ok'] else ' ✗'} | "
             f"≤ {e['time_target']:g} | "
-            f"{_fmt(e['mem_ratio'], '.2f')}{'' if e['memory_ok'] else ' ✗'} | "
-            f"{_fmt(e['train_mem_ratio'], '.2f')} | {e['best_opacus'] or 'none ran'} | "
+            f"{_fmt(e['mem_ratio'], '.2f')} | "
+            f"{_fmt(e['train_mem_ratio'], '.2f')}{'' if e['memory_ok'] else ' ✗'} | "
+            f"{_fmt(e.get('steady_mem_ratio'), '.2f')} | {e['best_opacus'] or 'none ran'} | "
             f"{_fmt(e['speedup_vs_opacus'], '.2f')} |"
         )
     return "\n".join(lines)

@@ -194,7 +194,8 @@ def run_suite(cfg: SuiteConfig, *, runner: Runner = run_worker, progress: bool =
 
 
 def add_memory_ratios(results: list[dict[str, Any]]) -> None:
-    """Fill ``mem_ratio`` (raw peaks) and ``train_mem_ratio`` (peaks above idle) in place."""
+    """Fill ``mem_ratio`` (raw peaks), ``train_mem_ratio`` (peaks above idle) and
+    ``steady_mem_ratio`` (a steady-state step's peak above idle) in place."""
     base = {r["model"]: r for r in results if r["method"] == BASELINE and r.get("status") == "ok"}
     for r in results:
         b = base.get(r["model"])
@@ -204,3 +205,7 @@ def add_memory_ratios(results: list[dict[str, Any]]) -> None:
         b_train = b["peak_mb"] - b["idle_mb"]
         r["mem_ratio"] = r["peak_mb"] / b["peak_mb"]
         r["train_mem_ratio"] = r["train_mb"] / b_train if b_train > 0 else None
+        if "steady_peak_mb" in r and "steady_peak_mb" in b:
+            r["steady_mb"] = r["steady_peak_mb"] - r["idle_mb"]
+            b_steady = b["steady_peak_mb"] - b["idle_mb"]
+            r["steady_mem_ratio"] = r["steady_mb"] / b_steady if b_steady > 0 else None

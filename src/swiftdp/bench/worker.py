@@ -5,7 +5,10 @@ memory (the process' peak resident set size) belongs to that configuration
 alone. In that process:
 
 1. the method's model is built and trained for ``warmup`` steps alone, and the
-   peak memory is read (CPU: peak RSS; CUDA: ``max_memory_allocated``);
+   peak memory is read (CPU: peak RSS; CUDA: ``max_memory_allocated``); then
+   the peak of one later step that checks nothing (steady state: the first
+   steps of an output signature also check the loss, a second-derivative
+   pass through it);
 2. a non-private copy of the same model (same initialisation) is built and
    the two are timed interleaved, one non-private step then one method step
    per round (order reversed every other round), after ``warmup`` rounds;
@@ -55,6 +58,39 @@ def _rss_mb() -> float:
 def _peak_rss_mb() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes vs KiB
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the process' peak RSS (Linux ``/proc/self/clear_refs``); ``False`` where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _hwm_mb() -> float:
+    """The peak RSS since the last reset (Linux ``VmHWM``)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) / 2**10
+    raise OSError("no VmHWM in /proc/self/status")
+
+
+def steady_step_index(done: int) -> int:
+    """The first step after ``done`` that checks nothing: not a power of two.
+
+    The engine checks the loss at each output signature's 1st, 2nd, 4th,
+    8th, ... step (a second-derivative pass through the loss) and probes
+    the first batch of each input signature; the step measured for the
+    steady-state memory avoids them.
+    """
+    k = done + 1
+    while k & (k - 1) == 0:
+        k += 1
+    return k
 
 
 def _error_text(exc: BaseException) -> str:
@@ -109,6 +145,8 @@ def measure(
         ``"unavailable"``: the method's library or the model's extra is not
         installed), ``error``, ``where`` (of a failure), ``notes``, ``step_ms``
         and ``base_step_ms`` (medians), ``ratio``, ``peak_mb``, ``idle_mb``,
+        ``steady_peak_mb`` and ``steady_step`` (the peak of one step after the
+        warm-up that neither probes nor checks the loss; Linux and CUDA only),
         ``examples_per_s``, ``rounds``, ``max_batch``, ``time_target`` (the
         model's own target, if it has one).
     """
@@ -143,6 +181,21 @@ def measure(
                 sync()
             res["peak_mb"] = (torch.cuda.max_memory_allocated() / 2**20 if cuda
                               else _peak_rss_mb())
+            # Steady state: the peak of one step that neither probes nor checks.
+            done = max(1, warmup)
+            target = steady_step_index(done)
+            for _ in range(target - done - 1):
+                run.step(x, y)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+                run.step(x, y)
+                sync()  # type: ignore[misc]
+                res["steady_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+                res["steady_step"] = target
+            elif _reset_peak_rss():
+                run.step(x, y)
+                res["steady_peak_mb"] = _hwm_mb()
+                res["steady_step"] = target
             steps: list[Callable[[], object]] = [lambda: run.step(x, y)]
             if method != BASELINE:
                 base = _build(spec, BASELINE, x, y, device, seed)
