@@ -77,6 +77,15 @@ def check_backward(probe: Any) -> None:
     if not outs or not points:
         return
     probes = sorted({0, probe.batch - 1})
+    # Each point's gradient is checked by a hook as the backward reaches it and
+    # dropped there: asking autograd.grad for all of them would hold every
+    # activation's gradient at once (ResNet-18: about twice a step's activations).
+    # The gradient is taken down to the parameters and the probed inputs, so every
+    # point (each requires grad, so it has one of them upstream) is on the way.
+    params = [p for p in probe.model.parameters() if p.requires_grad]
+    inputs = [(what, t, axes) for what, t, axes in points if what.startswith("input #")]
+    targets = [t for _, t, _ in inputs] + params
+    found: list[ExampleMixingError] = []
     for n, j in enumerate(probes):
         grads = []
         for t in outs:  # the gradient of example j's outputs alone
@@ -85,17 +94,38 @@ def check_backward(probe: Any) -> None:
             row.copy_(torch.randn(row.shape, generator=gen, dtype=torch.float64)
                       .to(device=t.device, dtype=t.dtype))
             grads.append(g)
+        hooks = [t.register_hook(_checker(probe, what, axes, j, found))
+                 for what, t, axes in points if not what.startswith("input #")]
         try:
             with torch.enable_grad():
-                got = torch.autograd.grad(outs, [t for _, t, _ in points], grads,
-                                          allow_unused=True, retain_graph=n + 1 < len(probes))
+                got = torch.autograd.grad(outs, targets, grads, allow_unused=True,
+                                          retain_graph=n + 1 < len(probes))
         except RuntimeError as e:
             if "heckpoint" in str(e):  # reentrant checkpointing refuses autograd.grad
                 return
             raise
-        for (what, _, axes), g in zip(points, got, strict=True):
+        finally:
+            for h in hooks:
+                h.remove()
+        if found:
+            raise found[0]
+        for (what, _, axes), g in zip(inputs, got, strict=False):
             if g is not None:
                 _refuse_moved(probe, what, g, axes, j)
+        del got
+
+
+def _checker(probe: Any, what: str, axes: list[int], j: int,
+             found: list[ExampleMixingError]) -> Any:
+    """A tensor hook checking the gradient that reaches one point (it keeps nothing)."""
+    def hook(g: Tensor) -> None:
+        if found:
+            return
+        try:
+            _refuse_moved(probe, what, g, axes, j)
+        except ExampleMixingError as e:
+            found.append(e)
+    return hook
 
 
 def _refuse_moved(probe: Any, what: str, g: Tensor, axes: list[int], j: int) -> None:
