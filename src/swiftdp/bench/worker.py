@@ -21,6 +21,7 @@ The result is printed as one JSON line prefixed with :data:`RESULT_PREFIX`.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import resource
@@ -61,7 +62,17 @@ def _peak_rss_mb() -> float:
 
 
 def _reset_peak_rss() -> bool:
-    """Reset the process' peak RSS (Linux ``/proc/self/clear_refs``); ``False`` where unsupported."""
+    """Reset the process' peak RSS (Linux ``/proc/self/clear_refs``); ``False`` where unsupported.
+
+    Memory freed by earlier steps is first handed back to the system
+    (glibc's ``malloc_trim``), so the peak that follows is what the process
+    holds live plus what the next step needs — not what the allocator kept
+    from the first steps' probes and checks.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
