@@ -107,17 +107,26 @@ def test_steady_state_step_reads_nothing_back_in_other_modes(mode, groups):
     assert h.total == 0, (mode, groups, h.where())
 
 
-def test_a_cross_entropy_mean_reads_one_flag_per_step():
-    """The one documented read: whether any target equals ignore_index (a token mean
-    over the batch couples examples when one does)."""
+@pytest.mark.parametrize("free", [True, False])
+def test_a_cross_entropy_mean_reads_its_ignore_index_flag_only_on_the_cpu_path(free):
+    """Whether any target equals ignore_index (a token mean over the batch couples
+    examples when one does): sync-free, the flag is checked before delivery without a
+    read; the CPU path reads it at the loss, and the norms' sum for the non-finite check
+    (two reads, free there: nothing is queued ahead of the host on a CPU)."""
     dp, step = _suite_step("mlp", "bk", groups=False, loss="mean")
+    dp.clipper.sync_free = free
     batches = _forever(dp.data_loader)
     for _ in range(4):
         step(*next(batches))
     xb, yb = next(batches)
     with HostReads() as h:
         step(xb, yb)
-    assert h.total == 1 and "loss_forms.py" in h.where()[0], h.where()
+    if free:
+        assert h.total == 0, h.where()
+    else:
+        sites = sorted(site.split(":")[0] for _, site in h.counts)
+        assert h.total == 2 and sites == ["clipping/clip_fns.py", "clipping/loss_forms.py"], \
+            h.where()
 
 
 # ------------------------------------------- non-finite examples, sync-free
@@ -217,3 +226,93 @@ def test_neighbour_sensitivity_with_poisoned_examples_is_at_most_c(mode):
         worst = neighbour_sensitivity(
             lambda b: [_clipped_sum(model, b[0], b[1], mode, False)], (x, y), 5)
     assert worst <= C * (1 + 1e-6), worst
+
+
+# ---------------------------------- cross_entropy mean: ignore_index, deferred
+class _Tokens(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(13, 8)
+        self.head = nn.Linear(8, 13)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.emb(x)))
+
+
+def _token_step(clipper: swiftdp.GradClipper, model: nn.Module, x: Tensor, y: Tensor) -> None:
+    for p in model.parameters():
+        p.grad = None
+    out = model(x)
+    F.cross_entropy(out.reshape(-1, 13), y.reshape(-1)).backward()
+
+
+@pytest.mark.parametrize("mode", ["bk", "ghost", "per_sample"])
+def test_a_deferred_ignore_index_flag_refuses_the_step_before_delivery(mode):
+    """Sync-free, the ignore_index flag of a cross_entropy mean is not read at the loss
+    but before the clipped sums are delivered: a batch with an ignored target (a token
+    mean over the batch: coupled) is refused there with nothing added to .grad; a clean
+    batch gives the same sums as the step that reads the flag at once, and reads nothing."""
+    torch.manual_seed(2)
+    x, y = torch.randint(0, 13, (4, 5)), torch.randint(0, 13, (4, 5))
+    base = _Tokens()
+    want = []
+    clip = swiftdp.GradClipper(base, C, mode=mode)
+    try:
+        for _ in range(3):
+            _token_step(clip, base, x, y)
+        want = [p.grad.clone() for p in base.parameters()]
+    finally:
+        clip.remove()
+    model = copy.deepcopy(base)
+    clip = swiftdp.GradClipper(model, C, mode=mode)
+    clip.sync_free = True
+    try:
+        for _ in range(2):  # the 1st and 2nd steps check the loss (they read values)
+            _token_step(clip, model, x, y)
+        with HostReads() as h:
+            _token_step(clip, model, x, y)  # step 3: no read at all
+        assert h.total == 0, h.where()
+        for p, w in zip(model.parameters(), want, strict=True):
+            torch.testing.assert_close(p.grad, w, rtol=0, atol=0)
+        bad = y.clone()
+        bad[1, 2] = -100  # one padded target: the mean divides by the other targets' count
+        with pytest.raises(swiftdp.errors.ExampleMixingError, match="ignore_index=-100"):
+            _token_step(clip, model, x, bad)
+        assert all(p.grad is None for p in model.parameters()), "a refused step delivered"
+        _token_step(clip, model, x, y)  # the next clean step trains
+        assert all(p.grad is not None for p in model.parameters())
+    finally:
+        clip.remove()
+
+
+def test_a_deferred_flag_refuses_through_make_private_and_the_step_is_not_taken():
+    torch.manual_seed(3)
+    model = _Tokens()
+    x, y = torch.randint(0, 13, (4, 5)), torch.randint(0, 13, (4, 5))
+    bad = y.clone()
+    bad[0, 0] = -100
+    batches = [(x, y), (x, y), (x, y), (x, bad)]
+    loader = torch.utils.data.DataLoader(list(range(4)), batch_size=4,
+                                         collate_fn=lambda _: batches[0])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dp = swiftdp.make_private(model, opt, loader, noise_multiplier=1.0, max_grad_norm=C,
+                                  poisson_sampling=False, seed=0)
+    dp.clipper.sync_free = True
+    it = _forever(dp.data_loader)
+    for b in batches[:3]:
+        batches[0] = b
+        xb, yb = next(it)
+        dp.optimizer.zero_grad()
+        F.cross_entropy(model(xb).reshape(-1, 13), yb.reshape(-1)).backward()
+        dp.optimizer.step()
+    steps = dp.optimizer.steps_taken
+    before = [p.detach().clone() for p in model.parameters()]
+    batches[0] = (x, bad)
+    xb, yb = next(it)
+    dp.optimizer.zero_grad()
+    with pytest.raises(swiftdp.errors.ExampleMixingError):
+        F.cross_entropy(model(xb).reshape(-1, 13), yb.reshape(-1)).backward()
+    assert dp.optimizer.steps_taken == steps
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))

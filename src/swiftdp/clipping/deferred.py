@@ -40,6 +40,30 @@ def nonfinite_message(k: int, n: int, when: str = "this step") -> str:
     )
 
 
+def to_host_async(t: Tensor) -> tuple[Tensor, Any]:
+    """Start copying ``t`` to the host without waiting: ``(host tensor, event or None)``.
+
+    On CUDA the copy goes to pinned memory behind an event recorded on the
+    current stream (read the host tensor after ``event.synchronize()``,
+    which waits for the work queued before ``t``'s copy only, never for what
+    is queued after it). Elsewhere ``t`` itself is returned.
+    """
+    if t.device.type != "cuda":
+        return t, None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+def read_host(host: Tensor, event: Any) -> Any:
+    """The value of a copy started by :func:`to_host_async` (waits for that copy only)."""
+    if event is not None:
+        event.synchronize()
+    return host.tolist()  # host memory: not an op, no device synchronisation
+
+
 class PendingCounts:
     """Counts of dropped examples, one per step, read once the device has them."""
 
@@ -53,15 +77,7 @@ class PendingCounts:
     def push(self, bad: Tensor) -> None:
         """Queue the count of ``bad`` (a ``(B,)`` bool mask) without reading it."""
         self._steps += 1
-        count = bad.sum()
-        event = None
-        if count.device.type == "cuda":
-            host = torch.empty((), dtype=count.dtype, pin_memory=True)
-            host.copy_(count, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        else:
-            host = count
+        host, event = to_host_async(bad.sum())
         self._queue.append((host, event, int(bad.numel()), self._steps))
 
     def poll(self, *, wait: bool = False) -> None:
@@ -77,8 +93,7 @@ class PendingCounts:
                     return
                 event.synchronize()
             self._queue.popleft()
-            value: Any = host.tolist()  # host memory: no device synchronisation
-            k = int(value)
+            k = int(read_host(host, None))
             if k:
                 warnings.warn(NonFiniteGradientWarning(
                     nonfinite_message(k, n, f"sync-free step {step} (counted on the device, "

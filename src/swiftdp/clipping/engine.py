@@ -529,7 +529,7 @@ class GradClipper:
                 self.checked_losses.difference_update(
                     [k for k in self.checked_losses if k[1] == sig])
             step.loss_signature, step.loss_checked = sig, False
-            ctx = loss_trace.Context(step.batch_size, step.check_traced_loss)
+            ctx = loss_trace.Context(step.batch_size, step.check_traced_loss, step.defer_flag)
             token = step.token
 
             def axis_of(t: Tensor) -> int | None:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from swiftdp.clipping.loss_trace import Form, Traced, coupled, unknown
+from swiftdp.clipping.loss_trace import Context, Form, Traced, coupled, unknown
 
 _LOSSES_CE = {"cross_entropy", "nll_loss"}
 _LOSSES = _LOSSES_CE | {
@@ -46,15 +46,19 @@ _LINEAR = (set(_REDUCE) | _ADD | _MUL | _DIV | _SAME | _RESHAPE
 
 
 def propagate(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any,
-              batch: int) -> Form:
-    """The form of ``func(*args, **kwargs) == out`` from its traced operands' forms."""
+              batch: int, ctx: Context | None = None) -> Form:
+    """The form of ``func(*args, **kwargs) == out`` from its traced operands' forms.
+
+    ``ctx`` (the step's trace context) may take a data-dependent verdict to
+    check later instead of reading it now (a sync-free step, ``Context.defer``).
+    """
     name = getattr(func, "__name__", "") or repr(func)
     forms = [a.sdp_form for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, Traced)]
     for f in forms:
         if f.kind == "coupled":
             return f
     if name in _LOSSES:
-        return _loss(func, name, args, kwargs)
+        return _loss(func, name, args, kwargs, ctx)
     if name in ("cat", "concat", "concatenate", "stack"):
         return _joined(name, args, kwargs)
     if name == "einsum":
@@ -164,7 +168,8 @@ def _signature(func: Any) -> inspect.Signature | None:
         return None
 
 
-def _loss(func: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Form:
+def _loss(func: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+          ctx: Context | None = None) -> Form:
     sig = _signature(func)
     if sig is None:
         return unknown(name)
@@ -185,11 +190,17 @@ def _loss(func: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -
             return coupled(f"{name}(reduction='mean', weight=...) divides by the sum of the "
                            "class weights of every target in the batch")
         ignore = a.get("ignore_index", -100)
-        if int_target and bool((target == ignore).any()):
-            return coupled(f"{name}(reduction='mean') with targets equal to "
-                           f"ignore_index={ignore} divides by the number of the other targets "
-                           "in the whole batch (a token mean over the batch), so each example's "
-                           "weight depends on the other examples' labels")
+        if int_target:
+            why = (f"{name}(reduction='mean') with targets equal to "
+                   f"ignore_index={ignore} divides by the number of the other targets "
+                   "in the whole batch (a token mean over the batch), so each example's "
+                   "weight depends on the other examples' labels")
+            hit = (target == ignore).any()
+            # A sync-free step checks the flag before it delivers its sums (the
+            # copy is started now, read at the end of the backward); else read now.
+            deferred = ctx is not None and ctx.defer is not None and ctx.defer(hit, why)
+            if not deferred and bool(hit):
+                return coupled(why)
     if fp is None or fp.kind != "rows" or fp.power:
         return fp if fp is not None and fp.kind == "unknown" else unknown(name)
     axis = 1 if name == "ctc_loss" else 0

@@ -105,11 +105,16 @@ def coupled(why: str) -> Form:
 class Context:
     """What the forms of one checked step share: the batch and the step's hook."""
 
-    __slots__ = ("batch", "handed", "on_backward", "ops")
+    __slots__ = ("batch", "defer", "handed", "on_backward", "ops")
 
-    def __init__(self, batch: int, on_backward: Callable[[Tensor, Form], None]) -> None:
+    def __init__(self, batch: int, on_backward: Callable[[Tensor, Form], None],
+                 defer: Callable[[Tensor, str], bool] | None = None) -> None:
         self.batch = batch
         self.on_backward = on_backward
+        # A sync-free step takes a data-dependent verdict (a bool tensor that, if
+        # true, makes the loss couple examples) to check before its sums are
+        # delivered, instead of reading it now; returns False to have it read now.
+        self.defer = defer
         self.handed: list[weakref.ref[Tensor]] = []  # the traced outputs, for retain_grad
         # What was done to the outputs with gradient, each distinct op once in first-use
         # order: the loss's fingerprint (a new one is checked at once; see
@@ -169,7 +174,7 @@ class Traced(Tensor):
         # fingerprint does not grow with B (a new batch size is not a new loss).
         ctx.ops.setdefault((getattr(func, "__name__", repr(func)), _zeros(leaves)), None)
         try:
-            form = propagate(func, args, kwargs, out, ctx.batch)
+            form = propagate(func, args, kwargs, out, ctx.batch, ctx)
         except Exception:  # never let the bookkeeping break the user's code
             form = unknown(getattr(func, "__name__", repr(func)))
         return pytree.tree_map(lambda t: _tag(t, form, ctx), out)

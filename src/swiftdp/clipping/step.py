@@ -39,6 +39,7 @@ from swiftdp.clipping.contributions import (
     total_sq_norms,
 )
 from swiftdp.clipping.cost import ModePolicy
+from swiftdp.clipping.deferred import read_host, to_host_async
 from swiftdp.clipping.early import EarlyGroups
 from swiftdp.clipping.loss_check import OutputRef, check_loss
 from swiftdp.clipping.rounding import engine_precision
@@ -146,6 +147,8 @@ class Step:
         self.loss_signature: Any = None  # set when the outputs were handed out traced
         self.loss_checked = False  # the traced loss of this step was checked (or skipped)
         self.ignore_grads = False
+        # Verdicts of a sync-free step read before delivery: (host copy, event, why).
+        self.deferred_flags: list[tuple[Tensor, Any, str]] = []
 
     # ---------------------------------------------------------------- forward
     def begin_forward(self, trainable: dict[int, Tensor], batch_size: int,
@@ -446,8 +449,39 @@ class Step:
                                                detect=False)
         self.deliver(sums)
 
+    def defer_flag(self, flag: Tensor, why: str) -> bool:
+        """Take a loss-form flag to check before delivery, if this step runs sync-free.
+
+        Args:
+            flag: a 0-dim bool tensor, true when the loss couples examples.
+            why: the reason, for the refusal.
+
+        Returns:
+            ``True`` when the flag was deferred (its copy to the host started),
+            ``False`` when it must be read now (a CPU step).
+        """
+        if self.engine.pending_for(flag.device) is None:
+            return False
+        host, event = to_host_async(flag)
+        self.deferred_flags.append((host, event, why))
+        return True
+
+    def _check_deferred(self) -> None:
+        """Refuse the step, before anything is delivered, if a deferred flag is set."""
+        flags, self.deferred_flags = self.deferred_flags, []
+        for host, event, why in flags:
+            if read_host(host, event):
+                self.engine.loss_check_failed(self)
+                self._refuse(loss_trace.coupled(why), "mean")
+
     def deliver(self, sums: dict[int, Tensor]) -> None:
-        """Hand one backward's clipped sums (zeros where none) to the sink."""
+        """Hand one backward's clipped sums (zeros where none) to the sink.
+
+        Raises:
+            ExampleMixingError: a sync-free step's deferred loss-form flag says
+                the loss couples examples (nothing is delivered).
+        """
+        self._check_deferred()
         # The recorded outputs reach the autograd graph, whose hooks close over
         # this step: a cycle through C++ that Python's gc cannot collect. Dropping
         # them here lets the step, its captures and the forward's activations go.
