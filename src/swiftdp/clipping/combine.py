@@ -39,7 +39,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from swiftdp.clipping.rounding import F64, U64, compute_dtype, gamma, max_finite, unit_roundoff
+from swiftdp.clipping.rounding import (
+    F64,
+    U64,
+    compute_dtype,
+    device_constant,
+    gamma,
+    max_finite,
+    unit_roundoff,
+)
 
 if TYPE_CHECKING:
     from swiftdp.clipping.contributions import Contribution
@@ -216,10 +224,10 @@ def total_sq_norms(groups: Iterable[list[Contribution]]) -> Tensor | None:
     roots = torch.stack([t[0] for t in based] + [t[0] for t in plain]).sqrt_()
     dev = roots.device
     if based:
-        thetas = torch.tensor([t[2] for t in based], dtype=F64, device=dev).unsqueeze(1)
+        thetas = device_constant(tuple(t[2] for t in based), dev).unsqueeze(1)
         roots[: len(based)].addcmul_(torch.stack([t[1] for t in based]), thetas)
     factors = [t[3] for t in based] + [t[1] for t in plain]
-    roots.mul_(torch.tensor(factors, dtype=F64, device=dev).unsqueeze(1))
+    roots.mul_(device_constant(tuple(factors), dev).unsqueeze(1))
     total = torch.where(roots <= big, roots, math.inf).square_().sum(0)
     if rest is not None:
         total = total + rest

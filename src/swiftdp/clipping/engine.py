@@ -333,13 +333,20 @@ class GradClipper:
         self._pending.poll(wait=True)
 
     def remove(self) -> None:
-        """Detach the engine from the model (hooks removed, model untouched)."""
-        self.report_pending()
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._guard.remove()
-        self._hooked_modules.clear()
+        """Detach the engine from the model (hooks removed, model untouched).
+
+        Warns:
+            NonFiniteGradientWarning: for sync-free steps not reported yet
+                (after the hooks are removed).
+        """
+        try:
+            for h in self._handles:
+                h.remove()
+            self._handles.clear()
+            self._guard.remove()
+            self._hooked_modules.clear()
+        finally:
+            self.report_pending()
 
     @property
     def _tracing(self) -> bool:

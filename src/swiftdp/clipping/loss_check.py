@@ -16,6 +16,7 @@ differentiates through the loss only (never through the model):
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 
@@ -52,7 +53,7 @@ def _inputs(outs: Sequence[Tensor | OutputRef]) -> list[GradientEdge]:
 
 
 def check_loss(losses: Tensor, outputs: Sequence[Tensor | OutputRef], batch_size: int,
-               batch_dim: int) -> None:
+               batch_dim: int) -> bool:
     """Refuse a loss whose per-example terms depend on other examples.
 
     Args:
@@ -61,6 +62,12 @@ def check_loss(losses: Tensor, outputs: Sequence[Tensor | OutputRef], batch_size
             or :class:`OutputRef`.
         batch_size: ``B``.
         batch_dim: the batch dimension of sequence outputs (0 or 1).
+
+    Returns:
+        ``True`` when the check was conclusive; ``False`` when a non-finite
+        value on the probed rows' derivatives (a NaN output spreads through
+        the double backward) hid what it looks for: the caller checks the
+        next batch of the signature again.
 
     Raises:
         InvalidArgumentError: ``losses`` has another shape.
@@ -77,23 +84,24 @@ def check_loss(losses: Tensor, outputs: Sequence[Tensor | OutputRef], batch_size
         )
     outs = [o for o in outputs if _bdim(o, batch_dim, batch_size) is not None]
     if batch_size < 2 or not outs or not losses.requires_grad:
-        return
+        return True
     inputs = _inputs(outs)
     # The first and last rows, and a middle one drawn from OS entropy at each check:
     # a term that couples only rows inside the batch is seen too (a fixed middle row
     # could be dodged; the review measured 1.97 C for a term over rows 1..B-2).
     middle = _MIDDLE.randrange(1, batch_size - 1) if batch_size > 2 else 0
     probes = sorted({0, middle, batch_size - 1})
+    conclusive = True
     if losses.dim() == 1:
         for j in probes:
             grads = torch.autograd.grad(losses[j], inputs, retain_graph=True, allow_unused=True)
-            _require_only_row(grads, outs, j, batch_size, batch_dim, "its loss")
-        return
+            conclusive &= _require_only_row(grads, outs, j, batch_size, batch_dim, "its loss")
+        return conclusive
     grads = torch.autograd.grad(losses, inputs, retain_graph=True, create_graph=True,
                                 allow_unused=True)
     pairs = [(g, o) for g, o in zip(grads, outs, strict=True) if g is not None and g.requires_grad]
     if not pairs:
-        return  # linear in the outputs: no cross-example terms
+        return True  # linear in the outputs: no cross-example terms
     for j in probes:
         # A direction on row j only: the product is formed on that row (a full-size
         # direction and product would hold two more output-sized tensors).
@@ -102,7 +110,9 @@ def check_loss(losses: Tensor, outputs: Sequence[Tensor | OutputRef], batch_size
                      for g, o in pairs),
                     torch.zeros((), dtype=pairs[0][0].dtype, device=pairs[0][0].device))
         hv = torch.autograd.grad(total, inputs, retain_graph=True, allow_unused=True)
-        _require_only_row(hv, outs, j, batch_size, batch_dim, "the loss's gradient")
+        conclusive &= _require_only_row(hv, outs, j, batch_size, batch_dim,
+                                        "the loss's gradient")
+    return conclusive
 
 
 def _bdim(t: Tensor | OutputRef, bd: int, batch: int) -> int | None:
@@ -126,7 +136,9 @@ def _row_direction(o: Tensor | OutputRef, j: int, batch: int, bd: int) -> Tensor
 
 
 def _require_only_row(grads: tuple[Tensor | None, ...], outs: Sequence[Tensor | OutputRef],
-                      j: int, batch: int, bd: int, what: str) -> None:
+                      j: int, batch: int, bd: int, what: str) -> bool:
+    """Refuse a derivative of row ``j``'s terms reaching other rows; ``False``: not conclusive."""
+    conclusive = True
     for g, o in zip(grads, outs, strict=True):
         if g is None:
             continue
@@ -135,8 +147,15 @@ def _require_only_row(grads: tuple[Tensor | None, ...], outs: Sequence[Tensor | 
         # Largest entry on the other rows against the largest anywhere, without a copy
         # of the gradient (an infinity norm is a reduction; abs() and cat would be two).
         others = [g.narrow(d, 0, j), g.narrow(d, j + 1, batch - j - 1)]
-        off = max((_amax(x) for x in others if x.numel()), default=0.0)
-        scale = max(off, _amax(g.select(d, j)))
+        parts = [_amax(x) for x in others] + [_amax(g.select(d, j))]
+        if not all(math.isfinite(v) for v in parts):
+            # NaN or inf somewhere: judge on the finite entries; evidence of mixing there
+            # still refuses, no evidence is not a pass (the signature is checked again).
+            parts = [_amax(x.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)) for x in
+                     (*others, g.select(d, j))]
+            conclusive = False
+        off = max(parts[:2])
+        scale = max(parts)
         if off > _TOL * max(scale, 1e-30):
             raise ExampleMixingError(
                 f"The loss is not a sum of per-example terms: {what} for example {j} depends "
@@ -146,8 +165,9 @@ def _require_only_row(grads: tuple[Tensor | None, ...], outs: Sequence[Tensor | 
                 "example's loss from its own outputs and labels only, e.g. "
                 "swiftdp.losses.per_example_cross_entropy(logits, labels), and pass that vector."
             )
+    return conclusive
 
 
 def _amax(x: Tensor) -> float:
-    """``max |x|`` as a number (one reduction, no copy of ``x``)."""
-    return float(torch.linalg.vector_norm(x, float("inf")))
+    """``max |x|`` as a number (one reduction, no copy of ``x``); 0 for an empty ``x``."""
+    return float(torch.linalg.vector_norm(x, float("inf"))) if x.numel() else 0.0

@@ -325,7 +325,24 @@ def ghost_sq_bound(a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
 
 
 __all__ = [
-    "F64", "U64", "AutocastState", "autocast_off", "compute_dtype", "engine_precision", "gamma",
+    "F64", "U64", "AutocastState", "autocast_off", "compute_dtype", "device_constant",
+    "engine_precision", "gamma",
     "ghost_sq_bound", "matmul_input_roundoff", "max_finite", "norms_f64", "sq_norms_f64",
     "term_error", "unit_roundoff", "weighted_sum_error",
 ]
+
+
+def device_constant(values: tuple[float, ...], device: torch.device,
+                    dtype: torch.dtype = torch.float64) -> Tensor:
+    """A 1-D tensor of ``values`` on ``device``, built once and reused.
+
+    ``torch.tensor(list, device=cuda)`` copies from pageable host memory and
+    synchronises the stream: a step must not do it every time for numbers
+    that repeat (thresholds, rounding constants). Do not write into the result.
+    """
+    return _constant(tuple(float(v) for v in values), str(device), dtype)
+
+
+@functools.lru_cache(maxsize=512)
+def _constant(values: tuple[float, ...], device: str, dtype: torch.dtype) -> Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)

@@ -42,7 +42,7 @@ from swiftdp.clipping.cost import ModePolicy
 from swiftdp.clipping.deferred import read_host, to_host_async
 from swiftdp.clipping.early import EarlyGroups
 from swiftdp.clipping.loss_check import OutputRef, check_loss
-from swiftdp.clipping.rounding import engine_precision
+from swiftdp.clipping.rounding import device_constant, engine_precision
 from swiftdp.errors import ExampleMixingError, InvalidArgumentError, UnsupportedModuleError
 
 if TYPE_CHECKING:
@@ -195,9 +195,8 @@ class Step:
             ctx = getattr(losses, "sdp_ctx", None)
             sig = (losses.dim(), self.output_signature(batch_dim),
                    None if ctx is None else ctx.fingerprint())
-            if sig not in checked:
-                self._check_loss(losses, batch_dim, form)
-                checked.add(sig)
+            if sig not in checked and self._check_loss(losses, batch_dim, form):
+                checked.add(sig)  # (not when a non-finite value made it inconclusive)
             if form is not None:
                 self._refuse(form, self.engine.loss_reduction, scalar=losses.dim() == 0)
             self.loss_checked = True  # the backward below is not checked again
@@ -229,8 +228,8 @@ class Step:
                        None if ctx is None else ctx.fingerprint())
                 if sig not in eng.checked_losses and loss.dim() == 0:
                     # first: cross-example terms get the most specific refusal
-                    self._check_loss(loss, eng.batch_dim, form)
-                    eng.checked_losses.add(sig)
+                    if self._check_loss(loss, eng.batch_dim, form):
+                        eng.checked_losses.add(sig)  # else: checked again next step
                 self._refuse(form, self.reduction_override or eng.loss_reduction)
         except Exception:
             eng.loss_check_failed(self)  # a caught refusal does not turn the check off
@@ -246,13 +245,17 @@ class Step:
         raise InvalidArgumentError(why)
 
     def _check_loss(self, losses: Tensor, batch_dim: int,
-                    form: loss_trace.Form | None = None) -> None:
-        """The second-derivative check (the user's retained output gradients left as they were)."""
+                    form: loss_trace.Form | None = None) -> bool:
+        """The second-derivative check (the user's retained output gradients left as they were).
+
+        Returns ``False`` when it was not conclusive (a non-finite derivative on
+        this batch): the signature is checked again at its next step.
+        """
         ctx = getattr(losses, "sdp_ctx", None)
         kept = ctx.retained() if ctx is not None else []
         self.ignore_grads = True
         try:
-            check_loss(losses, self.outputs, self.batch_size, batch_dim)
+            return check_loss(losses, self.outputs, self.batch_size, batch_dim)
         except (RuntimeError, NotImplementedError) as e:
             # No second derivative (ctc_loss, cdist): a loss whose form the trace
             # read as a reduction over per-example rows needs none.
@@ -263,6 +266,7 @@ class Step:
                     "one loss per example to dp.backward(losses) (computed from each example's "
                     "own outputs), or check_loss=False if the loss is known to decompose."
                 ) from e
+            return True
         finally:
             self.ignore_grads = False
             for t, g in kept:
@@ -498,10 +502,12 @@ class Step:
         used = self.clipped_with if self.clipped_with is not None else eng.max_grad_norm
         limits = tuple(c for _, c in used) if isinstance(used, tuple) else (float(used),)
         if self.norms is None:  # no example reached a parameter: every norm is 0
-            within = torch.full((len(limits),), float(self.batch_size), dtype=torch.float64)
+            dev = next((p.device for p in self.trainable.values()), None)
+            within = torch.full((len(limits),), float(self.batch_size), dtype=torch.float64,
+                                device=dev)
         else:
             n = self.norms.double().reshape(len(limits), -1)
-            top = torch.tensor(limits, dtype=torch.float64, device=n.device)[:, None]
+            top = device_constant(limits, n.device)[:, None]  # not rebuilt from a list
             within = (n <= top).sum(1).double()
         self.norms, self.clipped_with = None, None
         self._on_deliver(self, BackwardResult(out, self.batch_size, forwards, used, within))
