@@ -85,23 +85,26 @@ def check_backward(probe: Any) -> None:
     params = [p for p in probe.model.parameters() if p.requires_grad]
     inputs = [(what, t, axes) for what, t, axes in points if what.startswith("input #")]
     targets = [t for _, t, _ in inputs] + params
+    if not targets:  # nothing trainable, no probed input: ask for the points themselves
+        _check_at_points(probe, outs, points, probes, gen)
+        return
     found: list[ExampleMixingError] = []
     for n, j in enumerate(probes):
-        grads = []
-        for t in outs:  # the gradient of example j's outputs alone
-            g = torch.zeros_like(t)
-            row = g.select(list(t.shape).index(probe.batch), j)
-            row.copy_(torch.randn(row.shape, generator=gen, dtype=torch.float64)
-                      .to(device=t.device, dtype=t.dtype))
-            grads.append(g)
+        grads = [_row_gradient(t, probe.batch, j, gen) for t in outs]  # example j's alone
         hooks = [t.register_hook(_checker(probe, what, axes, j, found))
                  for what, t, axes in points if not what.startswith("input #")]
         try:
             with torch.enable_grad():
+                # (retained: a reentrant checkpoint met below falls back to the points)
                 got = torch.autograd.grad(outs, targets, grads, allow_unused=True,
-                                          retain_graph=n + 1 < len(probes))
+                                          retain_graph=True)
         except RuntimeError as e:
-            if "heckpoint" in str(e):  # reentrant checkpointing refuses autograd.grad
+            if found:
+                raise found[0] from None
+            if "heckpoint" in str(e):
+                # Reentrant checkpointing refuses autograd.grad: down to the parameters
+                # the backward may enter one; the points themselves may lie above it.
+                _check_at_points(probe, outs, points, probes, gen)
                 return
             raise
         finally:
@@ -113,6 +116,33 @@ def check_backward(probe: Any) -> None:
             if g is not None:
                 _refuse_moved(probe, what, g, axes, j)
         del got
+
+
+def _check_at_points(probe: Any, outs: list[Tensor], points: list[tuple[str, Tensor, list[int]]],
+                     probes: list[int], gen: torch.Generator) -> None:
+    """The check with the gradients of every point asked for at once (holds them all)."""
+    for n, j in enumerate(probes):
+        grads = [_row_gradient(t, probe.batch, j, gen) for t in outs]
+        try:
+            with torch.enable_grad():
+                got = torch.autograd.grad(outs, [t for _, t, _ in points], grads,
+                                          allow_unused=True, retain_graph=n + 1 < len(probes))
+        except RuntimeError as e:
+            if "heckpoint" in str(e):  # reentrant checkpointing refuses autograd.grad
+                return
+            raise
+        for (what, _, axes), g in zip(points, got, strict=True):
+            if g is not None:
+                _refuse_moved(probe, what, g, axes, j)
+
+
+def _row_gradient(t: Tensor, batch: int, j: int, gen: torch.Generator) -> Tensor:
+    """A random output gradient on example ``j``'s rows of ``t``, zero elsewhere."""
+    g = torch.zeros_like(t)
+    row = g.select(list(t.shape).index(batch), j)
+    row.copy_(torch.randn(row.shape, generator=gen, dtype=torch.float64)
+              .to(device=t.device, dtype=t.dtype))
+    return g
 
 
 def _checker(probe: Any, what: str, axes: list[int], j: int,

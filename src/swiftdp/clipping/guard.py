@@ -133,8 +133,10 @@ class IndependenceCheck:
         # The batch size is left out of the signature: Poisson sampling changes
         # it at every step, and mixing does not depend on it.
         batch = _batch_size(leaves, self.batch_dim)
+        # The trainable set too: a layer unfrozen later is probed (its use may mix).
+        trainable = tuple(id(p) for p in self.model.parameters() if p.requires_grad)
         sig = (spec, tuple(_leaf_signature(x, _input_axis(x, batch, self.batch_dim))
-                           for x in leaves))
+                           for x in leaves), trainable)
         if sig in self.probed or batch < 1:
             return
         if batch == 1:

@@ -467,16 +467,24 @@ class Step:
         if self.engine.pending_for(flag.device) is None:
             return False
         host, event = to_host_async(flag)
-        self.deferred_flags.append((host, event, why))
+        # Filed with the step in progress: a loss may mix in an output of an earlier,
+        # delivered step (whose context traced this op) — that step never delivers again.
+        current = self.engine.current_step
+        owner = current if current is not None else self
+        owner.deferred_flags.append((host, event, why))
         return True
 
     def _check_deferred(self) -> None:
-        """Refuse the step, before anything is delivered, if a deferred flag is set."""
-        flags, self.deferred_flags = self.deferred_flags, []
-        for host, event, why in flags:
+        """Refuse the step, before anything is delivered, if a deferred flag is set.
+
+        The flags are kept while any is set: a retried backward of the same
+        graph (the refusal caught) is refused again.
+        """
+        for host, event, why in self.deferred_flags:
             if read_host(host, event):
                 self.engine.loss_check_failed(self)
                 self._refuse(loss_trace.coupled(why), "mean")
+        self.deferred_flags = []
 
     def deliver(self, sums: dict[int, Tensor]) -> None:
         """Hand one backward's clipped sums (zeros where none) to the sink.
