@@ -364,12 +364,15 @@ def check_loss_reduction(value: Any) -> None:
 
 
 def check_cost_objective(value: Any) -> None:
-    """Checks that ``cost_objective`` is ``"time"`` or ``"memory"``.
+    """Checks that ``cost_objective`` is ``"time"``, ``"memory"``, ``"ghost"`` or ``"instantiate"``.
+
+    ``"ghost"`` and ``"instantiate"`` force one side for every factored layer
+    (for measuring each side); all four give the same clipped sum.
 
     Raises:
-        InvalidArgumentError: naming both.
+        InvalidArgumentError: naming the four.
     """
-    _check_choice("cost_objective", value, ("time", "memory"))
+    _check_choice("cost_objective", value, ("time", "memory", "ghost", "instantiate"))
 
 
 def check_averaging_kind(value: Any) -> None:

@@ -143,7 +143,9 @@ class SpeedSettings:
         mode: clipping engine mode (``"bk"``, ``"ghost"``, ``"per_sample"``, ``"nanobatch"``).
         max_physical_batch_size: largest chunk run through the model at once
             (``None``: the whole logical batch).
-        cost_objective: what the per-layer cost model minimises.
+        cost_objective: what the per-layer cost model minimises (``"time"``,
+            ``"memory"``), or ``"ghost"`` / ``"instantiate"`` to force one side
+            for every factored layer (see :mod:`swiftdp.clipping.cost`).
     """
 
     mode: str = "bk"

@@ -16,6 +16,13 @@ extra), e.g. ``--models hf`` or ``--models default,hf``.
 (:mod:`swiftdp.bench.scaling`: non-private DDP against data-parallel swiftdp
 under ``torchrun``, gloo); ``--models`` then defaults to ``mlp,cnn,transformer``
 and ``--threads`` (per rank) to 1; ``--methods`` does not apply.
+
+``--sweep`` runs the cost sweep instead (:mod:`swiftdp.bench.sweep`): the
+DP / non-private step-time ratio of a transformer block and a conv block as
+width, sequence length and batch grow, for the shipped ghost-or-instantiate
+choice and each side forced, against the flop model; ``sweep.json``,
+``sweep.md`` and ``sweep.png`` in ``--out``. Only ``--out``, ``--quick``,
+``--threads`` (default 1) and ``--no-progress`` apply.
 """
 
 from __future__ import annotations
@@ -89,6 +96,12 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="data-parallel scaling instead: comma-separated rank counts (e.g. 1,2), "
                         "non-private DDP against swiftdp under torchrun (gloo); --models "
                         "defaults to mlp,cnn,transformer, --threads (per rank) to 1")
+    p.add_argument("--sweep", action="store_true",
+                   help="the cost sweep instead: DP/non-private step time of a transformer and a "
+                        "conv block over width d=128..1024, length T=64..1024 and batch 16..256, "
+                        "shipped ghost-or-instantiate choice vs each side forced vs the flop "
+                        "model; writes sweep.json, sweep.md, sweep.png to --out (about 10 min at "
+                        "1 thread; --quick: seconds, tiny shapes; --threads defaults to 1)")
     return p
 
 
@@ -143,6 +156,8 @@ def run(args: argparse.Namespace) -> int:
         0 on success (failed configurations are reported in the table), 2 on
         bad options or a missing GPU.
     """
+    if getattr(args, "sweep", False):
+        return run_sweep(args)
     if getattr(args, "nproc", None) is not None:
         return run_scaling(args)
     try:
@@ -198,6 +213,24 @@ def run_scaling(args: argparse.Namespace) -> int:
     prog = "python -m swiftdp.bench" if prog == "__main__.py" else prog
     return scaling.run_config(cfg, args.out, shlex.join([prog, *sys.argv[1:]]),
                               progress=not args.no_progress)
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    """``--sweep``: the cost sweep (:mod:`swiftdp.bench.sweep`).
+
+    Returns:
+        0 when every point ran or was skipped for its time budget, 1 when one failed.
+    """
+    from dataclasses import replace
+
+    from swiftdp.bench import sweep
+
+    cfg = replace(sweep.QUICK if args.quick else sweep.SweepConfig(), threads=args.threads or 1)
+    prog = Path(sys.argv[0]).name
+    prog = "python -m swiftdp.bench" if prog == "__main__.py" else prog
+    rows = sweep.run(cfg, args.out, shlex.join([prog, *sys.argv[1:]]),
+                     progress=not args.no_progress)
+    return 1 if any(r["status"] == "failed" for r in rows) else 0
 
 
 def main(argv: list[str] | None = None) -> int:

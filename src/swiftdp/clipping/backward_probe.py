@@ -89,7 +89,7 @@ def check_backward(probe: Any) -> None:
         _check_at_points(probe, outs, points, probes, gen)
         return
     found: list[ExampleMixingError] = []
-    for n, j in enumerate(probes):
+    for j in probes:
         grads = [_row_gradient(t, probe.batch, j, gen) for t in outs]  # example j's alone
         hooks = [t.register_hook(_checker(probe, what, axes, j, found))
                  for what, t, axes in points if not what.startswith("input #")]

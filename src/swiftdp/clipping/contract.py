@@ -97,7 +97,7 @@ class Policy(Protocol):
 
     @property
     def cost_objective(self) -> str:
-        """``"time"`` or ``"memory"``: what the cost models minimise."""
+        """``"time"`` or ``"memory"`` (what the cost models minimise), or ``"ghost"``/``"instantiate"`` (forced)."""
         ...
 
     @property
