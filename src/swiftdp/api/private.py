@@ -26,6 +26,7 @@ from swiftdp.accounting import PrivacyAccountant, get_noise_multiplier
 from swiftdp.api.training import DPDataLoader, PrivateTraining
 from swiftdp.checks import (
     check_clipping,
+    check_cost_objective,
     check_delta,
     check_loss_reduction,
     check_mode,
@@ -64,6 +65,7 @@ def make_private(
     loss_reduction: str = "mean",
     poisson_sampling: bool = True,
     max_physical_batch_size: int | None = None,
+    cost_objective: str = "time",
     accountant: str = "pld",
     secure: bool = False,
     seed: int | None = None,
@@ -104,6 +106,10 @@ def make_private(
             assumes it); ``False`` keeps the loader's own batches.
         max_physical_batch_size: split logical batches into chunks of at
             most this many examples; noise is still added once per logical step.
+        cost_objective: what the per-layer cost model minimises, ``"time"``
+            (default) or ``"memory"``; ``"ghost"`` / ``"instantiate"`` force one
+            side for every factored layer (to measure it). Speed and memory
+            only: the clipped sum is the same (:mod:`swiftdp.clipping.cost`).
         accountant: ``"pld"`` (default), ``"rdp"`` or ``"prv"``.
         secure: seed the noise generator from OS entropy.
         seed: seed for sampling and noise (ignored for noise when ``secure``).
@@ -178,6 +184,7 @@ def make_private(
     check_delta(delta)
     check_clipping(clipping)
     check_mode(mode, MODES)
+    check_cost_objective(cost_objective)
     check_loss_reduction(loss_reduction)
     if not isinstance(model, nn.Module):
         raise InvalidArgumentError(f"Expected `model` to be an nn.Module, got {type(model).__name__}.")
@@ -313,7 +320,8 @@ def make_private(
             "schedules (noise, clip)": (noise_schedule is not None, clip_schedule is not None),
             "augmult": augmult,
         }, group=control)
-    speed = SpeedSettings(mode=mode, max_physical_batch_size=max_physical_batch_size)
+    speed = SpeedSettings(mode=mode, max_physical_batch_size=max_physical_batch_size,
+                          cost_objective=cost_objective)
     params = _trainable_params(model, optimizer)
     acct = PrivacyAccountant(accountant)
     # Each rank its own noise stream (its share of the noise, independent).
@@ -326,6 +334,7 @@ def make_private(
         mode=mode,  # type: ignore[arg-type]
         loss_reduction=loss_reduction,  # type: ignore[arg-type]
         batch_first=batch_first,
+        cost_objective=cost_objective,  # type: ignore[arg-type]
         sink=lambda result: receiver[0].receive(result),
         check_loss=check_loss and pipeline.has_loss(privacy),
         token_reduction=token_reduction,  # type: ignore[arg-type]
