@@ -112,7 +112,7 @@ def check_backward(probe: Any) -> None:
                 h.remove()
         if found:
             raise found[0]
-        for (what, _, axes), g in zip(inputs, got, strict=False):
+        for (what, _, axes), g in zip(inputs, got[:len(inputs)], strict=True):
             if g is not None:
                 _refuse_moved(probe, what, g, axes, j)
         del got

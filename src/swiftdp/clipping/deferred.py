@@ -71,9 +71,6 @@ class PendingCounts:
         self._queue: deque[tuple[Tensor, Any, int, int]] = deque()
         self._steps = 0
 
-    def __len__(self) -> int:
-        return len(self._queue)
-
     def push(self, bad: Tensor) -> None:
         """Queue the count of ``bad`` (a ``(B,)`` bool mask) without reading it."""
         self._steps += 1
@@ -88,12 +85,10 @@ class PendingCounts:
         """
         while self._queue:
             host, event, n, step = self._queue[0]
-            if event is not None and not event.query():
-                if not wait:
-                    return
-                event.synchronize()
+            if not wait and event is not None and not event.query():
+                return
             self._queue.popleft()
-            k = int(read_host(host, None))
+            k = int(read_host(host, event))
             if k:
                 warnings.warn(NonFiniteGradientWarning(
                     nonfinite_message(k, n, f"sync-free step {step} (counted on the device, "
