@@ -283,7 +283,7 @@ def _bptt(
     Returns:
         The factors of every weight, ``∂L/∂h_0`` and ``∂L/∂c_0`` (LSTM).
     """
-    w_ih, w_hh, b_ih, b_hh, w_hr = (w[k] for k in _NAMES)
+    w_ih, w_hh, b_ih, b_hh = (w[k] for k in _NAMES[:4])
     assert w_ih is not None and w_hh is not None
     T = X.shape[0]
     order = range(T) if d == 0 else range(T - 1, -1, -1)
@@ -295,42 +295,12 @@ def _bptt(
         if valid is not None:
             nxt = torch.cat([valid[1:], valid.new_zeros(1, valid.shape[1])]).unsqueeze(-1)
             prev = torch.where(nxt, prev, h0)
+    if kind == "lstm":
+        assert c0 is not None
+        return _lstm(X, dY, prev, w, c0, dh_n, dc_n, d, m)
     xw = F.linear(X, w_ih, b_ih)
     gh = F.linear(prev, w_hh, b_hh)
     dh = dh_n
-    factors: Factors = {}
-    if kind == "lstm":
-        assert c0 is not None
-        i, f, g, o = (xw + gh).chunk(4, -1)
-        i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
-        C, Cp, cell = torch.empty_like(i), torch.empty_like(i), c0
-        for t in order:  # the cell state, forward
-            Cp[t] = cell
-            C[t] = torch.addcmul(f[t] * cell, i[t], g[t])
-            cell = C[t] if m is None else torch.where(m[t] > 0, C[t], cell)
-        tc = C.tanh()
-        k_c = o * (1 - tc * tc)
-        k3 = torch.cat([g * i * (1 - i), Cp * f * (1 - f), i * (1 - g * g)], -1)
-        k_o = tc * o * (1 - o)
-        dg = torch.empty_like(xw)
-        dhp = torch.empty_like(Y) if w_hr is not None else None
-        dc = dc_n if dc_n is not None else torch.zeros_like(c0)
-        H = i.shape[-1]
-        for t in reversed(order):
-            mt = None if m is None else m[t]
-            dh_new = dY[t] + (dh if mt is None else mt * dh)
-            if dhp is not None and w_hr is not None:
-                dhp[t] = dh_new
-                dh_new = dh_new @ w_hr
-            dc_new = torch.addcmul(dc if mt is None else mt * dc, dh_new, k_c[t])
-            torch.mul(dc_new.repeat(1, 3), k3[t], out=dg[t, :, :3 * H])
-            torch.mul(dh_new, k_o[t], out=dg[t, :, 3 * H:])
-            dh = dg[t] @ w_hh if mt is None else torch.addcmul(dg[t] @ w_hh, 1 - mt, dh)
-            dc = dc_new * f[t] if mt is None else torch.addcmul(dc_new * f[t], 1 - mt, dc)
-        factors = {"w_ih": (X, dg), "w_hh": (prev, dg), "b_ih": (None, dg), "b_hh": (None, dg)}
-        if dhp is not None:
-            factors["w_hr"] = (o * tc, dhp)
-        return factors, dh, dc
     if kind == "gru":
         H = h0.shape[-1]
         xr, xz, xn = xw.split(H, -1)
@@ -361,3 +331,98 @@ def _bptt(
         torch.mul(dh_new, k[t], out=dp[t])
         dh = dp[t] @ w_hh if mt is None else torch.addcmul(dp[t] @ w_hh, 1 - mt, dh)
     return {"w_ih": (X, dp), "w_hh": (prev, dp), "b_ih": (None, dp), "b_hh": (None, dp)}, dh, None
+
+
+def _sigmoid_and_slope(z: Tensor) -> tuple[Tensor, Tensor]:
+    """``σ(z)`` in place of ``z`` and its slope ``σ(1 − σ)``.
+
+    ``tanh x = 2σ(2x) − 1`` and ``1 − tanh² x = 4σ(2x)(1 − σ(2x))``: the CPU
+    ``tanh`` kernel is several times slower than ``sigmoid``, so the backward
+    recomputes every gate, ``tanh`` ones included, through one ``sigmoid``.
+    """
+    s = z.sigmoid_()
+    return s, torch.addcmul(s, s, s, value=-1)
+
+
+def _lstm(
+    X: Tensor, dY: Tensor, prev: Tensor, w: dict[str, Tensor | None], c0: Tensor,
+    dh_n: Tensor, dc_n: Tensor | None, d: int, m: Tensor | None,
+) -> tuple[Factors, Tensor, Tensor]:
+    """LSTM BPTT: gates recomputed at once, then the cell state forward and the recurrence back.
+
+    With the four gates' pre-activations ``z = (i, f, g, o)`` and ``s = σ(z)``
+    (``g`` through ``tanh``), the gradient of ``z_t`` is ``K_t ⊙ (dc, dc, dc, dh)``
+    where ``K = (g σ'_i, c_{t-1} σ'_f, i tanh'_g, tanh c_t σ'_o)`` is formed
+    once for all steps; each step of the loop is then one multiply-add for
+    ``∂L/∂c_t``, two multiplies for ``δ_t``, one ``addmm`` for
+    ``∂L/∂h_{t-1} = ∂L/∂y_{t-1} + δ_t W_hh`` and one multiply for the carry.
+    """
+    w_ih, w_hh, b_ih, b_hh, w_hr = (w[k] for k in _NAMES)
+    assert w_ih is not None and w_hh is not None
+    T, B = X.shape[:2]
+    H = c0.shape[-1]
+    order = range(T) if d == 0 else range(T - 1, -1, -1)
+    bias = b_ih if b_hh is None else b_hh if b_ih is None else b_ih + b_hh
+    z = F.linear(X, w_ih, bias)
+    z.view(T * B, 4 * H).addmm_(prev.reshape(T * B, prev.shape[-1]), w_hh.t())
+    z4 = z.view(T, B, 4, H)
+    z4[:, :, 2].mul_(2)
+    s4, ds4 = (t.view(T, B, 4, H) for t in _sigmoid_and_slope(z))
+    i, f, o = s4[:, :, 0], s4[:, :, 1], s4[:, :, 3]
+    g = s4[:, :, 2].mul(2).sub_(1)
+    # The cell state, forward: C_t = f_t c_{t-1} + i_t g_t; ``cells`` holds the
+    # state carried past step t (unchanged past an example's length).
+    ig = i * g
+    C = torch.empty_like(g)
+    cells = C if m is None else torch.empty_like(g)
+    igs, fs, Cs, cs = ig.unbind(0), f.unbind(0), C.unbind(0), cells.unbind(0)
+    keep = None if m is None else (m > 0).unbind(0)
+    cell = c0
+    for t in order:
+        torch.addcmul(igs[t], fs[t], cell, out=Cs[t])
+        cell = Cs[t] if keep is None else torch.where(keep[t], Cs[t], cell, out=cs[t])
+    c_prev = (torch.cat([c0.unsqueeze(0), cells[:-1]]) if d == 0
+              else torch.cat([cells[1:], c0.unsqueeze(0)]))
+    sc, dsc = _sigmoid_and_slope(C.mul(2))
+    tc = sc.mul_(2).sub_(1)
+    k_c = dsc.mul_(4).mul_(o)  # o ⊙ tanh'(c)
+    K = torch.empty_like(z4)
+    torch.mul(g, ds4[:, :, 0], out=K[:, :, 0])
+    torch.mul(c_prev, ds4[:, :, 1], out=K[:, :, 1])
+    torch.mul(i, ds4[:, :, 2], out=K[:, :, 2]).mul_(4)
+    torch.mul(tc, ds4[:, :, 3], out=K[:, :, 3])
+    del z, z4, s4, ds4, ig, C, cells, c_prev, sc, dsc
+    dg = torch.empty(T, B, 4 * H, dtype=X.dtype, device=X.device)
+    dgs, dg4s = dg.unbind(0), dg.view(T, B, 4, H).unbind(0)
+    K3s, Kos, kcs, dYs = K[:, :, :3].unbind(0), K[:, :, 3].unbind(0), k_c.unbind(0), dY.unbind(0)
+    dhp = torch.empty_like(dY) if w_hr is not None else None
+    dc = dc_n if dc_n is not None else torch.zeros_like(c0)
+    back = list(reversed(order))
+    dh = dh_new = dh_n
+    if back:
+        dh_new = dYs[back[0]] + (dh_n if m is None else m[back[0]] * dh_n)
+    for j, t in enumerate(back):
+        mt = None if m is None else m[t]
+        if dhp is not None and w_hr is not None:
+            dhp[t] = dh_new
+            dh_new = dh_new @ w_hr
+        dc_new = torch.addcmul(dc if mt is None else mt * dc, dh_new, kcs[t])
+        torch.mul(K3s[t], dc_new.unsqueeze(1), out=dg4s[t][:, :3])
+        torch.mul(Kos[t], dh_new, out=dg4s[t][:, 3])
+        if mt is None:
+            dc = dc_new.mul_(fs[t])
+            if j + 1 < T:
+                dh_new = torch.addmm(dYs[back[j + 1]], dgs[t], w_hh)
+            else:
+                dh = dgs[t] @ w_hh
+        else:
+            assert m is not None
+            dh = torch.addcmul(dgs[t] @ w_hh, 1 - mt, dh)
+            dc = torch.addcmul(dc_new.mul_(fs[t]), 1 - mt, dc)
+            if j + 1 < T:
+                nxt = back[j + 1]
+                dh_new = dYs[nxt] + m[nxt] * dh
+    factors: Factors = {"w_ih": (X, dg), "w_hh": (prev, dg), "b_ih": (None, dg), "b_hh": (None, dg)}
+    if dhp is not None:
+        factors["w_hr"] = (o * tc, dhp)
+    return factors, dh, dc
