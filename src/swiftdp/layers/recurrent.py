@@ -198,15 +198,24 @@ def _builder(site: Site, spec: _Spec, unsorted: Tensor | None) -> Any:
         if grads[0] is None or stash is None:
             return []
         out: list[Contribution] = []
+        # The weights of a direction share their gate gradients (the LSTM's
+        # b_ih and b_hh the same sum): each is reordered and summed once.
+        major: dict[int, Tensor] = {}
+        sums: dict[int, Tensor] = {}
         for d, factors in enumerate(stash):
             w = spec.call.weights(spec.layer, d)
-            for name, (a, g) in factors.items():
+            for name, (a, g_tm) in factors.items():
                 p = w[name]
                 if p is None or not site.is_trainable(p):
                     continue
-                g = _batch_major(g, unsorted)
+                key = id(g_tm)
+                if key not in major:
+                    major[key] = _batch_major(g_tm, unsorted)
+                g = major[key]
                 if a is None:
-                    out.append(PerSampleGrads(p, g.sum(1)))
+                    if key not in sums:
+                        sums[key] = g.sum(1)
+                    out.append(PerSampleGrads(p, sums[key]))
                 else:
                     a = _batch_major(a, unsorted)
                     out.append(LinearFactors(p, a, g, ghost=policy.factored(a.shape[1], a.shape[2], g.shape[2])))
