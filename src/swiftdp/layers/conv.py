@@ -63,9 +63,9 @@ _ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _DEFAULTS: dict[str, Any] = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 
 # Instantiation by unfold + batched matmul beats the batch-grouped native
-# kernel when there are few output positions and many output channels per
-# group (measured on CPU, see ``_use_unfold``).
-_UNFOLD_MAX_POSITIONS = 64
+# kernel only when there are very few output positions and many output
+# channels per group (measured on CPU, see ``_use_unfold``).
+_UNFOLD_MAX_POSITIONS = 16
 _UNFOLD_MIN_OUT_PER_GROUP = 64
 
 
@@ -202,12 +202,14 @@ def patches(x: Tensor, spec: ConvSpec) -> Tensor:
 def _use_unfold(positions: int, out_per_group: int) -> bool:
     """Whether unfold + batched matmul is the faster way to instantiate.
 
-    The batch-grouped native kernel wins for large feature maps and for
-    depthwise or narrow groups; unfold + matmul wins for small feature maps
-    with many output channels per group. Measured on CPU (one thread, B=64,
-    3×3): 8×8 maps 64→128 channels 25 ms against 48 ms, 4×4 maps 128→256
-    62 ms against 174 ms; 32×32 maps 32→64 115 ms against 41 ms, 8×8 maps
-    32→32 3.8 ms against 2.1 ms, depthwise 32×32 173 ms against 8 ms.
+    The batch-grouped native kernel wins for large feature maps, for
+    depthwise or narrow groups, and down to 8×8 maps; unfold + matmul wins
+    only for tiny maps with many output channels per group. Measured with
+    ``benchmarks/conv_layers.py`` (B = 64, 3×3, norms and clipped sum
+    included; 1 thread / 2 threads, ms): 8×8 maps 64→64 native 5.9 / 6.3
+    against unfold 9.6 / 11.3, 16×16 → 8×8 32→64 3.5 / 3.1 against
+    6.1 / 8.1; 4×4 maps 128→128 unfold 41 / 29 against native 81 / 52,
+    8×8 → 4×4 64→128 8.4 / 12.7 against 49 / 25.
     """
     return positions <= _UNFOLD_MAX_POSITIONS and out_per_group >= _UNFOLD_MIN_OUT_PER_GROUP
 
