@@ -165,6 +165,24 @@ def test_named_configurations_are_exact(mode, name):
     assert calls or mode == "nanobatch"
 
 
+@pytest.mark.parametrize("mode", ["bk", "ghost"])
+def test_lstm_with_tiny_preactivations_keeps_relative_accuracy(mode):
+    """Weights of 1e-9: the tanh gates and cell states are ~1e-9, so forming
+    ``tanh x`` as ``2σ(2x) − 1`` would lose ~u/|x| ≈ 1e-7 of relative accuracy in
+    the factors of ``w_hr`` and the ``o`` gate; ``tanh`` keeps
+    them within float64 rounding (the sigmoid form: 4.7e-7 on the clipped sum)."""
+    torch.manual_seed(3)
+    rnn = make_rnn("lstm", 3, 4, batch_first=True, proj_size=2, bias=False)
+    with torch.no_grad():
+        for p in rnn.parameters():
+            p.mul_(1e-9)
+    x, y = torch.randn(5, 6, 3, dtype=D64), torch.randn(5, 6, 2, dtype=D64)
+    with rule_used() as calls:
+        check_against_oracle(Recurrent(rnn, 0), (x,), y, mode=mode, per_example=loss_fn(0),
+                             max_grad_norm=1e6, tol=1e-10)
+    assert calls
+
+
 class Packed(nn.Module):
     """Packs padded, unsorted sequences by their lengths; returns padded outputs and h_n."""
 

@@ -345,9 +345,10 @@ def _bptt(
 def _sigmoid_and_slope(z: Tensor) -> tuple[Tensor, Tensor]:
     """``σ(z)`` in place of ``z`` and its slope ``σ(1 − σ)``.
 
-    ``tanh x = 2σ(2x) − 1`` and ``1 − tanh² x = 4σ(2x)(1 − σ(2x))``: the CPU
-    ``tanh`` kernel is several times slower than ``sigmoid``, so the backward
-    recomputes every gate, ``tanh`` ones included, through one ``sigmoid``.
+    The ``tanh`` gates are not formed as ``2σ(2x) − 1`` though the CPU
+    ``tanh`` kernel is several times slower: that loses relative accuracy for
+    small ``x`` (about ``u / |x|``), which would reach the factors of ``w_hr``
+    and of the ``i`` and ``o`` gates.
     """
     s = z.sigmoid_()
     return s, torch.addcmul(s, s, s, value=-1)
@@ -375,10 +376,9 @@ def _lstm(
     z = F.linear(X, w_ih, bias)
     z.view(T * B, 4 * H).addmm_(prev.reshape(T * B, prev.shape[-1]), w_hh.t())
     z4 = z.view(T, B, 4, H)
-    z4[:, :, 2].mul_(2)
+    g = z4[:, :, 2].tanh()
     s4, ds4 = (t.view(T, B, 4, H) for t in _sigmoid_and_slope(z))
     i, f, o = s4[:, :, 0], s4[:, :, 1], s4[:, :, 3]
-    g = s4[:, :, 2].mul(2).sub_(1)
     # The cell state, forward: C_t = f_t c_{t-1} + i_t g_t; ``cells`` holds the
     # state carried past step t (unchanged past an example's length).
     ig = i * g
@@ -392,15 +392,14 @@ def _lstm(
         cell = Cs[t] if keep is None else torch.where(keep[t], Cs[t], cell, out=cs[t])
     c_prev = (torch.cat([c0.unsqueeze(0), cells[:-1]]) if d == 0
               else torch.cat([cells[1:], c0.unsqueeze(0)]))
-    sc, dsc = _sigmoid_and_slope(C.mul(2))
-    tc = sc.mul_(2).sub_(1)
-    k_c = dsc.mul_(4).mul_(o)  # o ⊙ tanh'(c)
+    tc = C.tanh()
+    k_c = torch.addcmul(o, o, tc * tc, value=-1)  # o ⊙ tanh'(c) = o (1 − tanh² c)
     K = torch.empty_like(z4)
     torch.mul(g, ds4[:, :, 0], out=K[:, :, 0])
     torch.mul(c_prev, ds4[:, :, 1], out=K[:, :, 1])
-    torch.mul(i, ds4[:, :, 2], out=K[:, :, 2]).mul_(4)
+    torch.addcmul(i, i, g * g, value=-1, out=K[:, :, 2])  # i ⊙ tanh'(g)
     torch.mul(tc, ds4[:, :, 3], out=K[:, :, 3])
-    del z, z4, s4, ds4, ig, C, cells, c_prev, sc, dsc
+    del z, z4, s4, ds4, ig, C, cells, c_prev
     dg = torch.empty(T, B, 4 * H, dtype=X.dtype, device=X.device)
     dgs, dg4s = dg.unbind(0), dg.view(T, B, 4, H).unbind(0)
     K3s, Kos, kcs, dYs = K[:, :, :3].unbind(0), K[:, :, 3].unbind(0), k_c.unbind(0), dY.unbind(0)
