@@ -14,6 +14,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import swiftdp
 from support.harness import MODES, REDUCTIONS, check_against_oracle
+from support.sensitivity import neighbour_sensitivity
 from swiftdp.clipping import generic
 from swiftdp.errors import UnsupportedModuleError
 from swiftdp.layers import RULES
@@ -224,6 +225,40 @@ def test_packed_sequences_of_unsorted_lengths_are_exact(
     with rule_used() as calls:
         check_against_oracle(Packed(rnn), (x, lengths), y, mode=mode, reduction=reduction,
                              per_example=loss_fn(0))
+    assert calls or mode == "nanobatch"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("packed", [False, True])
+def test_lstm_clipped_sum_moves_by_at_most_c_when_one_example_is_removed(mode, packed):
+    """The privacy bound itself: max_j ‖S(D) − S(D∖j)‖ <= C for a 2-layer
+    bidirectional LSTM with projections (loss on the outputs, h_n and c_n), padded
+    or packed with unsorted lengths; every example's gradient is far above C, so
+    the bound is met with equality (the probe is not vacuous)."""
+    torch.manual_seed(5)
+    C = 0.05
+    rnn = make_rnn("lstm", 3, 4, num_layers=2, bidirectional=True, proj_size=2, batch_first=True)
+    model = Packed(rnn) if packed else Recurrent(rnn, 0)
+    x = torch.randn(5, 6, 3, dtype=D64)
+    lengths = torch.tensor([6, 2, 5, 1, 4])
+    y = torch.randn(5, 6, 2 if packed else 4, dtype=D64)
+    loss = loss_fn(0)
+
+    def clipped_sum(batch):
+        *inputs, target = batch
+        for p in model.parameters():
+            p.grad = None
+        clipper = swiftdp.GradClipper(model, C, mode=mode, loss_reduction="sum")
+        try:
+            loss(model(tuple(inputs)), target).sum().backward()
+        finally:
+            clipper.remove()
+        return [p.grad.clone() for p in model.parameters()]
+
+    batch = (x, lengths, y) if packed else (x, y)
+    with rule_used() as calls:
+        s = neighbour_sensitivity(clipped_sum, batch, 5)
+    assert C * (1 - 1e-6) <= s <= C * (1 + 1e-9)
     assert calls or mode == "nanobatch"
 
 
