@@ -343,13 +343,7 @@ def _bptt(
 
 
 def _sigmoid_and_slope(z: Tensor) -> tuple[Tensor, Tensor]:
-    """``σ(z)`` in place of ``z`` and its slope ``σ(1 − σ)``.
-
-    The ``tanh`` gates are not formed as ``2σ(2x) − 1`` though the CPU
-    ``tanh`` kernel is several times slower: that loses relative accuracy for
-    small ``x`` (about ``u / |x|``), which would reach the factors of ``w_hr``
-    and of the ``i`` and ``o`` gates.
-    """
+    """``σ(z)`` in place of ``z`` and its slope ``σ(1 − σ)``."""
     s = z.sigmoid_()
     return s, torch.addcmul(s, s, s, value=-1)
 
@@ -366,6 +360,11 @@ def _lstm(
     once for all steps; each step of the loop is then one multiply-add for
     ``∂L/∂c_t``, two multiplies for ``δ_t``, one ``addmm`` for
     ``∂L/∂h_{t-1} = ∂L/∂y_{t-1} + δ_t W_hh`` and one multiply for the carry.
+
+    ``g`` and ``tanh c`` are formed by ``tanh``, not as ``2σ(2x) − 1`` (which
+    the CPU computes several times faster): that form loses relative accuracy
+    for small ``x`` (about ``u / |x|``), which would reach the factors of
+    ``w_hr`` and of the ``i`` and ``o`` gates.
     """
     w_ih, w_hh, b_ih, b_hh, w_hr = (w[k] for k in _NAMES)
     assert w_ih is not None and w_hh is not None
@@ -401,7 +400,8 @@ def _lstm(
     torch.mul(tc, ds4[:, :, 3], out=K[:, :, 3])
     del z, z4, s4, ds4, ig, C, cells, c_prev
     dg = torch.empty(T, B, 4 * H, dtype=X.dtype, device=X.device)
-    dgs, dg4s = dg.unbind(0), dg.view(T, B, 4, H).unbind(0)
+    dg4 = dg.view(T, B, 4, H)
+    dgs, dg3s, dgos = dg.unbind(0), dg4[:, :, :3].unbind(0), dg4[:, :, 3].unbind(0)
     K3s, Kos, kcs, dYs = K[:, :, :3].unbind(0), K[:, :, 3].unbind(0), k_c.unbind(0), dY.unbind(0)
     dhp = torch.empty_like(dY) if w_hr is not None else None
     dc = dc_n if dc_n is not None else torch.zeros_like(c0)
@@ -415,8 +415,8 @@ def _lstm(
             dhp[t] = dh_new
             dh_new = dh_new @ w_hr
         dc_new = torch.addcmul(dc if mt is None else mt * dc, dh_new, kcs[t])
-        torch.mul(K3s[t], dc_new.unsqueeze(1), out=dg4s[t][:, :3])
-        torch.mul(Kos[t], dh_new, out=dg4s[t][:, 3])
+        torch.mul(K3s[t], dc_new.unsqueeze(1), out=dg3s[t])
+        torch.mul(Kos[t], dh_new, out=dgos[t])
         if mt is None:
             dc = dc_new.mul_(fs[t])
             if j + 1 < T:
