@@ -24,60 +24,26 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import sys
-import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from profile_step import make_steps  # this folder: the same two steps as the profile's
 from torch.profiler import ProfilerActivity, profile
 from torch.profiler._memory_profiler import Action, MemoryProfileTimeline
-from torch.utils.data import DataLoader
 
-import swiftdp
-from swiftdp.bench.methods import _Indices
-from swiftdp.bench.models import get_model, suite_loss
+from swiftdp.bench.models import get_model
 
 _NAMES = ("parameter", "optimizer", "input", "temporary", "activation", "gradient",
           "autograd", "unknown")
 
 
-def _step_fn(model: str, private: bool, objective: str) -> Callable[[], None]:
-    spec = get_model(model, "small")
-    x, y = spec.make_batch(spec.batch_size)
-    torch.manual_seed(0)
-    m = spec.build().train()
-    opt: Any = torch.optim.SGD(m.parameters(), lr=1e-3)
-    batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
-    if private:
-        loader = DataLoader(_Indices(spec.batch_size), batch_size=spec.batch_size,
-                            collate_fn=lambda _: (x, y))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            dp = swiftdp.make_private(m, opt, loader, max_grad_norm=1.0, noise_multiplier=1.0,
-                                      mode="bk", seed=0, poisson_sampling=False,
-                                      cost_objective=objective)
-        opt = dp.optimizer
-
-        def private_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-            while True:
-                yield from dp.data_loader
-        batches = private_batches()
-    else:
-        batches = iter(lambda: (x, y), None)
-
-    def step() -> None:
-        bx, by = next(batches)
-        opt.zero_grad(set_to_none=True)
-        suite_loss(m(bx), by).backward()
-        opt.step()
-    return step
-
-
 def live_peak(model: str, private: bool, objective: str, top: int) -> tuple[float, dict[str, float],
                                                                             list[float]]:
     """Peak live MB above the step's start, MB per category at the peak, the largest live tensors."""
-    step = _step_fn(model, private, objective)
+    spec = get_model(model, "small")
+    steps = make_steps(model, "bk", spec.batch_size, "small", cost_objective=objective)
+    step = steps[1] if private else steps[0]
     for _ in range(6):
         step()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,

@@ -46,7 +46,8 @@ from swiftdp.bench.models import get_model, suite_loss
 StepFn = Callable[[], None]
 
 
-def make_steps(model_name: str, mode: str, batch: int, size: str) -> tuple[StepFn, StepFn]:
+def make_steps(model_name: str, mode: str, batch: int, size: str,
+               cost_objective: str = "time") -> tuple[StepFn, StepFn]:
     """A non-private and a swiftdp step on the same model and batch, with phase labels."""
     spec = get_model(model_name, size)
     x, y = spec.make_batch(batch)
@@ -63,6 +64,7 @@ def make_steps(model_name: str, mode: str, batch: int, size: str) -> tuple[StepF
             DataLoader(_Indices(batch), batch_size=batch, collate_fn=lambda _: (x, y)),
             max_grad_norm=1.0, noise_multiplier=1.0, mode=mode, seed=0,
             poisson_sampling=False,  # the same full batch every step, drawn from dp.data_loader
+            cost_objective=cost_objective,
         )
     batches = _forever(dp.data_loader)
 
