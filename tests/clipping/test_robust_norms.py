@@ -153,8 +153,9 @@ def _one_example_cases() -> list[tuple[str, object]]:
     gc = torch.randn(1, 3, 4, 4, generator=gen)
     gc = gc - gc.mean((2, 3), keepdim=True)  # positions cancel
     spec, xe = make_spec(x, (3, 3), 1, 0, 1, 1)
-    for ghost in (True, False):
-        cases.append((f"conv-ghost={ghost}", ConvFactors(weight, xe, gc, spec, ghost=ghost)))
+    for ghost, keep in ((True, False), (False, False), (False, True)):
+        cases.append((f"conv-ghost={ghost}-keep_factors={keep}",
+                      ConvFactors(weight, xe, gc, spec, ghost=ghost, keep_factors=keep)))
     return cases
 
 

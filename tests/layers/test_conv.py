@@ -22,8 +22,9 @@ from swiftdp.layers import conv as conv_rule
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel")
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-# How a conv's norms are formed: the cost model, or one strategy forced.
-PATHS = ("auto", "ghost", "native", "unfold", "mixed")
+# How a conv's norms are formed: the cost model, or one strategy forced
+# ("hybrid": instantiated for the norms only, the clipped sum from the factors).
+PATHS = ("auto", "ghost", "native", "unfold", "hybrid", "mixed")
 
 
 @contextmanager
@@ -33,15 +34,23 @@ def forced(path: str):
         yield
         return
     cycle = itertools.cycle([True, False])
+    keep_cycle = itertools.cycle([True, True, False])
     real = ModePolicy.factored_conv
+    real_keep = ModePolicy.conv_sum_from_factors
 
     def prefer(policy, t, d, p):
         if policy.second_pass or policy.mode == "per_sample":
             return real(policy, t, d, p)
         return next(cycle) if path == "mixed" else path == "ghost"
 
+    def keep(policy, factor_elems, grad_elems):
+        if policy.second_pass or policy.mode == "per_sample":
+            return real_keep(policy, factor_elems, grad_elems)
+        return next(keep_cycle) if path == "mixed" else path == "hybrid"
+
     with (
         mock.patch.object(ModePolicy, "factored_conv", prefer),
+        mock.patch.object(ModePolicy, "conv_sum_from_factors", keep),
         mock.patch.object(conv_rule, "_use_unfold", lambda t, p: path == "unfold"),
     ):
         yield
@@ -93,7 +102,7 @@ def test_conv_matches_one_example_at_a_time_reference(mode, reduction, config, b
         check_against_oracle(model, x, y, mode=mode, reduction=reduction)
 
 
-@pytest.mark.parametrize("path", PATHS[1:4])
+@pytest.mark.parametrize("path", PATHS[1:5])
 @pytest.mark.parametrize(
     "conv",
     [
@@ -196,6 +205,7 @@ def test_inner_products_agree_across_representations(groups):
         reps.append([
             conv_rule.ConvFactors(weight, x, g, spec, ghost=True),
             conv_rule.ConvFactors(weight, x, g, spec, ghost=False),
+            conv_rule.ConvFactors(weight, x, g, spec, ghost=False, keep_factors=True),
             PerSampleGrads(weight, full),
         ])
     for a, b in itertools.product(reps[0], reps[1]):
@@ -213,3 +223,131 @@ def test_frozen_weight_with_trainable_bias_is_exact(mode):
     x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
     model, y = conv_model(layer, x)
     check_against_oracle(model, x, y, mode=mode)
+
+
+# ------------------------------------------------- norms instantiated, sum from factors
+class WideOnSmallMaps(nn.Module):
+    """A narrow stem on 16×16 maps, then two 32-channel convs on 8×8 maps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(2, 32, 3, stride=2, padding=1)
+        self.wide = nn.Conv2d(32, 32, 3, padding=1)
+        self.wide2 = nn.Conv2d(32, 32, 3, padding=1, bias=False)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.stem(x))
+        h = torch.tanh(self.wide(h))
+        return self.head(torch.tanh(self.wide2(h)).mean((2, 3)))
+
+
+@contextmanager
+def recording_convs():
+    """Record, per weight shape, whether each ConvFactors built keeps its factors."""
+    seen: list[tuple[tuple[int, ...], bool, bool]] = []
+    real = conv_rule.ConvFactors.__init__
+
+    def init(self, param, x, g, spec, *, ghost, keep_factors=False):
+        real(self, param, x, g, spec, ghost=ghost, keep_factors=keep_factors)
+        seen.append((tuple(param.shape), ghost, self.hybrid))
+
+    with mock.patch.object(conv_rule.ConvFactors, "__init__", init):
+        yield seen
+
+
+def test_the_cost_model_keeps_the_factors_of_wide_convs_on_small_maps():
+    torch.manual_seed(8)
+    model = WideOnSmallMaps().double()
+    x = torch.randn(4, 2, 16, 16, dtype=torch.float64)
+    y = torch.randn(4, 3, dtype=torch.float64)
+    with recording_convs() as seen:
+        check_against_oracle(model, x, y, mode="bk")
+    kept = {shape: hybrid for shape, ghost, hybrid in seen if not ghost}
+    # 32 → 32 on 8×8 instantiates (64 · (288 + 32) > 288 · 32), and its input
+    # and output gradient, 2 · 2048 per example, are at most half its 9216 weights
+    assert kept.get((32, 32, 3, 3)) is True
+    # the stem's (512 + 2048 per example) outweigh half its 576 weights
+    assert kept.get((32, 2, 3, 3), False) is False
+    assert not ModePolicy("ghost").conv_sum_from_factors(1, 100)
+    assert not ModePolicy("bk", "instantiate").conv_sum_from_factors(1, 100)
+    assert not ModePolicy("bk", second_pass=True).conv_sum_from_factors(1, 100)
+
+
+@pytest.mark.parametrize("forced_path", ["hybrid", "auto"])
+def test_kept_factors_move_the_float32_sum_by_at_most_c_without_one_example(forced_path):
+    """Neighbour sensitivity in float32, large inputs: the norm from instantiated gradients
+    and the sum from the factors must still agree within the bound."""
+    from support.sensitivity import neighbour_sensitivity
+
+    torch.manual_seed(9)
+    model = WideOnSmallMaps()
+    x = 300.0 * torch.randn(6, 2, 16, 16)
+    x[2] = 1e4 * (1 + 1e-6 * torch.randn(2, 16, 16))  # near-constant patches: cancelling terms
+    y = torch.randn(6, 3)
+    c = 1e-3
+
+    def run(batch):
+        xb, yb = batch
+        for p in model.parameters():
+            p.grad = None
+        clipper = swiftdp.GradClipper(model, c, mode="bk", loss_reduction="sum")
+        try:
+            with forced(forced_path), recording_convs() as seen:
+                ((model(xb) - yb) ** 2).sum().backward()
+        finally:
+            clipper.remove()
+        assert any(h for _, _, h in seen)
+        return [p.grad for p in model.parameters()]
+
+    sens = neighbour_sensitivity(run, (x, y), 6)
+    assert c * 0.99 <= sens <= c * (1 + 1e-6)
+
+
+def test_kept_factors_of_augmented_views_are_clipped_as_one_example():
+    """Rows merged per example (augmentation multiplicity) with the factors kept, and the
+    layer that falls back to instantiating once the rows outweigh the gradient."""
+    from support.oracle import reference_clipped_sum
+
+    torch.manual_seed(10)
+    K, B = 3, 4
+    model = WideOnSmallMaps().double()
+    xs = torch.randn(B, K, 2, 16, 16, dtype=torch.float64)
+    ys = torch.randn(B, 3, dtype=torch.float64)
+
+    def loss(out, y):
+        return ((out - y.repeat_interleave(K, 0)) ** 2).sum()
+
+    want, _ = reference_clipped_sum(model, loss, xs, ys, 0.05, call=lambda m, x: m(x.flatten(0, 1)))
+    clipper = swiftdp.GradClipper(model, 0.05, mode="bk", augmult=K, loss_reduction="sum")
+    try:
+        with forced("hybrid"):
+            out = model(xs)
+            ((out - ys[:, None]) ** 2).sum().backward()
+    finally:
+        clipper.remove()
+    got = [p.grad for p in model.parameters()]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(("c", "size", "stays"), [(16, 3, True), (4, 6, False)])
+def test_kept_factors_merge_rows_like_instantiated_gradients(c, size, stays):
+    """``merge_rows`` keeps the factors while an example's rows hold at most half its
+    gradient, and instantiates otherwise; either way norms and sums are the examples'."""
+    torch.manual_seed(11)
+    per, b = 2, 3
+    spec = conv_rule.ConvSpec((3, 3), (1, 1), (1, 1), (1, 1), 1)
+    weight = torch.zeros(c, c, 3, 3, dtype=torch.float64)
+    x = torch.randn(b * per, c, size, size, dtype=torch.float64)
+    g = torch.randn(b * per, c, size, size, dtype=torch.float64)
+    kept = conv_rule.ConvFactors(weight, x, g, spec, ghost=False, keep_factors=True).merge_rows(per)
+    assert kept.hybrid is stays and (kept.grads is None) is stays
+    rows = conv_rule.per_example_weight_grads(x, g, spec, tuple(weight.shape))
+    want = rows.view(b, per, *weight.shape).sum(1)
+    torch.testing.assert_close(kept.sq_norms(), want.flatten(1).pow(2).sum(1))
+    w = torch.rand(b, dtype=torch.float64)
+    dropped = torch.tensor([False, True, False])
+    expect = (w * ~dropped).view(-1, 1, 1, 1, 1).mul(want).sum(0)
+    torch.testing.assert_close(kept.weighted_sum(w, dropped), expect)
+    assert bool((kept.mass() >= want.flatten(1).norm(dim=1)).all())

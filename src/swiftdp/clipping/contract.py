@@ -113,6 +113,10 @@ class Policy(Protocol):
         """The same choice for a convolution (instantiation there costs more)."""
         ...
 
+    def conv_sum_from_factors(self, factor_elems: int, grad_elems: int) -> bool:
+        """For an instantiating convolution: gradients for the norms only, the sum from factors."""
+        ...
+
 
 Build = Callable[[Sequence[Tensor | None], Policy], list[Contribution]]
 """Turns a use's output gradients (``None`` where none arrived) into contributions."""

@@ -168,3 +168,23 @@ class ModePolicy:
         if self.mode == "per_sample" or self.cost_objective != "time":
             return False
         return positions * (d_in + d_out) <= d_out * d_in
+
+    def conv_sum_from_factors(self, factor_elems: int, grad_elems: int) -> bool:
+        """For a convolution that instantiates: whether to do so for its norms only.
+
+        The per-example gradients are then freed as soon as the norms are
+        formed, and the input and output gradient are kept instead, for a
+        clipped sum by one native weight-gradient convolution (the ghost side's).
+        Taken in ``bk`` mode when those hold at most half as much per example
+        as a gradient does (many channels on small maps, ResNet-18's 8×8 and
+        4×4 stages): the gradients held to the end of the backward were its
+        memory excess (``benchmarks/live_memory.py``). The arithmetic it adds,
+        one weight-gradient convolution in place of ``w @ G``, is what the
+        non-private step spends on the layer. Not under a forced objective.
+
+        Args:
+            factor_elems: elements of one example's input and output gradient.
+            grad_elems: elements of the weight.
+        """
+        return (self.mode == "bk" and not self.second_pass
+                and self.cost_objective in ("time", "memory") and 2 * factor_elems <= grad_elems)

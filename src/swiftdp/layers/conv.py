@@ -50,6 +50,7 @@ from swiftdp.clipping.contributions import (
     ghost_sq_bound,
     slack_from_parts,
     sq_norms_f64,
+    term_error,
     weighted_sum_error,
 )
 from swiftdp.errors import UnsupportedModuleError
@@ -282,15 +283,64 @@ def _per_example(t: Tensor, b: int, per: int, groups: int, positions: int) -> Te
     return v.reshape(b * groups, per * positions, v.shape[-1])
 
 
+def factor_mass(x: Tensor, g: Tensor, spec: ConvSpec, per: int = 1) -> Tensor:
+    """Per example, an upper bound on ``Σ_k Σ_t ‖a_{k,t}‖‖g_{k,t}‖`` without unfolding.
+
+    Each input element lies in at most ``∏kernel`` patches (one per kernel
+    offset), so ``Σ_t ‖a_{k,t}‖² <= ∏kernel · ‖x_k‖²`` and, by Cauchy–Schwarz
+    over the positions, ``Σ_t ‖a_{k,t}‖‖g_{k,t}‖ <= √(∏kernel) ‖x_k‖ ‖g_k‖``
+    (``x_k``, ``g_k``: one example's channels of group ``k``). Looser than the
+    patch-by-patch mass of :func:`ghost_norm_bounds`, which only rounding
+    terms multiply, and two float64 reductions instead of an unfold.
+
+    Args:
+        x: input ``(B * per, C_in, *S)``.
+        g: output gradient ``(B * per, C_out, *S_out)``.
+        spec: the convolution geometry.
+        per: rows per example.
+
+    Returns:
+        float64 ``(B,)``.
+    """
+    rows, groups = g.shape[0], spec.groups
+    if rows == 0:
+        return g.new_zeros(0, dtype=torch.float64)
+    sx, kx = sq_norms_f64(x.reshape(rows * groups, -1))
+    sg, kg = sq_norms_f64(g.reshape(rows * groups, -1))
+    m = sx.mul_(math.prod(spec.kernel)).sqrt_().mul_(sg.sqrt_())
+    m = m.view(rows // per, per * groups).sum(1)
+    # the float64 sums of squares (γ_k), two square roots, the products and the sum
+    return m.mul_(1.0 + gamma(max(kx, kg) + per * groups + 6, U64))
+
+
+def _instantiation_error(terms: int, dtype: torch.dtype, device: torch.device) -> float:
+    """Relative rounding of each term of an instantiated per-example conv gradient entry.
+
+    Either kernel may form it (native weight gradient, or unfold and matmul),
+    so the larger of the two input roundings is taken.
+    """
+    return max(term_error(terms + 2, dtype, device, conv=c) for c in (True, False))
+
+
 class ConvFactors(Contribution):
     """The per-example gradients of one use of a convolution weight.
 
     With ``ghost`` the input ``x`` and output gradient ``g`` are kept: norms by
     the ghost identity (the patches are built and freed inside
     :meth:`sq_norms`), clipped sum by one native weight-gradient convolution.
-    Otherwise the per-example gradients are instantiated at once (in the
-    compute dtype, at least float32, as ghost clipping's second pass forms the
-    sum) and ``x`` and ``g`` dropped.
+    Otherwise the per-example gradients are instantiated (in the compute
+    dtype, at least float32, as ghost clipping's second pass forms the sum):
+
+    * at once, ``x`` and ``g`` dropped, the clipped sum ``w @ G``;
+    * with ``keep_factors``, only inside :meth:`sq_norms` and freed there, the
+      clipped sum formed from ``x`` and ``g`` by one native weight-gradient
+      convolution, as on the ghost side. For layers whose ``x`` and ``g`` are
+      much smaller than their per-example gradients (many channels, small
+      maps), this holds the factors, not the gradients, to the end of the
+      backward. The norm bound then covers the exact gradient: the
+      instantiated one's norm plus its rounding (``θ · mass``, the mass of
+      :func:`factor_mass`), so every pairing and the slack of the factored sum
+      refer to the same exact gradient.
 
     Args:
         param: the convolution weight.
@@ -298,6 +348,7 @@ class ConvFactors(Contribution):
         g: the output gradient ``(B, C_out, *S_out)``.
         spec: the convolution geometry.
         ghost: whether to keep the factors rather than instantiate.
+        keep_factors: when not ``ghost``, instantiate for the norms only.
 
     With :meth:`merge_rows` (a merged batch ``(B * per, ...)``, the views of
     augmentation multiplicity) each example's gradient is the sum over its
@@ -306,7 +357,8 @@ class ConvFactors(Contribution):
     its example's factor.
     """
 
-    def __init__(self, param: Tensor, x: Tensor, g: Tensor, spec: ConvSpec, *, ghost: bool) -> None:
+    def __init__(self, param: Tensor, x: Tensor, g: Tensor, spec: ConvSpec, *, ghost: bool,
+                 keep_factors: bool = False) -> None:
         self.param = param
         self.region = None
         self.spec = spec
@@ -317,10 +369,15 @@ class ConvFactors(Contribution):
         self.terms = math.prod(g.shape[2:])
         self._sq: Tensor | None = None
         self._mass: Tensor | None = None
-        if not ghost:  # in the compute dtype: bf16 factors would round the gradients
-            dt = compute_dtype(x, g)
-            self.grads = per_example_weight_grads(x.to(dt), g.to(dt), spec, tuple(param.shape))
-            self.x = self.g = None
+        self.hybrid = not ghost and keep_factors  # instantiated for the norms only
+        if not ghost and not keep_factors:
+            self._instantiate_now()
+
+    def _instantiate_now(self) -> None:
+        # in the compute dtype: bf16 factors would round the gradients
+        self.grads = self.instantiate()
+        self.x = self.g = None
+        self.hybrid = False
 
     def _factors(self) -> tuple[Tensor, Tensor]:
         assert self.x is not None and self.g is not None
@@ -333,6 +390,10 @@ class ConvFactors(Contribution):
             self.grads = g.reshape(g.shape[0] // per, per, *g.shape[1:]).sum(1)
         self.per = per
         self.terms *= per
+        if self.hybrid:
+            x, g = self._factors()
+            if 2 * per * (math.prod(x.shape[1:]) + math.prod(g.shape[1:])) > self.param.numel():
+                self._instantiate_now()  # an example's rows now outweigh its gradient
         return self
 
     def _rows(self, t: Tensor) -> Tensor:
@@ -346,10 +407,24 @@ class ConvFactors(Contribution):
                 sq, k = sq_norms_f64(self.grads.flatten(1))
                 self._sq = sq.mul_(1.0 + gamma(k, U64))
                 self._mass = self._sq.sqrt()
+            elif self.hybrid:
+                self._sq, self._mass = self._hybrid_bounds()
             else:
                 x, g = self._factors()
                 self._sq, self._mass = ghost_norm_bounds(x, g, self.spec, self.per)
         return self._sq
+
+    def _hybrid_bounds(self) -> tuple[Tensor, Tensor]:
+        """``keep_factors``: ``(√‖Ĝ_i‖² + θ · mass_i)²`` from the gradients ``Ĝ`` instantiated
+        and freed here, and the mass of :func:`factor_mass`."""
+        x, g = self._factors()
+        grads = self.instantiate()
+        sq, k = sq_norms_f64(grads.flatten(1))
+        del grads
+        mass = factor_mass(x, g, self.spec, self.per)
+        theta = _instantiation_error(self.terms, compute_dtype(x, g), x.device)
+        root = sq.mul_(1.0 + gamma(k, U64)).sqrt_().add_(mass, alpha=theta)
+        return root.square_().mul_(1.0 + gamma(4, U64)), mass
 
     def mass(self) -> Tensor:
         self.sq_norms()
@@ -490,7 +565,9 @@ def conv_rule(rec: Recorder, func: Any, args: tuple[Any, ...], kwargs: dict[str,
             d = weight.shape[1] * math.prod(spec.kernel)
             p = weight.shape[0] // groups
             ghost = policy.factored_conv(positions, d, p)
-            out.append(ConvFactors(weight, xe, gw, spec, ghost=ghost))
+            keep = not ghost and policy.conv_sum_from_factors(
+                math.prod(xe.shape[1:]) + math.prod(gw.shape[1:]), weight.numel())
+            out.append(ConvFactors(weight, xe, gw, spec, ghost=ghost, keep_factors=keep))
         if b_t:
             assert bias is not None
             out.append(PerSampleGrads(bias, g.sum(tuple(range(2, g.dim())))))
