@@ -170,3 +170,13 @@ def test_check_cost_objective_names_the_four_on_an_unknown_value() -> None:
         assert repr(value) in msg
     with pytest.raises(InvalidArgumentError):
         swiftdp.GradClipper(nn.Linear(2, 2), 1.0, cost_objective="instantiated")  # type: ignore[arg-type]
+
+
+def test_a_conv_within_the_tie_band_takes_the_ghost_side_which_holds_less() -> None:
+    time = ModePolicy("bk", "time")
+    # 64→64 3×3 on 8×8: ghost counts 64·640 = 1.11 × 36,864 and holds 2·64² < 36,864
+    assert time.factored_conv(64, 576, 64)
+    # 32→64 3×3 to 8×8: 64·352 = 1.22 × 18,432, outside the band: instantiated
+    assert not time.factored_conv(64, 288, 64)
+    # linear layers keep the strict count (ViT-tiny's projections, 1.015×)
+    assert not time.factored(65, 128, 128)
