@@ -289,3 +289,43 @@ def test_dropped_example_with_nan_factors_leaves_the_weighted_sum_exact():
         torch.testing.assert_close(got, want)
         per = PerSampleGrads(param, torch.bmm(g.transpose(1, 2), a))
         torch.testing.assert_close(param_weighted_sum(param, [use, per], w), 2 * want)
+
+
+# -------------------------------------------------------------------- subnormals
+def _huge_input_tiny_gradient_cases(huge: float) -> list[tuple[str, object]]:
+    """Example 0: one input element near float32's top, a tiny output gradient there.
+
+    Its clip weight is ~ C / 3e38, so the weight times the output gradient
+    lands among the float32 subnormals, whose rounding is absolute (2⁻¹⁵⁰),
+    and the huge input magnifies that to ~1e-4 · C (found in review).
+    """
+    cases: list[tuple[str, object]] = []
+    gen = torch.Generator().manual_seed(5)
+    x = torch.zeros(2, 4, 4, 4)
+    g = torch.zeros(2, 4, 4, 4)
+    x[0, 0, 1, 1], g[0, 0, 1, 1] = huge, 1e-30
+    x[1], g[1] = torch.randn(4, 4, 4, generator=gen), torch.randn(4, 4, 4, generator=gen)
+    spec, xe = make_spec(x, (1, 1), 1, 0, 1, 1)
+    weight = torch.zeros(4, 4, 1, 1)
+    for ghost, keep in ((True, False), (False, False), (False, True)):
+        cases.append((f"conv-4x4-ghost={ghost}-keep_factors={keep}",
+                      ConvFactors(weight, xe, g, spec, ghost=ghost, keep_factors=keep)))
+    x1, g1 = x[:, :, 1:2, 1:2].contiguous(), g[:, :, 1:2, 1:2].contiguous()
+    one = make_spec(x1, (1, 1), 1, 0, 1, 1)[0]
+    cases.append(("conv-1x1-map-ghost", ConvFactors(weight, x1, g1, one, ghost=True)))
+    a, gl = x1.view(2, 1, 4), g1.view(2, 1, 4)
+    cases.append(("linear-T=1-ghost", LinearFactors(torch.zeros(4, 4), a, gl, ghost=True)))
+    return cases
+
+
+@pytest.mark.parametrize("c", [1e-3, 1e-5])
+def test_a_weight_times_gradient_among_the_subnormals_adds_at_most_c(c):
+    """Before the fix, 3.3e38 · (1 - k·1e-4) for small k gave ‖added‖ = 1.0001 C
+    (kept factors, and the ghost side at T = 1)."""
+    for k in range(20):
+        for name, use in _huge_input_tiny_gradient_cases(3.3e38 * (1 - k * 1e-4)):
+            bound = param_sq_norms([use]).sqrt()
+            dropped = ~torch.isfinite(bound) | torch.tensor([False, True])  # example 0 alone
+            w = torch.where(dropped, 0.0, c / bound.clamp(min=c))
+            added = param_weighted_sum(use.param, [use], w, dropped)
+            assert added.double().norm().item() <= c, (name, k)

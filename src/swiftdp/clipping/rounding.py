@@ -288,7 +288,8 @@ def ghost_sq_bound(a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     Returns:
         ``(sq, mass)`` in float64, shape ``(B,)``: ``sq >= ‖g_iᵀ a_i‖²`` and
         ``mass = Σ_t ‖a_t‖‖g_t‖ >= ‖g_iᵀ a_i‖`` (upper bounds); non-finite
-        where the example's inputs are (or its Gram matrices overflow).
+        where the example's inputs are (or its Gram matrices overflow; for
+        ``T = 1``, where ``‖a_i‖²`` does).
     """
     B, T, d = a.shape
     p = g.shape[2]
@@ -300,6 +301,11 @@ def ghost_sq_bound(a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
         na, ka = norms_f64(a.reshape(B, d))
         ng, kg = norms_f64(g.reshape(B, p))
         mass = torch.mul(na, ng).mul_(1.0 + gamma(ka + kg, U64))
+        # As for T > 1, where the Gram matrix overflows: an activation whose norm
+        # squared is beyond the compute dtype is dropped. The clipped sum scales g
+        # by the weight, and a subnormal product is off by 2⁻¹⁵⁰ absolutely, which
+        # only an activation this large would magnify to something measurable.
+        mass = mass.masked_fill_(na > math.sqrt(max_finite(dt)), math.inf)
         return mass.square(), mass
     a_, g_ = a.to(dt), g.to(dt)
     aa = torch.bmm(a_, a_.transpose(1, 2))
