@@ -351,3 +351,26 @@ def test_kept_factors_merge_rows_like_instantiated_gradients(c, size, stays):
     expect = (w * ~dropped).view(-1, 1, 1, 1, 1).mul(want).sum(0)
     torch.testing.assert_close(kept.weighted_sum(w, dropped), expect)
     assert bool((kept.mass() >= want.flatten(1).norm(dim=1)).all())
+
+
+@pytest.mark.parametrize(
+    ("shape", "kernel", "stride", "padding", "dilation"),
+    [
+        ((2, 3, 10, 12), (3, 3), (1, 1), (1, 1), (1, 1)),  # rows of 12: the view
+        ((2, 3, 10, 12), (3, 2), (2, 1), (0, 1), (1, 2)),  # rows of 12 (stride, dilation)
+        ((2, 4, 9, 20), (2, 3), (1, 2), (1, 0), (2, 1)),   # rows of 9
+        ((2, 3, 6, 6), (3, 3), (1, 1), (1, 1), (1, 1)),    # rows of 6: F.unfold
+        ((2, 2, 30), (4,), (3,), (2,), (2,)),              # 1d: the view
+    ],
+)
+def test_patches_equal_torch_unfold(shape, kernel, stride, padding, dilation):
+    x = torch.randn(*shape, dtype=torch.float64)
+    spec = conv_rule.ConvSpec(kernel, stride, padding, dilation, 1)
+    got = conv_rule.patches(x, spec)
+    if len(kernel) == 1:  # torch's unfold is 2d: a unit height
+        want = torch.nn.functional.unfold(x.unsqueeze(2), (1, *kernel), dilation=(1, *dilation),
+                                          padding=(0, *padding), stride=(1, *stride))
+    else:
+        want = torch.nn.functional.unfold(x, kernel, dilation=dilation, padding=padding,
+                                          stride=stride)
+    assert torch.equal(got, want)

@@ -69,6 +69,8 @@ _DEFAULTS: dict[str, Any] = {"bias": None, "stride": 1, "padding": 0, "dilation"
 # channels per group (measured on CPU, see ``_use_unfold``).
 _UNFOLD_MAX_POSITIONS = 16
 _UNFOLD_MIN_OUT_PER_GROUP = 64
+# Output rows at least this long: patches by a strided view's copy, not F.unfold.
+_VIEW_MIN_ROW = 8
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,13 @@ def make_spec(
 def patches(x: Tensor, spec: ConvSpec) -> Tensor:
     """Unfold the input into patches ``(B, C_in · ∏kernel, T)``, channel-major.
 
+    By one copy of a strided view of the padded input, except for 2d maps
+    whose output rows are short (under :data:`_VIEW_MIN_ROW` positions),
+    where ``F.unfold`` is faster. Measured at B = 64, 3×3 kernels, 1 thread
+    (ms, ``F.unfold`` against the view): 8×8 maps 64 channels 5.0 / 3.0,
+    32×32 16 channels 37 / 24, 32×32 3 channels 3.3 / 0.6, a 1d length-128
+    map 2.9 / 0.6; 4×4 maps 128 channels 2.5 / 4.1.
+
     Args:
         x: input ``(B, C_in, *S)``.
         spec: the convolution geometry.
@@ -179,13 +188,12 @@ def patches(x: Tensor, spec: ConvSpec) -> Tensor:
         The patches, rows ordered like the flattened weight ``(C_in, *kernel)``.
     """
     n = spec.ndim
-    if n <= 2:
-        x4 = x if n == 2 else x.unsqueeze(2)
-        one = (1,) if n == 1 else ()
-        return F.unfold(
-            x4, one + spec.kernel, dilation=one + spec.dilation,
-            padding=(0,) * len(one) + spec.padding, stride=one + spec.stride,
-        )
+    if n == 2:
+        span = spec.dilation[1] * (spec.kernel[1] - 1) + 1
+        row = (x.shape[3] + 2 * spec.padding[1] - span) // spec.stride[1] + 1
+        if row < _VIEW_MIN_ROW:
+            return F.unfold(x, spec.kernel, dilation=spec.dilation, padding=spec.padding,
+                            stride=spec.stride)
     pad: list[int] = []
     for p in reversed(spec.padding):
         pad += [p, p]
