@@ -1,7 +1,7 @@
 """Per-layer DP work of the convolution rule against the non-private weight gradient.
 
 For each convolution shape of the suite's ResNet-18-GN (batch 64, 32x32
-inputs, widths 16-128) this times, on the same random input and output
+inputs, widths 16-128) and GroupNorm CNN (widths 32-128) this times, on the same random input and output
 gradient, everything swiftdp does for the layer's weight in a ``bk`` step
 (the per-example norms and the clipped sum, :class:`ConvFactors`) by each
 of its three ways, and the non-private step's weight gradient it replaces:
@@ -39,11 +39,13 @@ import torch
 from swiftdp.clipping.cost import ModePolicy
 from swiftdp.layers import conv
 
-# (C_in, C_out, H, stride, kernel) of ResNet-18-GN (small) and its stem
+# (C_in, C_out, H, stride, kernel) of ResNet-18-GN (small) and its stem, then the
+# GroupNorm CNN's three convs
 SHAPES = [
     (3, 16, 32, 1, 3), (16, 16, 32, 1, 3), (16, 32, 32, 2, 3), (16, 32, 32, 2, 1),
     (32, 32, 16, 1, 3), (32, 64, 16, 2, 3), (32, 64, 16, 2, 1), (64, 64, 8, 1, 3),
     (64, 128, 8, 2, 3), (64, 128, 8, 2, 1), (128, 128, 4, 1, 3),
+    (3, 32, 32, 1, 3), (32, 64, 16, 1, 3), (64, 128, 8, 1, 3),
 ]
 
 
@@ -92,7 +94,7 @@ def time_layer(c_in: int, c_out: int, h: int, s: int, k: int, *, batch: int, rep
         [False, True, False])[1], repeats)
     if policy.factored_conv(T, d, c_out):
         chosen, chosen_t = "ghost", ghost_t
-    elif conv._use_unfold(T, c_out):
+    elif conv._use_unfold(T, c_out, d):
         chosen, chosen_t = "inst (unfold)", unfold_t
     else:
         chosen, chosen_t = "inst (native)", native_t

@@ -51,7 +51,7 @@ def forced(path: str):
     with (
         mock.patch.object(ModePolicy, "factored_conv", prefer),
         mock.patch.object(ModePolicy, "conv_sum_from_factors", keep),
-        mock.patch.object(conv_rule, "_use_unfold", lambda t, p: path == "unfold"),
+        mock.patch.object(conv_rule, "_use_unfold", lambda *_: path == "unfold"),
     ):
         yield
 

@@ -69,6 +69,9 @@ _DEFAULTS: dict[str, Any] = {"bias": None, "stride": 1, "padding": 0, "dilation"
 # channels per group (measured on CPU, see ``_use_unfold``).
 _UNFOLD_MAX_POSITIONS = 16
 _UNFOLD_MIN_OUT_PER_GROUP = 64
+# ... and whenever each group has few inputs, unless its outputs are fewer still.
+_UNFOLD_MAX_IN = 48
+_UNFOLD_MIN_OUT_PER_GROUP_FEW_IN = 16
 # Output rows at least this long: patches by a strided view's copy, not F.unfold.
 _VIEW_MIN_ROW = 8
 
@@ -209,18 +212,33 @@ def patches(x: Tensor, spec: ConvSpec) -> Tensor:
     return v.permute(perm).reshape(b, c * math.prod(spec.kernel), math.prod(v.shape[2 : 2 + n]))
 
 
-def _use_unfold(positions: int, out_per_group: int) -> bool:
+def _use_unfold(positions: int, out_per_group: int, in_per_group: int) -> bool:
     """Whether unfold + batched matmul is the faster way to instantiate.
 
-    The batch-grouped native kernel wins for large feature maps, for
-    depthwise or narrow groups, and down to 8×8 maps; unfold + matmul wins
-    only for tiny maps with many output channels per group. Measured with
-    ``benchmarks/conv_layers.py`` (B = 64, 3×3, norms and clipped sum
-    included; 1 thread / 2 threads, ms): 8×8 maps 64→64 native 5.9 / 6.3
-    against unfold 9.6 / 11.3, 16×16 → 8×8 32→64 3.5 / 3.1 against
-    6.1 / 8.1; 4×4 maps 128→128 unfold 41 / 29 against native 81 / 52,
-    8×8 → 4×4 64→128 8.4 / 12.7 against 49 / 25.
+    The batch-grouped native kernel wins for large feature maps with many
+    input channels, for depthwise or narrow groups, and down to 8×8 maps;
+    unfold + matmul wins for tiny maps with many output channels per group,
+    and for few inputs per group (``C_in/groups · ∏kernel`` up to
+    :data:`_UNFOLD_MAX_IN`, stems and narrow 1×1 convs), where the native
+    kernel's groups of a few channels run poorly. Measured with
+    ``benchmarks/conv_layers.py`` and per shape (B = 64, 3×3 unless said;
+    1 thread / 2 threads, ms, unfold against native): 8×8 maps 64→64 10.9 /
+    22.9 against 10.1 / 10.9, 16×16 → 8×8 32→64 5.8 / 13.8 against 5.6 /
+    10.8; 4×4 maps 128→128 34 / 48 against 77 / 101; the stem 3→16 on 32×32
+    4.7 / 3.1 against 8.7 / 14.0, 3→64 4×4 patches stride 4 1.39 / 1.04
+    against 1.49 / 1.04, a 1d 8→32 k5 length 256 0.78 / 1.54 against
+    0.90 / 2.36; but 8→32 (72 inputs) 8.9 / 9.0 against 7.3 / 6.5, and
+    depthwise 64 on 16×16 33 / 20 against 3.5 / 0.8.
+
+    Args:
+        positions: output positions ``T``.
+        out_per_group: ``C_out / groups``.
+        in_per_group: ``C_in / groups · ∏kernel``.
     """
+    if out_per_group < _UNFOLD_MIN_OUT_PER_GROUP_FEW_IN:
+        return False
+    if in_per_group <= _UNFOLD_MAX_IN:
+        return True
     return positions <= _UNFOLD_MAX_POSITIONS and out_per_group >= _UNFOLD_MIN_OUT_PER_GROUP
 
 
@@ -243,7 +261,7 @@ def per_example_weight_grads(
     if b == 0:
         return g.new_zeros((0, *weight_shape))
     positions = math.prod(g.shape[2:])
-    if _use_unfold(positions, c_out // groups):
+    if _use_unfold(positions, c_out // groups, math.prod(weight_shape[1:])):
         a = patches(x, spec).view(b * groups, -1, positions)
         gk = g.reshape(b * groups, c_out // groups, positions)
         return torch.bmm(gk, a.transpose(1, 2)).view(b, *weight_shape)
