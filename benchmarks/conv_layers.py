@@ -37,7 +37,7 @@ from collections.abc import Callable
 import torch
 
 from swiftdp.clipping.cost import ModePolicy
-from swiftdp.layers import conv
+from swiftdp.layers import conv, conv_geometry
 
 # (C_in, C_out, H, stride, kernel) of ResNet-18-GN (small) and its stem, then the
 # GroupNorm CNN's three convs
@@ -80,21 +80,21 @@ def time_layer(c_in: int, c_out: int, h: int, s: int, k: int, *, batch: int, rep
 
     T, d = h_out * h_out, c_in * k * k
     ghost_t = median_ms(lambda: dp_work(True), repeats)
-    saved = conv._use_unfold
+    saved = conv_geometry._use_unfold
     try:
-        conv._use_unfold = lambda *_: True  # type: ignore[assignment]
+        conv_geometry._use_unfold = lambda *_: True  # type: ignore[assignment]
         unfold_t = median_ms(lambda: dp_work(False), repeats)
-        conv._use_unfold = lambda *_: False  # type: ignore[assignment]
+        conv_geometry._use_unfold = lambda *_: False  # type: ignore[assignment]
         native_t = median_ms(lambda: dp_work(False), repeats)
     finally:
-        conv._use_unfold = saved
+        conv_geometry._use_unfold = saved
     template = torch.empty(c_out, c_in, k, k)
     dw_t = median_ms(lambda: torch.ops.aten.convolution_backward(
         g, x, template, None, [s, s], [pad, pad], [1, 1], False, [0, 0], 1,
         [False, True, False])[1], repeats)
     if policy.factored_conv(T, d, c_out):
         chosen, chosen_t = "ghost", ghost_t
-    elif conv._use_unfold(T, c_out, d):
+    elif conv_geometry._use_unfold(T, c_out, d):
         chosen, chosen_t = "inst (unfold)", unfold_t
     else:
         chosen, chosen_t = "inst (native)", native_t

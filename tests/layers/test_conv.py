@@ -18,6 +18,7 @@ from swiftdp.clipping.contributions import PerSampleGrads, pair_inner
 from swiftdp.clipping.cost import ModePolicy
 from swiftdp.errors import UnsupportedModuleError
 from swiftdp.layers import conv as conv_rule
+from swiftdp.layers import conv_geometry
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel")
 
@@ -51,7 +52,7 @@ def forced(path: str):
     with (
         mock.patch.object(ModePolicy, "factored_conv", prefer),
         mock.patch.object(ModePolicy, "conv_sum_from_factors", keep),
-        mock.patch.object(conv_rule, "_use_unfold", lambda *_: path == "unfold"),
+        mock.patch.object(conv_geometry, "_use_unfold", lambda *_: path == "unfold"),
     ):
         yield
 
