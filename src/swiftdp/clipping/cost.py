@@ -52,7 +52,8 @@ CONV_TIME_TIE = 0.15
 example (``T (d + p) <= 1.15 p d`` gives ``2T² <= 0.67 p d``), the count is a
 model, and the instantiated gradients held to the end of the backward were
 the step's memory excess: ResNet-18's 64→64 convs on 8×8 maps count 1.11×,
-and ghost there ran faster, interleaved in one process at 1 thread (see
+and ghost there timed within 3 % of instantiating (+2.6 % at 1 thread, −2 %
+at 2, interleaved in one process) with the live peak 133 → 109 MB (see
 BENCHMARKS.md, ``benchmarks/live_memory.py``). Linear layers keep the strict
 comparison: ViT-tiny's projections at a 1.015× count ran 5 % slower as ghost."""
 
@@ -187,11 +188,13 @@ class ModePolicy:
         formed, and the input and output gradient are kept instead, for a
         clipped sum by one native weight-gradient convolution (the ghost side's).
         Taken in ``bk`` mode when those hold at most half as much per example
-        as a gradient does (many channels on small maps, ResNet-18's 8×8 and
-        4×4 stages): the gradients held to the end of the backward were its
-        memory excess (``benchmarks/live_memory.py``). The arithmetic it adds,
-        one weight-gradient convolution in place of ``w @ G``, is what the
-        non-private step spends on the layer. Not under a forced objective.
+        as a gradient does (many channels on small maps outside the ghost
+        side's tie band, e.g. 32→32 3×3 on 8×8): the gradients held to the end
+        of the backward are then the memory excess (``benchmarks/live_memory.py``).
+        The arithmetic it adds, one weight-gradient convolution in place of
+        ``w @ G``, is what the non-private step spends on the layer (3.1–3.7 ms
+        against 0.25 for ResNet-18's 64→64 convs at B = 64, 1 thread). Not under
+        a forced objective.
 
         Args:
             factor_elems: elements of one example's input and output gradient.

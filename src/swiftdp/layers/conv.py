@@ -146,6 +146,15 @@ def factor_mass(x: Tensor, g: Tensor, spec: ConvSpec, per: int = 1) -> Tensor:
     return m.masked_fill_(too_big, math.inf)
 
 
+def _grads_sq_norms(grads: Tensor) -> Tensor:
+    """Upper bounds on the squared norms of instantiated ``(B, *weight)`` gradients (float64).
+
+    Float64 sums, block by block: no ``(B, |w|)`` float64 copy.
+    """
+    sq, k = sq_norms_f64(grads.flatten(1))
+    return sq.mul_(1.0 + gamma(k, U64))
+
+
 def _instantiation_error(terms: int, dtype: torch.dtype, device: torch.device) -> float:
     """Relative rounding of each term of an instantiated per-example conv gradient entry.
 
@@ -236,9 +245,7 @@ class ConvFactors(Contribution):
     def sq_norms(self) -> Tensor:
         if self._sq is None:
             if self.grads is not None:
-                # float64 sums, block by block: no (B, |w|) float64 copy
-                sq, k = sq_norms_f64(self.grads.flatten(1))
-                self._sq = sq.mul_(1.0 + gamma(k, U64))
+                self._sq = _grads_sq_norms(self.grads)
                 self._mass = self._sq.sqrt()
             elif self.hybrid:
                 self._sq, self._mass = self._hybrid_bounds()
@@ -251,12 +258,10 @@ class ConvFactors(Contribution):
         """``keep_factors``: ``(√‖Ĝ_i‖² + θ · mass_i)²`` from the gradients ``Ĝ`` instantiated
         and freed here, and the mass of :func:`factor_mass`."""
         x, g = self._factors()
-        grads = self.instantiate()
-        sq, k = sq_norms_f64(grads.flatten(1))
-        del grads
+        sq = _grads_sq_norms(self.instantiate())  # the gradients freed on return
         mass = factor_mass(x, g, self.spec, self.per)
         theta = _instantiation_error(self.terms, compute_dtype(x, g), x.device)
-        root = sq.mul_(1.0 + gamma(k, U64)).sqrt_().add_(mass, alpha=theta)
+        root = sq.sqrt_().add_(mass, alpha=theta)
         return root.square_().mul_(1.0 + gamma(4, U64)), mass
 
     def mass(self) -> Tensor:
