@@ -329,3 +329,38 @@ def test_a_weight_times_gradient_among_the_subnormals_adds_at_most_c(c):
             w = torch.where(dropped, 0.0, c / bound.clamp(min=c))
             added = param_weighted_sum(use.param, [use], w, dropped)
             assert added.double().norm().item() <= c, (name, k)
+
+
+def _one_example_sum(model: nn.Module, x: Tensor, y: Tensor, c: float, mode: str,
+                     groups: bool) -> float:
+    """‖clipped sum‖ of a batch whose other examples contribute nothing (zero input and label)."""
+    for p in model.parameters():
+        p.grad = None
+    limits = {"0": c} if groups else c
+    objective = "instantiate" if mode == "bk-instantiate" else "time"
+    clipper = swiftdp.GradClipper(model, limits, mode=mode.removesuffix("-instantiate"),
+                                  loss_reduction="sum", cost_objective=objective)
+    try:
+        _dot_loss(model(x), y).backward()
+    finally:
+        clipper.remove()
+    return torch.cat([p.grad.reshape(-1).double() for p in model.parameters()]).norm().item()
+
+
+@pytest.mark.parametrize("groups", [False, True])
+@pytest.mark.parametrize("mode", [*MODES, "bk-instantiate", "nanobatch"])
+def test_a_clip_weight_among_the_subnormals_adds_at_most_c(mode, groups):
+    """A gradient near 3e38 makes the weight C / ‖g‖ subnormal in float32, where its cast
+    rounds absolutely: before the fix, 1.02 C at C = 1e-5 (found in review)."""
+    c = 1e-5
+    model = nn.Sequential(nn.Linear(4, 4, bias=False))
+    with torch.no_grad():
+        model[0].weight.fill_(0.25)
+    worst = 0.0
+    for k in range(40):
+        x = torch.zeros(2, 4)
+        y = torch.zeros(2, 4)
+        x[0, 1] = 3.0e38 * (1 - k * 7.3e-4)  # the output stays finite: 0.25 · x
+        y[0, 2] = 1.0
+        worst = max(worst, _one_example_sum(model, x, y, c, mode, groups))
+    assert worst <= c

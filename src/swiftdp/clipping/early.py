@@ -33,7 +33,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from swiftdp.clipping.clip_fns import Thresholds, clip_factors, nonfinite_examples
+from swiftdp.clipping.clip_fns import (
+    Thresholds,
+    clip_factors,
+    nonfinite_examples,
+    unweightable_as_inf,
+)
 from swiftdp.clipping.contributions import Contribution, param_weighted_sum, total_sq_norms
 from swiftdp.errors import UnsupportedModuleError
 
@@ -144,7 +149,8 @@ class EarlyGroups:
             self.clipped[k] = None
             return
         scale = step.scale(sq.shape[-1])
-        norms = sq.clamp(min=0).sqrt() * scale
+        norms = unweightable_as_inf(sq.clamp(min=0).sqrt() * scale, self.limits[k], scale,
+                                    eng.clipping)
         dropped = nonfinite_examples(norms, warn=False, pending=eng.pending_for(norms.device))
         if dropped is not None:
             self.dropped.append(dropped)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from swiftdp.clipping import views
-from swiftdp.clipping.clip_fns import clip_factors, nonfinite_examples
+from swiftdp.clipping.clip_fns import clip_factors, nonfinite_examples, unweightable_as_inf
 from swiftdp.clipping.rounding import AutocastState, compute_dtype, max_finite
 from swiftdp.clipping.step import MEAN_IN_HALF
 from swiftdp.errors import InvalidArgumentError
@@ -91,6 +91,9 @@ def make_backward(
                 n = torch.stack(sq).sqrt()
                 if flat:  # a norm beyond the parameters' float range counts as non-finite
                     n = torch.where(n > max_finite(flat[0].dtype), torch.inf, n)
+                # and so does one whose clip factor would be subnormal
+                n = torch.stack([unweightable_as_inf(nk, ck, style=engine.clipping)
+                                 for nk, ck in zip(n, limits, strict=True)])
                 c = torch.cat([clip_factors(nk.reshape(1), ck, engine.clipping, warn_nonfinite=False)
                                for nk, ck in zip(n, limits, strict=True)])
                 c = torch.where(torch.isfinite(n).all(), c, 0.0)  # one bad group drops the example

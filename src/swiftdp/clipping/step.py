@@ -31,7 +31,12 @@ import torch
 from torch import Tensor
 
 from swiftdp.clipping import loss_trace
-from swiftdp.clipping.clip_fns import Thresholds, clip_factors, nonfinite_examples
+from swiftdp.clipping.clip_fns import (
+    Thresholds,
+    clip_factors,
+    nonfinite_examples,
+    unweightable_as_inf,
+)
 from swiftdp.clipping.contributions import (
     Contribution,
     NormOnly,
@@ -383,11 +388,14 @@ class Step:
         # any group drops the example from all of them.
         pending = eng.pending_for(norms.device)
         if limits is None:
-            self.dropped = nonfinite_examples(norms, pending=pending)
             c_max = eng.max_grad_norm
             assert isinstance(c_max, float)
+            norms = unweightable_as_inf(norms, c_max, scale, eng.clipping)
+            self.dropped = nonfinite_examples(norms, pending=pending)
             c = clip_factors(norms, c_max, eng.clipping, warn_nonfinite=False)
         else:
+            norms = torch.stack([unweightable_as_inf(n, ck, scale, eng.clipping)
+                                 for n, ck in zip(norms, limits, strict=True)])
             self.dropped = nonfinite_examples(norms.amax(0), pending=pending)
             c = torch.stack([clip_factors(n, ck, eng.clipping, warn_nonfinite=False)
                              for n, ck in zip(norms, limits, strict=True)])
