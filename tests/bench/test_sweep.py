@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -39,7 +40,7 @@ def test_quick_sweep_writes_json_markdown_and_png_with_every_point(tmp_path: Pat
         for layer in sweep.layers(p["block"], p["d"], p["T"]):
             policy = ModePolicy("bk", "time")
             pick = policy.factored_conv if layer.kind == "conv" else policy.factored
-            ghost = pick(layer.seq_len, layer.d_in, layer.d_out)
+            ghost = pick(layer.seq_len, layer.d_in, layer.d_out, batch=p["B"], host=True)
             assert p["chosen"]["layers"][layer.name] == ("ghost" if ghost else "instantiate")
     assert data["meta"]["threads"] == 1 and data["growth"]
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -59,16 +60,16 @@ def test_layer_inventory_is_what_the_engine_asks_the_cost_model(
     factored, factored_conv = ModePolicy.factored, ModePolicy.factored_conv
     in_conv = [False]  # factored_conv asks factored itself: count the conv's question once
 
-    def linear(self: ModePolicy, *shape: int) -> bool:
+    def linear(self: ModePolicy, *shape: int, **at: Any) -> bool:
         if not in_conv[0]:
             asked.append(("linear", shape))
-        return factored(self, *shape)
+        return factored(self, *shape, **at)
 
-    def conv(self: ModePolicy, *shape: int) -> bool:
+    def conv(self: ModePolicy, *shape: int, **at: Any) -> bool:
         asked.append(("conv", shape))
         in_conv[0] = True
         try:
-            return factored_conv(self, *shape)
+            return factored_conv(self, *shape, **at)
         finally:
             in_conv[0] = False
 
