@@ -50,6 +50,7 @@ Region = tuple[slice, ...] | None
 __all__ = [
     "F64", "U64", "Contribution", "LinearFactors", "NormOnly", "PerSampleGrads", "Region",
     "SlackParts", "compute_dtype", "dropped_examples", "gamma", "ghost_sq_bound",
+    "instantiated_sq_norms",
     "matmul_input_roundoff", "max_finite", "norms_f64", "pair_inner", "pair_inner_bound",
     "param_sq_norms", "param_weighted_sum", "slack_from_parts", "sq_norms_f64", "term_error",
     "total_sq_norms", "unit_roundoff", "weighted_sum_error",
@@ -57,8 +58,11 @@ __all__ = [
 
 
 # ------------------------------------------------------------------ helpers
-def _inst_sq(grads: Tensor) -> Tensor:
-    """Per-example squared norms of instantiated ``(B, ...)`` gradients (float64, upper bound)."""
+def instantiated_sq_norms(grads: Tensor) -> Tensor:
+    """Per-example squared norms of instantiated ``(B, ...)`` gradients (float64, upper bound).
+
+    Float64 sums block by block (:func:`sq_norms_f64`): no ``(B, |w|)`` float64 copy.
+    """
     sq, k = sq_norms_f64(_rows(grads))
     return sq.mul_(1.0 + gamma(k, U64))
 
@@ -183,7 +187,7 @@ class PerSampleGrads(Contribution):
 
     def sq_norms(self) -> Tensor:
         if self._sq is None:
-            self._sq = _inst_sq(self.grads)
+            self._sq = instantiated_sq_norms(self.grads)
         return self._sq
 
     slack = slack_from_parts
@@ -268,7 +272,7 @@ class LinearFactors(Contribution):
     def sq_norms(self) -> Tensor:
         if self._sq is None:
             if self.grads is not None:
-                self._sq = _inst_sq(self.grads)
+                self._sq = instantiated_sq_norms(self.grads)
                 self._mass = self._sq.sqrt()
             else:
                 self._sq, self._mass = ghost_sq_bound(*self._factors())

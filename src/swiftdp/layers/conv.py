@@ -46,6 +46,7 @@ from swiftdp.clipping.contributions import (
     compute_dtype,
     gamma,
     ghost_sq_bound,
+    instantiated_sq_norms,
     max_finite,
     slack_from_parts,
     sq_norms_f64,
@@ -146,15 +147,6 @@ def factor_mass(x: Tensor, g: Tensor, spec: ConvSpec, per: int = 1) -> Tensor:
     return m.masked_fill_(too_big, math.inf)
 
 
-def _grads_sq_norms(grads: Tensor) -> Tensor:
-    """Upper bounds on the squared norms of instantiated ``(B, *weight)`` gradients (float64).
-
-    Float64 sums, block by block: no ``(B, |w|)`` float64 copy.
-    """
-    sq, k = sq_norms_f64(grads.flatten(1))
-    return sq.mul_(1.0 + gamma(k, U64))
-
-
 def _instantiation_error(terms: int, dtype: torch.dtype, device: torch.device) -> float:
     """Relative rounding of each term of an instantiated per-example conv gradient entry.
 
@@ -245,7 +237,7 @@ class ConvFactors(Contribution):
     def sq_norms(self) -> Tensor:
         if self._sq is None:
             if self.grads is not None:
-                self._sq = _grads_sq_norms(self.grads)
+                self._sq = instantiated_sq_norms(self.grads)
                 self._mass = self._sq.sqrt()
             elif self.hybrid:
                 self._sq, self._mass = self._hybrid_bounds()
@@ -258,7 +250,7 @@ class ConvFactors(Contribution):
         """``keep_factors``: ``(√‖Ĝ_i‖² + θ · mass_i)²`` from the gradients ``Ĝ`` instantiated
         and freed here, and the mass of :func:`factor_mass`."""
         x, g = self._factors()
-        sq = _grads_sq_norms(self.instantiate())  # the gradients freed on return
+        sq = instantiated_sq_norms(self.instantiate())  # the gradients freed on return
         mass = factor_mass(x, g, self.spec, self.per)
         theta = _instantiation_error(self.terms, compute_dtype(x, g), x.device)
         root = sq.sqrt_().add_(mass, alpha=theta)
