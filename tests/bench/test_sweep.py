@@ -7,7 +7,6 @@ import math
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -40,7 +39,7 @@ def test_quick_sweep_writes_json_markdown_and_png_with_every_point(tmp_path: Pat
         for layer in sweep.layers(p["block"], p["d"], p["T"]):
             policy = ModePolicy("bk", "time")
             pick = policy.factored_conv if layer.kind == "conv" else policy.factored
-            ghost = pick(layer.seq_len, layer.d_in, layer.d_out, batch=p["B"], host=True)
+            ghost = pick(layer.seq_len, layer.d_in, layer.d_out)
             assert p["chosen"]["layers"][layer.name] == ("ghost" if ghost else "instantiate")
     assert data["meta"]["threads"] == 1 and data["growth"]
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -60,16 +59,16 @@ def test_layer_inventory_is_what_the_engine_asks_the_cost_model(
     factored, factored_conv = ModePolicy.factored, ModePolicy.factored_conv
     in_conv = [False]  # factored_conv asks factored itself: count the conv's question once
 
-    def linear(self: ModePolicy, *shape: int, **at: Any) -> bool:
+    def linear(self: ModePolicy, *shape: int) -> bool:
         if not in_conv[0]:
             asked.append(("linear", shape))
-        return factored(self, *shape, **at)
+        return factored(self, *shape)
 
-    def conv(self: ModePolicy, *shape: int, **at: Any) -> bool:
+    def conv(self: ModePolicy, *shape: int) -> bool:
         asked.append(("conv", shape))
         in_conv[0] = True
         try:
-            return factored_conv(self, *shape, **at)
+            return factored_conv(self, *shape)
         finally:
             in_conv[0] = False
 

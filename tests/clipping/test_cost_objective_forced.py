@@ -7,8 +7,6 @@ norms stay equal to the one-example-at-a-time reference (float64).
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,8 +16,6 @@ import swiftdp
 from support.oracle import max_rel_error, reference_clipped_sum
 from swiftdp.checks import check_cost_objective
 from swiftdp.clipping.cost import (
-    FRESH_PAGE_COST,
-    HOST_FRESH_BYTES,
     INSTANTIATED_PASS_COST,
     ModePolicy,
     factored_costs,
@@ -77,16 +73,16 @@ def _record_choices(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, tuple[in
     factored, factored_conv = ModePolicy.factored, ModePolicy.factored_conv
     in_conv = [False]  # factored_conv asks factored itself: record the conv's answer only
 
-    def linear(self: ModePolicy, *shape: int, **at: Any) -> bool:
-        out = factored(self, *shape, **at)
+    def linear(self: ModePolicy, *shape: int) -> bool:
+        out = factored(self, *shape)
         if not self.second_pass and not in_conv[0]:
             seen.append(("linear", shape, out))
         return out
 
-    def conv(self: ModePolicy, *shape: int, **at: Any) -> bool:
+    def conv(self: ModePolicy, *shape: int) -> bool:
         in_conv[0] = True
         try:
-            out = factored_conv(self, *shape, **at)
+            out = factored_conv(self, *shape)
         finally:
             in_conv[0] = False
         if not self.second_pass:
@@ -184,24 +180,3 @@ def test_a_conv_within_the_tie_band_takes_the_ghost_side_which_holds_less() -> N
     assert not time.factored_conv(64, 288, 64)
     # linear layers keep the strict count (ViT-tiny's projections, 1.015×)
     assert not time.factored(65, 128, 128)
-
-
-def test_instantiated_gradients_past_the_host_fresh_size_are_charged_their_page_faults() -> None:
-    c, f = INSTANTIATED_PASS_COST, FRESH_PAGE_COST
-    assert factored_costs(4, 3, 5, pass_cost=c, fresh_cost=f) == (188, 60 + (2 * c + f) * 15)
-    time = ModePolicy("bk", "time")
-    # A 256 -> 1024 feed-forward at T = 128: ghost 54.5 M against 50.3 M instantiated
-    # per example; from B = 32 on its gradients pass 32 MiB and cost 12.6 M more.
-    t, d, p = 128, 256, 1024
-    assert 16 * p * d * 4 <= HOST_FRESH_BYTES < 64 * p * d * 4
-    assert not time.factored(t, d, p)
-    assert not time.factored(t, d, p, batch=16, host=True)
-    assert time.factored(t, d, p, batch=64, host=True)
-    assert not time.factored(t, d, p, batch=64)  # a device's caching allocator reuses blocks
-    # 256 -> 256 keeps instantiating (ghost counts 16.8 M against 16.3 M with the charge)
-    assert not time.factored(t, 256, 256, batch=256, host=True)
-    # a conv asks with examples x groups and the same charge
-    assert time.factored_conv(t, d, p, batch=64, host=True)
-    # the memory and forced objectives ignore it
-    assert not ModePolicy("bk", "instantiate").factored(t, d, p, batch=64, host=True)
-    assert time.factored(t, d, p, batch=64, host=True) == prefer_ghost(t, d, p, batch=64, host=True)

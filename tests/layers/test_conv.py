@@ -39,9 +39,9 @@ def forced(path: str):
     real = ModePolicy.factored_conv
     real_keep = ModePolicy.conv_sum_from_factors
 
-    def prefer(policy, t, d, p, **at):
+    def prefer(policy, t, d, p):
         if policy.second_pass or policy.mode == "per_sample":
-            return real(policy, t, d, p, **at)
+            return real(policy, t, d, p)
         return next(cycle) if path == "mixed" else path == "ghost"
 
     def keep(policy, factor_elems, grad_elems):

@@ -193,15 +193,11 @@ def layers(block: str, d: int, t: int) -> list[Layer]:
             Layer("head", "linear", 1, d, CLASSES)]
 
 
-def choose(layer: Layer, objective: str = "time", batch: int = 0) -> bool:
-    """The engine's choice for ``layer`` in mode ``bk`` at ``batch`` examples on the CPU.
-
-    ``True``: ghost; ``False``: instantiate (``batch = 0``: the choice without
-    the batch's size, as when the instantiated gradients fit a reused block).
-    """
+def choose(layer: Layer, objective: str = "time") -> bool:
+    """The engine's choice for ``layer`` in mode ``bk``: ghost (``True``) or instantiate."""
     policy = ModePolicy("bk", objective)
     pick = policy.factored_conv if layer.kind == "conv" else policy.factored
-    return pick(layer.seq_len, layer.d_in, layer.d_out, batch=batch, host=True)
+    return pick(layer.seq_len, layer.d_in, layer.d_out)
 
 
 def forward_flops(block: str, d: int, t: int) -> int:
@@ -217,20 +213,16 @@ def dp_extra_flops(layer: Layer, ghost: bool) -> int:
     return 2 * ((g if ghost else i) - weight_grad)
 
 
-def predicted_ratio(block: str, d: int, t: int, objective: str, batch: int = 0) -> float:
-    """The DP / non-private step ratio that counting flops predicts for the choices at ``batch``.
-
-    The flops per example do not depend on ``B``; the choices may (see :func:`choose`).
-    """
+def predicted_ratio(block: str, d: int, t: int, objective: str) -> float:
+    """The DP / non-private step ratio that counting flops predicts (independent of ``B``)."""
     base = 3 * forward_flops(block, d, t)
-    extra = sum(dp_extra_flops(ly, choose(ly, objective, batch)) for ly in layers(block, d, t))
+    extra = sum(dp_extra_flops(ly, choose(ly, objective)) for ly in layers(block, d, t))
     return (base + extra) / base
 
 
-def choice_summary(block: str, d: int, t: int, batch: int = 0) -> dict[str, Any]:
-    """The shipped (``"time"``) choice at ``batch``: per layer, counts, and the side with most forward flops."""
-    per_layer = {ly.name: "ghost" if choose(ly, batch=batch) else "instantiate"
-                 for ly in layers(block, d, t)}
+def choice_summary(block: str, d: int, t: int) -> dict[str, Any]:
+    """The shipped (``"time"``) choice: per layer, counts, and the side with most forward flops."""
+    per_layer = {ly.name: "ghost" if choose(ly) else "instantiate" for ly in layers(block, d, t)}
     weight = {"ghost": 0, "instantiate": 0}
     for ly in layers(block, d, t):
         weight[per_layer[ly.name]] += ly.seq_len * ly.d_in * ly.d_out
@@ -285,8 +277,8 @@ def measure_point(cfg: SweepConfig, block: str, d: int, t: int, b: int) -> dict[
     """Time the four methods at one shape; the result holds every timing and the flop model."""
     row: dict[str, Any] = {"block": block, "d": d, "T": t, "B": b, **(
         {"H": grid(t)[0], "W": grid(t)[1]} if block == "conv" else {})}
-    row["chosen"] = choice_summary(block, d, t, b)
-    row["predicted"] = {o: predicted_ratio(block, d, t, o, b) for o in OBJECTIVES}
+    row["chosen"] = choice_summary(block, d, t)
+    row["predicted"] = {o: predicted_ratio(block, d, t, o) for o in OBJECTIVES}
     row["forward_gflop"] = b * forward_flops(block, d, t) / 1e9
     try:
         torch.manual_seed(cfg.seed)

@@ -105,17 +105,11 @@ class Policy(Protocol):
         """Whether an embedding may use the token-pair ghost method."""
         ...
 
-    def factored(self, seq_len: int, d_in: int, d_out: int, *, batch: int = 0,
-                 host: bool = False) -> bool:
-        """Ghost norm (``True``) or instantiation for a factored layer of these shapes.
-
-        ``batch``: the per-example gradients instantiation would form
-        (examples × groups; 0 if not known); ``host``: whether on the CPU.
-        """
+    def factored(self, seq_len: int, d_in: int, d_out: int) -> bool:
+        """Ghost norm (``True``) or instantiation for a factored layer of these shapes."""
         ...
 
-    def factored_conv(self, positions: int, d_in: int, d_out: int, *, batch: int = 0,
-                      host: bool = False) -> bool:
+    def factored_conv(self, positions: int, d_in: int, d_out: int) -> bool:
         """The same choice for a convolution (instantiation there costs more)."""
         ...
 

@@ -58,29 +58,9 @@ BENCHMARKS.md, ``benchmarks/live_memory.py``). Linear layers keep the strict
 comparison: ViT-tiny's projections at a 1.015× count ran 5 % slower as ghost."""
 
 
-HOST_FRESH_BYTES = 32 * 2**20
-"""Above this size a host (CPU) allocation is a fresh ``mmap`` every step: glibc
-serves blocks over its largest mmap threshold (32 MiB on 64-bit Linux) from
-new pages, so each step's instantiated gradients of a layer this large are
-page-faulted in again. Measured on this project's CPU: 1.3–1.5 ns per float
-to allocate and fill at 33–256 MiB, against 0.15–0.2 ns to refill a reused
-block and 0.21 ns fresh at 16–31 MiB."""
-
-FRESH_PAGE_COST = 48
-"""What ``"time"`` adds, in multiply-adds per element, for instantiated
-gradients above :data:`HOST_FRESH_BYTES` on the host: the page faults
-(1.3 ns per float, about 57 multiply-adds of a one-thread float32 matmul at
-0.023 ns). Timed layer by layer (``T = 128``, norm and clipped sum,
-interleaved, 1 thread), instantiation against ghost went 0.76–0.83x at 12–16
-MiB of gradients to 0.99–1.30x at 32–256 MiB for 256 → 1024, 1024 → 256 and
-256 → 768 layers, while 256 → 256 stayed 0.63x (its ghost side counts 1.3x
-more); with this charge the choice follows the faster side in 12 of those
-13 cases above the threshold (the miss: 256 → 1024 at B = 128, 0.91x)."""
-
-
 def factored_costs(
     seq_len: int, in_features: int, out_features: int, *, reuse_for_sum: bool = True,
-    pass_cost: int = 1, fresh_cost: int = 0,
+    pass_cost: int = 1,
 ) -> tuple[int, int]:
     """Per-example cost of one factored layer's DP work: ghost side, instantiated side.
 
@@ -93,20 +73,17 @@ def factored_costs(
         pass_cost: multiply-adds charged per element for each pass over the
             instantiated ``p × d`` gradient: 1 counts arithmetic only (a flop
             model); the ``"time"`` objective uses :data:`INSTANTIATED_PASS_COST`.
-        fresh_cost: multiply-adds charged once per instantiated element for
-            allocating it afresh (:data:`FRESH_PAGE_COST` above
-            :data:`HOST_FRESH_BYTES` on the host, else 0).
 
     Returns:
         ``(ghost, instantiate)``: ``T²(d + p)`` (+ ``T p d`` for the clipped
-        sum) against ``T p d + (c + f) p d`` (+ ``c p d`` for the clipped sum),
-        ``c`` the ``pass_cost``, ``f`` the ``fresh_cost``. With book-keeping the ``T p d`` of either side
+        sum) against ``T p d + c p d`` (+ ``c p d`` for the clipped sum), ``c``
+        the ``pass_cost``. With book-keeping the ``T p d`` of either side
         replaces the weight gradient of the non-private backward, which the DP
         backward does not form.
     """
     t, d, p, c = seq_len, in_features, out_features, pass_cost
     ghost = t * t * (d + p)
-    inst = t * p * d + (c + fresh_cost) * p * d
+    inst = t * p * d + c * p * d
     if reuse_for_sum:
         ghost += t * p * d
         inst += c * p * d
@@ -120,8 +97,6 @@ def prefer_ghost(
     objective: CostObjective = "time",
     *,
     reuse_for_sum: bool = True,
-    batch: int = 0,
-    host: bool = False,
 ) -> bool:
     """Say whether the ghost norm is cheaper than instantiation for one layer.
 
@@ -137,9 +112,6 @@ def prefer_ghost(
         reuse_for_sum: whether the clipped sum is formed from the same
             representation (book-keeping); then the ghost side pays the
             ``T p d`` clipped-sum matmul and instantiation one more pass.
-        batch: examples in the batch (``0``: not known); with ``host``, what
-            sizes the layer's instantiated gradients for :data:`FRESH_PAGE_COST`.
-        host: whether they would be allocated on the host (a CPU tensor).
 
     Returns:
         ``True`` when the ghost norm should be used.
@@ -153,10 +125,8 @@ def prefer_ghost(
         return True
     if objective == "memory":
         return 2 * t * t < p * d
-    fresh = host and batch * p * d * 4 > HOST_FRESH_BYTES  # float32 at least
     ghost, inst = factored_costs(t, d, p, reuse_for_sum=reuse_for_sum,
-                                 pass_cost=INSTANTIATED_PASS_COST,
-                                 fresh_cost=FRESH_PAGE_COST if fresh else 0)
+                                 pass_cost=INSTANTIATED_PASS_COST)
     return ghost < inst
 
 
@@ -185,23 +155,16 @@ class ModePolicy:
         """Whether an embedding may use the token-pair ghost method."""
         return self.mode != "per_sample"
 
-    def factored(self, seq_len: int, d_in: int, d_out: int, *, batch: int = 0,
-                 host: bool = False) -> bool:
-        """Ghost norm (``True``) or instantiation for a factored layer of these shapes.
-
-        ``batch`` counts the per-example gradients instantiation would form
-        (examples × groups) and ``host`` says they would be CPU tensors
-        (see :func:`prefer_ghost`).
-        """
+    def factored(self, seq_len: int, d_in: int, d_out: int) -> bool:
+        """Ghost norm (``True``) or instantiation for a factored layer of these shapes."""
         if self.second_pass:
             return True
         if self.mode == "per_sample":
             return False
         return prefer_ghost(seq_len, d_in, d_out, self.cost_objective,  # type: ignore[arg-type]
-                            reuse_for_sum=self.mode != "ghost", batch=batch, host=host)
+                            reuse_for_sum=self.mode != "ghost")
 
-    def factored_conv(self, positions: int, d_in: int, d_out: int, *, batch: int = 0,
-                      host: bool = False) -> bool:
+    def factored_conv(self, positions: int, d_in: int, d_out: int) -> bool:
         """The choice for a convolution, with its conv-specific time correction.
 
         Instantiating a conv's per-example gradients costs about twice the
@@ -212,7 +175,7 @@ class ModePolicy:
         :data:`CONV_TIME_TIE` above that, where it holds less. A forced
         objective (``"ghost"``, ``"instantiate"``) skips the correction.
         """
-        if self.factored(positions, d_in, d_out, batch=batch, host=host):
+        if self.factored(positions, d_in, d_out):
             return True
         if self.mode == "per_sample" or self.cost_objective != "time":
             return False

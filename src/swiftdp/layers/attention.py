@@ -107,8 +107,7 @@ def project(
         if w_t:
             a3 = as_sequence(x.detach(), bd)
             t, d, p = a3.shape[1], a3.shape[2], g3.shape[2]
-            ghost = policy.factored(t, d, p, batch=a3.shape[0], host=a3.device.type == "cpu")
-            out.append(LinearFactors(weight, a3, g3, ghost=ghost,
+            out.append(LinearFactors(weight, a3, g3, ghost=policy.factored(t, d, p),
                                      region=None if w_rows is None else (w_rows,)))
         if b_t:
             assert bias is not None

@@ -394,8 +394,7 @@ def conv_rule(rec: Recorder, func: Any, args: tuple[Any, ...], kwargs: dict[str,
             positions = math.prod(g.shape[2:])
             d = weight.shape[1] * math.prod(spec.kernel)
             p = weight.shape[0] // groups
-            ghost = policy.factored_conv(positions, d, p, batch=g.shape[0] * groups,
-                                         host=g.device.type == "cpu")
+            ghost = policy.factored_conv(positions, d, p)
             keep = not ghost and policy.conv_sum_from_factors(
                 math.prod(xe.shape[1:]) + math.prod(gw.shape[1:]), weight.numel())
             out.append(ConvFactors(weight, xe, gw, spec, ghost=ghost, keep_factors=keep))

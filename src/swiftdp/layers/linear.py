@@ -85,13 +85,10 @@ def linear_use(
                 )
             a3 = as_sequence(xd, bd)
             t, d, p = a3.shape[1], a3.shape[2], g3.shape[2]
-            n, host = a3.shape[0], a3.device.type == "cpu"
             if transposed:  # G_i = a_iᵀ g_i, (d, p): the same factors, roles swapped
-                ghost = policy.factored(t, p, d, batch=n, host=host)
-                out.append(LinearFactors(weight, g3, a3, ghost=ghost))
+                out.append(LinearFactors(weight, g3, a3, ghost=policy.factored(t, p, d)))
             else:
-                ghost = policy.factored(t, d, p, batch=n, host=host)
-                out.append(LinearFactors(weight, a3, g3, ghost=ghost))
+                out.append(LinearFactors(weight, a3, g3, ghost=policy.factored(t, d, p)))
         if b_t:
             assert bias is not None
             out.append(PerSampleGrads(bias, g3[:, 0] if g3.shape[1] == 1 else g3.sum(1)))

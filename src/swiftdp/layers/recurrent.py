@@ -218,9 +218,7 @@ def _builder(site: Site, spec: _Spec, unsorted: Tensor | None) -> Any:
                     out.append(PerSampleGrads(p, sums[key]))
                 else:
                     a = _batch_major(a, unsorted)
-                    ghost = policy.factored(a.shape[1], a.shape[2], g.shape[2], batch=a.shape[0],
-                                            host=a.device.type == "cpu")
-                    out.append(LinearFactors(p, a, g, ghost=ghost))
+                    out.append(LinearFactors(p, a, g, ghost=policy.factored(a.shape[1], a.shape[2], g.shape[2])))
         return out
 
     return build
