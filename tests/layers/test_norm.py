@@ -209,3 +209,36 @@ def test_layer_norm_under_autocast_keeps_its_cast_policy():
     finally:
         clipper.remove()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("kind", ("layer", "rms", "group", "instance"))
+def test_norm_input_modified_in_place_after_use_is_refused(kind):
+    """x̂ is formed in the backward: an input changed in place since the forward is refused.
+
+    The input needs no grad (data fed straight to the norm), so autograd's own
+    saved-tensor check does not fire; without ours the weight's per-example
+    gradients would silently come from the changed input.
+    """
+    norm = {"layer": nn.LayerNorm(4), "rms": nn.RMSNorm(4), "group": nn.GroupNorm(2, 4),
+            "instance": nn.InstanceNorm1d(4, affine=True)}[kind]
+
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = norm
+            self.out = nn.Linear(4 if kind in ("layer", "rms") else 3, 2)
+
+        def forward(self, x):  # x: (B, 3, 4), needs no grad
+            h = x * 2
+            out = self.out(self.norm(h).tanh())
+            h.mul_(3.0).add_(1.0)  # the norm's input is now another tensor
+            return out
+
+    model = InPlace()
+    clipper = swiftdp.GradClipper(model, 1.0)
+    try:
+        with pytest.raises(UnsupportedModuleError, match="modified in place"):
+            model(torch.randn(2, 3, 4) if kind in ("layer", "rms") else
+                  torch.randn(2, 4, 3)).mean().backward()
+    finally:
+        clipper.remove()

@@ -6,7 +6,9 @@ normalised input (no affine) and ``g`` the output gradient,
 ``weight grad_i = Σ x̂ ⊙ g`` and ``bias grad_i = Σ g``, the sums running over
 the positions of example ``i`` that share a parameter entry. ``x̂`` is
 recomputed in the backward from the detached input (one normalisation
-without affine), so the forward output is the native kernel's, bit for bit.
+without affine; for LayerNorm from the mean and 1/std the forward kernel
+saved), so the forward output is the native kernel's, bit for bit. An input
+modified in place between the forward and the backward is refused.
 
 References:
     Ba, Kiros, Hinton. Layer normalization. 2016. Wu, He. Group
@@ -62,6 +64,9 @@ def affine_use(
     b_t = bias is not None and rec.site.is_trainable(bias)
     wd = weight.detach() if (weight is not None and w_t) else weight
     bdt = bias.detach() if (bias is not None and b_t) else bias
+    xd = x.detach()
+    version = xd._version
+    path = rec.site.module_path
 
     def build(grads: Sequence[Tensor | None], policy: Policy) -> list[Contribution]:
         g = grads[0]
@@ -70,7 +75,16 @@ def affine_use(
         out: list[Contribution] = []
         if w_t:
             assert weight is not None
-            out.append(PerSampleGrads(weight, reduce(normalize(x.detach()) * g)))
+            # x̂ is formed from the input now, in the backward: an in-place change
+            # since the forward (which autograd does not see when the input needs
+            # no grad) would give the weight a gradient of another input.
+            if xd._version != version:
+                raise UnsupportedModuleError(
+                    f"In module `{path}`, the input of a normalisation layer was modified in "
+                    "place after the layer used it, so its per-example weight gradients cannot "
+                    "be formed. Make the in-place operation out of place (e.g. inplace=False)."
+                )
+            out.append(PerSampleGrads(weight, reduce(normalize(xd) * g)))
         if b_t:
             assert bias is not None
             out.append(PerSampleGrads(bias, reduce(g)))
