@@ -352,28 +352,29 @@ def test_probe_runs_once_per_input_signature_and_again_when_the_shape_changes():
     model = nn.Sequential(counter, nn.Linear(6, 3))
     clipper, check = _guarded(model)
     _step(model, torch.randn(5, 6))
-    assert counter.calls == 1 + 4  # the real forward; reference, examples 0 and B-1, backward
+    assert counter.calls == 1 + 5  # the real forward; reference, examples 0 and B-1,
+    # every example replaced (what is batch-free), backward
     _step(model, torch.randn(5, 6))
-    assert counter.calls == 6  # same signature: no probe
+    assert counter.calls == 7  # same signature: no probe
     _step(model, torch.randn(7, 6))
-    assert counter.calls == 7  # another batch size only (Poisson sampling): no probe
+    assert counter.calls == 8  # another batch size only (Poisson sampling): no probe
     _step(model, torch.randn(7, 4, 6))
-    assert counter.calls == 8 + 4  # new example shape: probed again
+    assert counter.calls == 9 + 5  # new example shape: probed again
     _step(model, torch.randn(7, 4, 6).double().float())
-    assert counter.calls == 13
+    assert counter.calls == 15
     with torch.no_grad():
         model(torch.randn(3, 6, 6))
-    assert counter.calls == 14  # no probe without gradient
+    assert counter.calls == 16  # no probe without gradient
     model.eval()
     _step(model, torch.randn(3, 6, 6))
-    assert counter.calls == 15 + 4  # eval mode is probed too (private training without dropout)
+    assert counter.calls == 17 + 5  # eval mode is probed too (private training without dropout)
     model.train()
     _step(model, torch.randn(1, 5, 6))
-    assert counter.calls == 20 + 2  # a batch of one: state written from the data only
+    assert counter.calls == 23 + 2  # a batch of one: state written from the data only
     _step(model, torch.randn(1, 5, 6))
-    assert counter.calls == 23  # ... once per signature
+    assert counter.calls == 26  # ... once per signature
     _step(model, torch.randn(4, 5, 6))
-    assert counter.calls == 24 + 4  # the first larger batch of that shape gets the full probe
+    assert counter.calls == 27 + 5  # the first larger batch of that shape gets the full probe
     assert len(check.probed) == 4  # (B, 6), (B, 4, 6), (B, 6, 6), (B, 5, 6)
     clipper.remove()
     check.remove()
@@ -395,3 +396,72 @@ def test_negative_batch_dim_is_refused():
     with pytest.raises(InvalidArgumentError, match="batch_dim"):
         IndependenceCheck(model, clipper, batch_dim=-1)
     clipper.remove()
+
+
+# ------------------------------------------- a dimension of size B that is not the batch
+class _RelBias(nn.Module):
+    """Scores plus a (T, T) relative-position bias, which holds no example."""
+
+    def __init__(self, t: int) -> None:
+        super().__init__()
+        self.rel = nn.Embedding(2 * t, 1)
+        self.q = nn.Linear(4, 4)
+        self.t = t
+
+    def forward(self, x: Tensor) -> Tensor:
+        idx = torch.arange(self.t)[None, :] - torch.arange(self.t)[:, None] + self.t
+        return self.q(x) @ x.transpose(1, 2) + self.rel(idx).squeeze(-1)  # (B, T, T)
+
+
+class _ExpandedToken(nn.Module):
+    """A parameter expanded to the batch (a CLS token), shape (B, d)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.randn(1, d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.p.expand(x.shape[0], -1)
+
+
+class _StraightThroughOnTheToken(nn.Module):
+    """The expanded token's rows moved to the next example in the backward only."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.cls, self.lin = _ExpandedToken(d), nn.Linear(d, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        c = self.cls(x)
+        r = c.roll(1, 0)
+        return self.lin(x) * (c + (r - r.detach()))
+
+
+@pytest.mark.parametrize("batch", [4, 5])
+def test_a_batch_free_value_with_a_dimension_of_size_b_is_not_taken_for_the_batch(batch):
+    # (was: refused when the (Poisson) batch size met T, the bias's gradient from example 0
+    # reading as moved to "other examples' rows"; ~4% of the CI runs of test_shared.py)
+    torch.manual_seed(0)
+    model = _RelBias(4).double()
+    clipper, check = _guarded(model)
+    try:
+        x = torch.randn(batch, 4, 4, dtype=torch.float64)
+        _step(model, x)
+        assert all(p.grad is not None for p in model.parameters())
+    finally:
+        clipper.remove()
+        check.remove()
+
+
+@pytest.mark.parametrize("batch", [3, 4])
+def test_rows_broadcast_to_the_batch_moved_in_the_backward_are_still_refused(batch):
+    # data-free, but the engine credits each row to its example: B == d (4) too
+    torch.manual_seed(0)
+    model = _StraightThroughOnTheToken(4).double()
+    clipper, check = _guarded(model)
+    try:
+        with pytest.raises(ExampleMixingError, match="moves gradients between examples"):
+            _step(model, torch.randn(batch, 4, dtype=torch.float64))
+    finally:
+        clipper.remove()
+        check.remove()

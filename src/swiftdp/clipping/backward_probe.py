@@ -54,23 +54,16 @@ def check_backward(probe: Any) -> None:
     args, kwargs = pytree.tree_unflatten(leaves, probe.spec)
     rows = probe.batch * probe.views  # submodules see the merged views
 
-    def record(name: str) -> Any:
-        def hook(module: Any, a: Any, out: Any) -> None:
-            for t in pytree.tree_leaves(out):
-                if (isinstance(t, Tensor) and t.requires_grad and t.is_floating_point()
-                        and t.dim() > 0):
-                    axes = [d for d in range(t.dim()) if t.shape[d] == rows]
-                    if axes:
-                        points.append((f"the output of `{name}`", t, axes))
-        return hook
-
-    handles = [m.register_forward_hook(record(n)) for n, m in probe.model.named_modules() if n]
-    try:
-        with torch.enable_grad():
-            out = probe.call(args, kwargs)
-    finally:
-        for h in handles:
-            h.remove()
+    # Every submodule output with a B-sized dimension, first with every example replaced
+    # (without gradient, before the graph the check backpropagates through is made).
+    replaced: list[tuple[str, Tensor, list[int]]] = []
+    with torch.no_grad():
+        _recorded(probe, rows, replaced, probe.forward_fresh)
+    probe.restore()
+    seen: list[tuple[str, Tensor, list[int]]] = []
+    with torch.enable_grad():
+        out = _recorded(probe, rows, seen, lambda: probe.call(args, kwargs))
+    points += _batched(seen, replaced)
     outs = [t for t in pytree.tree_leaves(out)
             if isinstance(t, Tensor) and t.requires_grad and t.is_floating_point()
             and t.dim() > 0 and probe.batch in t.shape]
@@ -116,6 +109,54 @@ def check_backward(probe: Any) -> None:
             if g is not None:
                 _refuse_moved(probe, what, g, axes, j)
         del got
+
+
+def _recorded(probe: Any, rows: int, sink: list[tuple[str, Tensor, list[int]]],
+              run: Any) -> Any:
+    """``run()`` with every submodule's floating-point outputs that have a dimension of size
+    ``rows`` appended to ``sink`` (with those dimensions), in the order they are made."""
+    def record(name: str) -> Any:
+        def hook(module: Any, a: Any, out: Any) -> None:
+            for t in pytree.tree_leaves(out):
+                if isinstance(t, Tensor) and t.is_floating_point() and t.dim() > 0:
+                    axes = [d for d in range(t.dim()) if t.shape[d] == rows]
+                    if axes:
+                        sink.append((f"the output of `{name}`", t, axes))
+        return hook
+
+    handles = [m.register_forward_hook(record(n)) for n, m in probe.model.named_modules() if n]
+    try:
+        return run()
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _batched(seen: list[tuple[str, Tensor, list[int]]],
+             replaced: list[tuple[str, Tensor, list[int]]]) -> list[tuple[str, Tensor, list[int]]]:
+    """The outputs in ``seen`` (with grad) that depend on the data, for the backward check.
+
+    A dimension of size ``B`` alone does not make a tensor batched: a batch-free
+    value (a ``(T, T)`` relative-position bias when ``B == T``) takes every
+    example's gradient and would read as mixing. ``replaced`` holds the same
+    outputs of a run with every example replaced by fresh values: one that came
+    out bit-identical does not depend on the data and is left out — unless it is the same
+    along one of its ``B``-sized dimensions, as rows broadcast to the batch
+    are (a parameter expanded to it, whose rows the engine credits to the
+    examples they meet). If that run made other outputs (data-dependent
+    control flow), every one is kept.
+    """
+    points = [p for p in seen if p[1].requires_grad]
+    if [(w, tuple(t.shape)) for w, t, _ in replaced] != [(w, tuple(t.shape)) for w, t, _ in seen]:
+        return points
+    return [(w, t, axes) for (w, t, axes), (_, b, _) in zip(seen, replaced, strict=True)
+            if t.requires_grad and not (torch.equal(t.detach(), b) and not any(
+                _constant_along(b, ax) for ax in axes))]
+
+
+def _constant_along(t: Tensor, ax: int) -> bool:
+    """Whether every slice of ``t`` along ``ax`` is the same (rows broadcast along it)."""
+    return bool((t == t.narrow(ax, 0, 1)).all()) if t.shape[ax] > 1 else True
 
 
 def _check_at_points(probe: Any, outs: list[Tensor], points: list[tuple[str, Tensor, list[int]]],

@@ -221,6 +221,22 @@ class _Probe:
         args, kwargs = pytree.tree_unflatten(leaves, self.spec)
         return self.call(args, kwargs)
 
+    def forward_fresh(self) -> Any:
+        """Run the model from the saved state with every example replaced by fresh values.
+
+        What comes out the same does not depend on the data at all (the
+        backward check leaves such batch-free values out, see
+        :mod:`.backward_probe`).
+        """
+        self.restore()
+        copies: dict[int, Any] = {}
+        for x, ax in zip(self.leaves, self.axes, strict=True):
+            if isinstance(x, Tensor) and id(x) not in copies:
+                copies[id(x)] = x.clone() if ax is None else _fresh(x)
+        leaves = [copies.get(id(x), x) if isinstance(x, Tensor) else x for x in self.leaves]
+        args, kwargs = pytree.tree_unflatten(leaves, self.spec)
+        return self.call(args, kwargs)
+
     def call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The model on these arguments, as the engine runs a training forward (its views)."""
         if self.views > 1:  # (clipping/views.py)
@@ -317,6 +333,23 @@ def _replace(x: Tensor, ax: int, j: int) -> Tensor:
             row.copy_(other)
             break
     return y
+
+
+def _fresh(x: Tensor) -> Tensor:
+    """Values unrelated to ``x``'s, of its shape (floats: large noise; ints: uniform in its range)."""
+    gen = torch.Generator().manual_seed(15485863)  # our own stream, the same on reruns
+    if x.is_floating_point() or x.is_complex():
+        finite = x[torch.isfinite(x)]
+        scale = 10.0 * float(finite.abs().max()) + 1.0 if finite.numel() else 1.0
+        top = torch.finfo(x.dtype).max / 4
+        noise = torch.randn(x.shape, generator=gen, dtype=torch.float64) * scale
+        return noise.clamp(-top, top).to(device=x.device, dtype=x.dtype)
+    if x.dtype == torch.bool:
+        return (torch.rand(x.shape, generator=gen) < 0.5).to(x.device)
+    if not x.numel():
+        return x.clone()
+    lo, hi = int(x.min()), int(x.max())
+    return torch.randint(lo, hi + 1, x.shape, generator=gen).to(device=x.device, dtype=x.dtype)
 
 
 class _Recorder:
