@@ -30,9 +30,11 @@ def _gather(obj: object) -> list[object]:
 
 
 def _write(obj: dict[str, object]) -> None:
-    if dist.get_rank() == 0:
-        with open(os.environ["OUT"], "w") as f:
+    if dist.get_rank() == 0:  # whole or not at all (another rank waits for it)
+        tmp = os.environ["OUT"] + ".tmp"
+        with open(tmp, "w") as f:
             json.dump(obj, f)
+        os.replace(tmp, os.environ["OUT"])
 
 
 def _config_cases(rank: int) -> dict[str, dict[str, object]]:
@@ -116,7 +118,13 @@ def main() -> None:
                 "var_ratio": statistics.pvariance(noise) / (1.0 * C / BATCH) ** 2 if noise else None,
                 "eps": dp.epsilon()})
     if sc == "skip_step":
-        return
+        # The ranks no longer agree on the step (a collective may be left half done):
+        # no teardown. A rank that left first could have torchrun stop rank 0 before it
+        # wrote its verdict (gloo aborts at exit), so the others wait for the file.
+        deadline = time.monotonic() + 60
+        while rank != 0 and not os.path.exists(os.environ["OUT"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        exit_process(0)
     res = _gather({"err": err, "eps": dp.epsilon(), "sum": float(sum(
         p.detach().double().sum() for p in model.parameters()))})
     if rank == 0:
