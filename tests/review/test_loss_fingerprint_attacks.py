@@ -111,14 +111,9 @@ class _MixRows(torch.autograd.Function):
 
 # --------------------------------------------------- leaks: the fingerprint does not change
 
-@pytest.mark.xfail(strict=True, raises=NOT_FIXED, reason=(
-    "dp.backward(losses): the form verdict refuses only `coupled` forms for a per-example "
-    "vector (an `unknown` one such as out - out.mean(0) passes), so check_loss is the only "
-    "guard, and it is keyed on a fingerprint that ignores tensor-valued weights: a centring "
-    "term weighted torch.tensor(0.) at steps 1-4 and torch.tensor(3.) from step 5 keeps the "
-    "fingerprint and is accepted at steps 5-7 (refused at step 8, the next power of two): "
-    "measured 1.263 C. Include in the fingerprint whether each tensor operand of a traced op "
-    "is all-zero, or refuse `unknown` per-example forms too"))
+# (was a strict xfail, 1.263 C: the centring term's form, each row minus the batch mean,
+# read `unknown` and passed for a per-example vector; a row combined with a value reduced
+# over the batch is now `coupled`, refused at every step whatever its weight)
 def test_per_example_losses_with_a_tensor_weight_switched_from_zero():
     _assert_refused_or_bounded(
         lambda o, y, on: F.cross_entropy(o, y, reduction="none")
@@ -126,12 +121,20 @@ def test_per_example_losses_with_a_tensor_weight_switched_from_zero():
 
 
 @pytest.mark.xfail(strict=True, raises=NOT_FIXED, reason=(
-    "a Python weight 1e-12 on the checked steps (non-zero: same zero pattern as 3.0) makes "
-    "the centring term's cross-example second derivative fall under check_loss's relative "
-    "tolerance 1e-6, so it passes; moved to 3.0 at step 5 the fingerprint is unchanged: "
-    "dp.backward(losses) accepted with 1.263 C. The zero pattern is not a sufficient "
-    "statistic for a weight (any weight change of a term whose form is not `rows`/`total` "
-    "should re-check, or such forms be refused)"))
+    "dp.backward(losses): a coupling term whose form the trace cannot read (`roll`, so "
+    "`unknown`, which the per-example path lets through to check_loss) weighted "
+    "torch.tensor(0.) at steps 1-4 and torch.tensor(3.) from step 5 keeps the fingerprint "
+    "(tensor-valued weights are not in it) and is accepted at steps 5-7. Include whether "
+    "each tensor operand of a traced op is all-zero in the fingerprint, or refuse `unknown` "
+    "per-example forms"))
+def test_per_example_losses_with_an_unread_term_switched_on_by_a_tensor_weight():
+    _assert_refused_or_bounded(
+        lambda o, y, on: F.cross_entropy(o, y, reduction="none")
+        + torch.tensor(3.0 if on else 0.0, dtype=F64) * (o - o.roll(1, 0)).pow(2).sum(1),
+        per_example=True)
+
+
+# (was a strict xfail, 1.263 C: refused by its form now, as above)
 def test_per_example_losses_with_a_tiny_python_weight_raised_later():
     _assert_refused_or_bounded(
         lambda o, y, on: F.cross_entropy(o, y, reduction="none")

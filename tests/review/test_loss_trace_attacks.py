@@ -528,7 +528,13 @@ def test_ordinary_uses_of_the_traced_outputs_work():
 
     _acc, value, arr, history, twin = _first_step(fn)
     assert isinstance(value, float) and arr.shape == (B, K) and type(twin) is Tensor
-    assert type(history[0]) is Tensor
+    # a value detached before the backward is traced (a batch statistic of it must not
+    # enter the loss); after the step it computes plain tensors, and saves as one
+    assert isinstance(history[0], Tensor) and type(history[0] + 1) is Tensor
+    buf = io.BytesIO()
+    torch.save(history[0], buf)
+    buf.seek(0)
+    assert type(torch.load(buf)) is Tensor
 
 
 def _first_step_repr_and_type():

@@ -536,7 +536,8 @@ class GradClipper:
                 self.checked_losses.difference_update(
                     [k for k in self.checked_losses if k[1] == sig])
             step.loss_signature, step.loss_checked = sig, False
-            ctx = loss_trace.Context(step.batch_size, step.check_traced_loss, step.defer_flag)
+            ctx = loss_trace.Context(step.batch_size, step.check_traced_loss, step.defer_flag,
+                                    step.loss_pending)
             token = step.token
 
             def axis_of(t: Tensor) -> int | None:

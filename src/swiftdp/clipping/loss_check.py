@@ -112,6 +112,7 @@ def check_loss(losses: Tensor, outputs: Sequence[Tensor | OutputRef], batch_size
         hv = torch.autograd.grad(total, inputs, retain_graph=True, allow_unused=True)
         conclusive &= _require_only_row(hv, outs, j, batch_size, batch_dim,
                                         "the loss's gradient")
+        del hv, total  # (not alive through the next probe's double backward)
     return conclusive
 
 

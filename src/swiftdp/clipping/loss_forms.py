@@ -31,11 +31,23 @@ _ADD = {"add", "__add__", "__radd__", "__iadd__", "add_", "sub", "__sub__", "__r
 _MUL = {"mul", "__mul__", "__rmul__", "__imul__", "mul_", "multiply"}
 _DIV = {"div", "__truediv__", "__itruediv__", "div_", "true_divide", "divide"}
 _SAME = {"float", "double", "half", "bfloat16", "to", "type", "type_as", "contiguous", "clone",
-         "neg", "__neg__", "negative", "positive", "__pos__"}
+         "neg", "__neg__", "negative", "positive", "__pos__", "detach", "detach_", "cpu", "cuda",
+         "long", "int", "short", "bool", "byte", "char", "requires_grad_"}
+# elementwise comparisons and logic: a mask of each example's own entries
+_COMPARE = {"eq", "ne", "gt", "ge", "lt", "le", "__eq__", "__ne__", "__gt__", "__ge__",
+            "__lt__", "__le__", "greater", "greater_equal", "less", "less_equal", "not_equal",
+            "logical_and", "logical_or", "logical_xor", "__and__", "__or__", "__xor__",
+            "__rand__", "__ror__", "__rxor__", "bitwise_and", "bitwise_or", "bitwise_xor"}
+# along one dimension of each example (the dimension's position, its default)
+_ALONG = {"argmax": (1, None), "argmin": (1, None), "sort": (1, -1), "argsort": (1, -1),
+          "topk": (2, -1), "cumsum": (1, None), "cumprod": (1, None),
+          "logcumsumexp": (1, None), "cummax": (1, None), "cummin": (1, None)}
 _ROWWISE = {"abs", "exp", "log", "log1p", "log2", "sqrt", "rsqrt", "square", "pow", "__pow__",
             "sigmoid", "tanh", "relu", "clamp", "clip", "clamp_min", "clamp_max", "clamp_",
             "masked_fill", "nan_to_num", "log_sigmoid", "logsigmoid", "softplus", "gelu",
-            "silu", "elu", "reciprocal", "sin", "cos", "exp_", "abs_", "where"}
+            "silu", "elu", "reciprocal", "sin", "cos", "exp_", "abs_", "where", "one_hot",
+            "logical_not", "__invert__", "bitwise_not", "isnan", "isinf", "isfinite", "sign",
+            "floor", "ceil", "round", "trunc"}
 _SOFTMAX = {"softmax", "log_softmax", "_softmax", "_log_softmax", "normalize"}
 _DIMREDUCE = {"logsumexp", "norm", "amax", "amin", "max", "min", "cosine_similarity", "prod",
               "std", "var"}
@@ -57,6 +69,10 @@ def propagate(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
     for f in forms:
         if f.kind == "coupled":
             return f
+    if forms and _requires_grad(out):
+        entering = _detached_entering(name, args, kwargs)
+        if entering is not None:
+            return entering
     if name in _LOSSES:
         return _loss(func, name, args, kwargs, ctx)
     if name in ("cat", "concat", "concatenate", "stack"):
@@ -79,6 +95,18 @@ def propagate(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
         return _reduce(name, fx, x, args, kwargs)
     if name in _ADD | _MUL | _DIV:
         return _binary(name, x, args[1] if len(args) > 1 else kwargs.get("other"), batch)
+    if name in _COMPARE:  # elementwise, as an addition is
+        return _binary("add", x, args[1] if len(args) > 1 else kwargs.get("other"), batch)
+    if name == "__get__" and func == _DATA:  # out.data: the values, detached
+        return fx
+    if name in _ALONG and fx.kind == "rows":
+        pos, default = _ALONG[name]
+        dim = args[pos] if len(args) > pos else kwargs.get("dim", default)
+        if not isinstance(dim, int) or dim % max(x.dim(), 1) == fx.axis:
+            return unknown(f"{name} over the batch")
+        if name in {"argmax", "argmin"} and not kwargs.get("keepdim", len(args) > 2 and args[2]):
+            return replace(fx, axis=fx.axis - int(dim % x.dim() < fx.axis))
+        return fx
     if name in _SAME:
         return fx
     if fx.kind == "total":
@@ -136,14 +164,64 @@ def propagate(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
 
 
 def _where(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Form:
-    """``torch.where(cond, a, b)``: rows when every traced branch is rows of one layout."""
-    ops = [a for a in args[1:3] if isinstance(a, Traced)]
-    if not ops or isinstance(args[0] if args else None, Traced):
+    """``torch.where(cond, a, b)``: rows when every traced operand is rows of one layout.
+
+    A traced condition (a mask computed from the outputs, detached) must be
+    rows of that layout too.
+    """
+    ops = [a for a in args[:3] if isinstance(a, Traced)]
+    branches = [a for a in args[1:3] if isinstance(a, Traced)]
+    if not branches:
         return unknown("where")
-    f0 = ops[0].sdp_form
-    if f0.kind == "rows" and all(o.sdp_form == f0 for o in ops):
+    f0 = branches[0].sdp_form
+    if f0.kind == "rows" and all(_layout(o.sdp_form) == _layout(f0) for o in ops):
         return f0
     return unknown("where")
+
+
+def _layout(f: Form) -> tuple[str, int, int, int]:
+    return f.kind, f.axis, f.per, f.power
+
+
+def _requires_grad(out: Any) -> bool:
+    return any(isinstance(t, Tensor) and t.requires_grad for t in pytree.tree_leaves(out))
+
+
+def _detached_entering(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Form | None:
+    """The form of a result with gradient that a traced value *without* gradient enters.
+
+    A value computed from the outputs without gradient (``o.detach()``, under
+    ``torch.no_grad()``, an argmax) is a constant to autograd, so no
+    derivative check sees it; if it is one example's own (rows), it is a
+    per-example target, mask or weight, as a label is. Reduced over the
+    batch (``o.detach().mean(0)``, a norm of the whole batch), it makes every
+    example's term depend on the others: coupled (measured 2.6 C for
+    ``cross_entropy(o - o.detach().mean(0), y)`` accepted). One only added to
+    a loss already reduced over the batch leaves the gradients as they are.
+    ``None``: nothing of the kind enters.
+    """
+    leaves = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, Traced)]
+    detached = [a for a in leaves if not a.requires_grad]
+    if not detached:
+        return None
+    with_grad = [a for a in leaves if a.requires_grad]
+    if name in _ADD and with_grad and all(a.sdp_form.kind == "total" for a in with_grad):
+        return None  # a constant added to the reduced loss
+    for a in detached:
+        f = a.sdp_form
+        if f.kind == "rows" and not f.power:
+            continue
+        what = {"total": "reduced over the batch (e.g. o.detach().mean(0), a norm of the "
+                         "whole batch), so each example's term depends on the other examples' "
+                         "outputs",
+                "rows": "scaled by the batch size, which one example's presence changes"}.get(
+            f.kind, f"formed through `{f.why}`, which the check does not model, so it cannot "
+            "tell whether each example's term depends on the other examples' outputs")
+        return coupled(f"a value computed from the outputs without gradient (detached, under "
+                       f"torch.no_grad(), or an argmax) enters the loss through `{name}`; it is "
+                       f"{what}, and no derivative shows it (compute per-example targets, masks "
+                       "and weights from each example's own outputs)")
+    return None
 
 
 def _reversed(name: str, args: tuple[Any, ...], batch: int) -> Form:
@@ -302,6 +380,9 @@ def _binary(name: str, x: Traced, other: Any, batch: int) -> Form:
             if fx.power == fo.power:
                 return replace(fx, relabel=fx.relabel or fo.relabel)
             return coupled("it adds a sum over the batch to a mean over the batch")
+        if {fx.kind, fo.kind} == {"rows", "total"}:
+            return coupled(f"`{name}` combines each example's entries with a value reduced "
+                           "over the batch")
         return unknown(f"{name} of two traced values")
     tensor0 = isinstance(other, Tensor) and other.dim() == 0 and not other.requires_grad
     count = tensor0 and not (other.is_floating_point() or other.is_complex())
@@ -367,6 +448,7 @@ def _reshaped(fx: Form, old: tuple[int, ...], new: tuple[int, ...], batch: int,
 
 
 _FULL = slice(None)
+_DATA = Tensor.data.__get__  # type: ignore[attr-defined]
 
 
 def _indexed(name: str, fx: Form, x: Tensor, args: tuple[Any, ...], out: Any,

@@ -38,6 +38,7 @@ check and step skipping would read the clipped sums before the noise.
 from __future__ import annotations
 
 import copy
+import inspect
 import sys
 import weakref
 from collections.abc import Callable, Mapping
@@ -105,21 +106,44 @@ def coupled(why: str) -> Form:
 class Context:
     """What the forms of one checked step share: the batch and the step's hook."""
 
-    __slots__ = ("batch", "defer", "handed", "on_backward", "ops")
+    __slots__ = ("_defer", "_live", "_on_backward", "batch", "handed", "ops")
 
     def __init__(self, batch: int, on_backward: Callable[[Tensor, Form], None],
-                 defer: Callable[[Tensor, str], bool] | None = None) -> None:
+                 defer: Callable[[Tensor, str], bool] | None = None,
+                 live: Callable[[], bool] = lambda: True) -> None:
         self.batch = batch
-        self.on_backward = on_backward
+        # The step's methods, held weakly: a traced value the user keeps (a history of
+        # detached outputs) does not keep the step alive; a dead step's loss is done.
+        self._on_backward = _weak(on_backward)
+        # Whether the step's loss is still to come: until then a value computed from
+        # the outputs without gradient (detached, under no_grad, an argmax) is traced
+        # too, so one reduced over the batch is seen if it enters the loss.
+        self._live = _weak(live)
         # A sync-free step takes a data-dependent verdict (a bool tensor that, if
         # true, makes the loss couple examples) to check before its sums are
         # delivered, instead of reading it now; returns False to have it read now.
-        self.defer = defer
+        self._defer = None if defer is None else _weak(defer)
         self.handed: list[weakref.ref[Tensor]] = []  # the traced outputs, for retain_grad
         # What was done to the outputs with gradient, each distinct op once in first-use
         # order: the loss's fingerprint (a new one is checked at once; see
         # GradClipper._record_outputs).
         self.ops: dict[tuple[str, tuple[int, ...]], None] = {}
+
+    def on_backward(self, loss: Tensor, form: Form) -> None:
+        """The step's check of a traced loss about to be backpropagated."""
+        fn = self._on_backward()
+        if fn is not None:
+            fn(loss, form)
+
+    @property
+    def defer(self) -> Callable[[Tensor, str], bool] | None:
+        """The step's deferral of a data-dependent verdict, or ``None`` (read it now)."""
+        return None if self._defer is None else self._defer()
+
+    def live(self) -> bool:
+        """Whether the step's loss is still to be backpropagated."""
+        fn = self._live()
+        return fn is not None and bool(fn())
 
     def fingerprint(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
         """The distinct operations on the traced tensors so far, each with its numbers' zero pattern."""
@@ -129,6 +153,13 @@ class Context:
         """The handed-out outputs that retain their gradient, with its value now."""
         alive = (r() for r in self.handed)
         return [(t, t.grad) for t in alive if t is not None and t.retains_grad]
+
+
+def _weak(fn: Callable[..., Any]) -> Callable[[], Callable[..., Any] | None]:
+    """A reference to ``fn`` that does not keep a bound method's object alive."""
+    if inspect.ismethod(fn):
+        return weakref.WeakMethod(fn)
+    return lambda: fn
 
 
 class Traced(Tensor):
@@ -164,20 +195,40 @@ class Traced(Tensor):
             raise InvalidArgumentError(_GRAD_SCALER)
         with torch._C.DisableTorchFunctionSubclass():
             out = func(*args, **kwargs)
-        if torch.compiler.is_compiling() or not _grad_tensors(out):
+        if torch.compiler.is_compiling():
             return out
         leaves = pytree.tree_leaves((args, kwargs))
         ctx = next((a.sdp_ctx for a in leaves if isinstance(a, Traced)), None)
         if ctx is None:
             return out
-        # Each distinct (op, zeros) once, in first-use order: a per-example loop's
-        # fingerprint does not grow with B (a new batch size is not a new loss).
-        ctx.ops.setdefault((getattr(func, "__name__", repr(func)), _zeros(leaves)), None)
+        grad = _grad_tensors(out)
+        # A value without gradient is traced while the step's loss is still to come:
+        # a batch statistic of the outputs taken detached (o.detach().mean(0), under
+        # no_grad, an argmax count) makes every example's term depend on the others
+        # when it enters the loss, and no derivative shows it. Afterwards (logging,
+        # a state carried into the next forward) it is a plain tensor again.
+        live = ctx.live()
+        if not grad and (not live or not _tensors(out) or getattr(func, "__name__", "") in _FRESH):
+            return out
+        if grad:
+            # Each distinct (op, zeros) once, in first-use order: a per-example loop's
+            # fingerprint does not grow with B (a new batch size is not a new loss).
+            ctx.ops.setdefault((getattr(func, "__name__", repr(func)), _zeros(leaves)), None)
         try:
-            form = propagate(func, args, kwargs, out, ctx.batch, ctx)
+            with torch._C.DisableTorchFunctionSubclass():
+                form = propagate(func, args, kwargs, out, ctx.batch, ctx)
         except Exception:  # never let the bookkeeping break the user's code
             form = unknown(getattr(func, "__name__", repr(func)))
-        return pytree.tree_map(lambda t: _tag(t, form, ctx), out)
+        return pytree.tree_map(lambda t: _tag(t, form, ctx, every=live), out)
+
+    def __reduce_ex__(self, proto: Any) -> Any:
+        # pickled (torch.save, multiprocessing) as the plain tensor it holds
+        with torch._C.DisableTorchFunctionSubclass():
+            return self.as_subclass(Tensor).__reduce_ex__(proto)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Tensor:
+        with torch._C.DisableTorchFunctionSubclass():
+            return copy.deepcopy(self.as_subclass(Tensor), memo)
 
     def __format__(self, spec: str) -> str:
         with torch._C.DisableTorchFunctionSubclass():
@@ -189,6 +240,10 @@ class Traced(Tensor):
 
 
 _REGISTER_HOOK = Tensor.register_hook
+# New tensors whose values do not come from their operand's (its shape, dtype and device only)
+_FRESH = frozenset({"zeros_like", "ones_like", "full_like", "empty_like", "rand_like",
+                    "randn_like", "randint_like", "new_zeros", "new_ones", "new_full",
+                    "new_empty", "new_tensor"})
 
 
 def _zeros(leaves: list[Any]) -> tuple[int, ...]:
@@ -335,8 +390,14 @@ def _scaled_by_grad_scaler() -> bool:
     return code.co_filename == _SCALER_FILE and code.co_name in ("scale", "apply_scale")
 
 
-def _tag(t: Any, form: Form, ctx: Context) -> Any:
-    if not isinstance(t, Tensor) or not t.requires_grad or not t.is_floating_point():
+def _tag(t: Any, form: Form, ctx: Context, *, every: bool = False) -> Any:
+    """``t`` as a :class:`Traced` tensor of ``form``; ``every``: whatever its dtype and grad.
+
+    Outputs are tagged when they are floating point and require grad; what is
+    computed from them while the step's loss is still to come is tagged
+    whatever it is (an argmax's indices, a detached mean, a mask).
+    """
+    if not isinstance(t, Tensor) or not (every or (t.requires_grad and t.is_floating_point())):
         return t
     with torch._C.DisableTorchFunctionSubclass():
         out = t.as_subclass(Traced) if not isinstance(t, Traced) else t
@@ -346,3 +407,7 @@ def _tag(t: Any, form: Form, ctx: Context) -> Any:
 
 def _grad_tensors(out: Any) -> bool:
     return any(isinstance(t, Tensor) and t.requires_grad for t in pytree.tree_leaves(out))
+
+
+def _tensors(out: Any) -> bool:
+    return any(isinstance(t, Tensor) for t in pytree.tree_leaves(out))

@@ -214,6 +214,10 @@ class Step:
             finally:
                 self.reduction_override = None
 
+    def loss_pending(self) -> bool:
+        """Whether this step's loss is still to be backpropagated (it is the current step)."""
+        return not self.loss_checked and self.engine.current_step is self
+
     def check_traced_loss(self, loss: Tensor, form: loss_trace.Form) -> None:
         """``loss.backward()`` on a checked step's traced loss: refuse a misdeclared one.
 

@@ -1,0 +1,213 @@
+"""A value computed from the outputs without gradient must not couple the examples.
+
+``o.detach()``, ``o.data``, ``torch.no_grad()`` and integer results (an
+argmax) are constants to autograd, so the second-derivative check cannot see
+them: ``cross_entropy(o - o.detach().mean(0), y)`` makes every example's
+gradient depend on the other examples' outputs while each term's derivative
+stays its own. The loss trace follows such values while the step's loss is
+still to come and refuses one reduced over the batch when it enters the loss
+(per-example ones — pseudo-labels, distillation targets, confidence masks,
+focal weights — are targets and weights, as labels are). Held to the
+neighbour-sensitivity bound (float64) and, for the accepted losses, to the
+one-example-at-a-time reference.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import swiftdp
+from support.oracle import max_rel_error, reference_clipped_sum
+from support.sensitivity import neighbour_sensitivity
+from swiftdp.errors import ExampleMixingError
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+F64 = torch.float64
+B, D, K = 6, 4, 3
+C = 0.5
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, K)).double()
+
+
+def _data() -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(B, D, generator=g, dtype=F64), torch.randint(0, K, (B,), generator=g)
+
+
+def _ce_none(o: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(o, y, reduction="none")
+
+
+def _no_grad_centre(o: Tensor, y: Tensor) -> Tensor:
+    with torch.no_grad():
+        m = o.mean(0)
+    return F.cross_entropy(o - m, y)
+
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+# Each makes example i's term depend on the other examples' outputs through a value
+# autograd treats as a constant (scalar losses, loss.backward()).
+COUPLING: list[tuple[str, LossFn]] = [
+    ("minus the detached batch mean", lambda o, y: F.cross_entropy(o - o.detach().mean(0), y)),
+    ("under no_grad", _no_grad_centre),
+    ("out.data", lambda o, y: F.cross_entropy(o - o.data.mean(0), y)),
+    ("scaled by the detached batch norm", lambda o, y: F.cross_entropy(o / o.detach().norm(), y)),
+    ("weighted by the batch's std", lambda o, y: F.cross_entropy(o, y) * o.detach().std()),
+    ("weighted by the batch accuracy", lambda o, y: F.cross_entropy(o, y) * (
+        o.argmax(1) == y).double().mean()),
+    ("another example's detached row", lambda o, y: F.cross_entropy(
+        o + o.detach().roll(1, 0), y)),
+    ("reattached with requires_grad_", lambda o, y: F.cross_entropy(
+        o - o.detach().mean(0).requires_grad_(), y)),
+    ("a batch-wide softmax target", lambda o, y: F.cross_entropy(
+        o, o.detach().softmax(0))),
+]
+
+
+@pytest.mark.parametrize(("case", "loss_fn"), COUPLING, ids=[c[0] for c in COUPLING])
+def test_a_detached_batch_statistic_in_the_loss_is_refused(case, loss_fn):
+    x, y = _data()
+    model = _mlp()
+    clipper = swiftdp.GradClipper(model, C)
+    try:
+        with pytest.raises(ExampleMixingError, match="couples the examples"):
+            loss_fn(model(x), y).backward()
+    finally:
+        clipper.remove()
+    assert all(p.grad is None for p in model.parameters()), "a refused backward delivered"
+
+
+@pytest.mark.parametrize(("case", "loss_fn"), [
+    ("minus the detached batch mean", lambda o, y: _ce_none(o - o.detach().mean(0), y)),
+    ("weighted by the detached batch norm", lambda o, y: _ce_none(o, y) * o.detach().norm()),
+    ("another example's detached row", lambda o, y: _ce_none(o + o.detach().roll(1, 0), y)),
+], ids=["mean", "norm", "roll"])
+def test_per_example_losses_with_a_detached_batch_statistic_are_refused(case, loss_fn):
+    # dp.backward(losses) checks each entry's first derivative: blind to a constant
+    x, y = _data()
+    model = _mlp()
+    clipper = swiftdp.GradClipper(model, C)
+    try:
+        with pytest.raises(ExampleMixingError, match="couples the examples"):
+            clipper.backward(loss_fn(model(x), y))
+    finally:
+        clipper.remove()
+
+
+def _outlier() -> tuple[Tensor, Tensor]:
+    """Example 0 points the other way, 100 times larger: it sets the sign of the batch mean."""
+    x = torch.zeros(B, D, dtype=F64)
+    x[:, 0] = 1.0
+    x[0, 0] = -100.0
+    return x, torch.zeros(B, dtype=torch.long)
+
+
+def _linear() -> nn.Module:
+    m = nn.Linear(D, K, bias=False).double()
+    with torch.no_grad():
+        m.weight.zero_()
+        m.weight[0, 0] = 1.0
+    return m
+
+
+def _sensitivity(loss_fn: LossFn, check: bool) -> float:
+    def run(batch: tuple[Tensor, Tensor]) -> list[Tensor]:
+        xs, ys = batch
+        model = _linear()
+        clipper = swiftdp.GradClipper(model, C, check_loss=check, loss_reduction="sum")
+        try:
+            loss_fn(model(xs), ys).backward()
+        finally:
+            clipper.remove()
+        return [p.grad.detach().clone() for p in model.parameters()]
+    return neighbour_sensitivity(run, _outlier(), B)
+
+
+def test_the_detached_batch_mean_leaks_without_the_check():
+    # What the refusal prevents. Each example's term o_i . m, with m the detached batch
+    # mean: example 0 flips m's sign, so removing it flips every other example's clipped
+    # gradient. Measured 9.0 C with the check off; the same term against each example's
+    # own detached output, o_i . o_i.detach(), stays within C (and is accepted).
+    def coupled(o: Tensor, y: Tensor) -> Tensor:
+        return (o * o.detach().mean(0)).sum()
+
+    def own(o: Tensor, y: Tensor) -> Tensor:
+        return (o * o.detach()).sum()
+
+    assert _sensitivity(coupled, check=False) > 8 * C
+    assert _sensitivity(own, check=True) <= C * (1 + 1e-9)
+    with pytest.raises(ExampleMixingError, match="couples the examples"):
+        _sensitivity(coupled, check=True)
+
+
+def _exact(loss_fn: LossFn) -> None:
+    x, y = _data()
+    want, _ = reference_clipped_sum(_mlp(), loss_fn, x, y, C)
+    model = _mlp()
+    clipper = swiftdp.GradClipper(model, C)
+    try:
+        loss_fn(model(x), y).backward()
+    finally:
+        clipper.remove()
+    assert max_rel_error([p.grad for p in model.parameters()], want) < 1e-9
+
+
+def _logged_first(o: Tensor, y: Tensor) -> Tensor:
+    _acc = (o.argmax(1) == y).double().mean().item()  # logging before the backward
+    _seen = o.detach().norm()
+    return F.cross_entropy(o, y)
+
+
+PER_EXAMPLE: list[tuple[str, LossFn]] = [
+    ("pseudo-labels", lambda o, y: F.cross_entropy(o, o.detach().argmax(1))),
+    ("self-distillation", lambda o, y: F.kl_div(
+        o.log_softmax(1), o.detach().softmax(1) * 0.9 + 0.1 / K, reduction="batchmean")),
+    ("confidence mask", lambda o, y: (_ce_none(o, y) * (
+        o.detach().softmax(1).amax(1) > 0.3).double()).mean()),
+    ("focal weight, detached", lambda o, y: ((1 - o.softmax(1).gather(1, y[:, None]).detach())
+                                             ** 2 * _ce_none(o, y)[:, None]).mean()),
+    ("centred on its own outputs", lambda o, y: F.cross_entropy(
+        o - o.detach().mean(1, keepdim=True), y)),
+    ("zeros_like target", lambda o, y: F.mse_loss(o, torch.zeros_like(o))),
+    ("where on a detached mask", lambda o, y: torch.where(
+        o.detach().amax(1) > 0, _ce_none(o, y), 2 * _ce_none(o, y)).mean()),
+    ("a detached constant added", lambda o, y: F.cross_entropy(o, y) + o.detach().mean()),
+    ("logged before the backward", _logged_first),
+]
+
+
+@pytest.mark.parametrize(("case", "loss_fn"), PER_EXAMPLE, ids=[c[0] for c in PER_EXAMPLE])
+def test_per_example_detached_targets_masks_and_weights_are_accepted_and_exact(case, loss_fn):
+    _exact(loss_fn)
+
+
+def test_a_detached_output_carried_into_the_next_step_is_a_plain_tensor():
+    # truncated-BPTT style: the previous step's detached output feeds the next forward
+    x, y = _data()
+    model = nn.Sequential(nn.Linear(D + K, 8), nn.Tanh(), nn.Linear(8, K)).double()
+    clipper = swiftdp.GradClipper(model, C)
+    try:
+        carry = torch.zeros(B, K, dtype=F64)
+        for _ in range(3):
+            out = model(torch.cat([x, carry], 1))
+            carry = out.detach()
+            F.cross_entropy(out, y).backward()
+            assert type(carry * 2) is Tensor  # after the backward: plain results
+        buf = io.BytesIO()
+        torch.save(carry, buf)  # saves as the plain tensor it holds
+        buf.seek(0)
+        assert type(torch.load(buf)) is Tensor
+    finally:
+        clipper.remove()
+
