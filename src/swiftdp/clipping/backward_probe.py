@@ -9,6 +9,7 @@ the gradients the engine captures would still carry other examples' losses.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
@@ -56,11 +57,12 @@ def check_backward(probe: Any) -> None:
 
     # Every submodule output with a B-sized dimension, first with every example replaced
     # (without gradient, before the graph the check backpropagates through is made).
-    replaced: list[tuple[str, Tensor, list[int]]] = []
+    # Only a digest of each is kept (holding them would hold a forward's activations).
+    replaced: list[tuple[str, Any, list[int]]] = []
     with torch.no_grad():
-        _recorded(probe, rows, replaced, probe.forward_fresh)
+        _recorded(probe, rows, replaced, probe.forward_fresh, _digest)
     probe.restore()
-    seen: list[tuple[str, Tensor, list[int]]] = []
+    seen: list[tuple[str, Any, list[int]]] = []
     with torch.enable_grad():
         out = _recorded(probe, rows, seen, lambda: probe.call(args, kwargs))
     points += _batched(seen, replaced)
@@ -111,17 +113,18 @@ def check_backward(probe: Any) -> None:
         del got
 
 
-def _recorded(probe: Any, rows: int, sink: list[tuple[str, Tensor, list[int]]],
-              run: Any) -> Any:
+def _recorded(probe: Any, rows: int, sink: list[tuple[str, Any, list[int]]], run: Any,
+              keep: Any = lambda t, axes: t) -> Any:
     """``run()`` with every submodule's floating-point outputs that have a dimension of size
-    ``rows`` appended to ``sink`` (with those dimensions), in the order they are made."""
+    ``rows`` appended to ``sink`` as ``keep(t, axes)`` (with those dimensions), in the order
+    they are made."""
     def record(name: str) -> Any:
         def hook(module: Any, a: Any, out: Any) -> None:
             for t in pytree.tree_leaves(out):
                 if isinstance(t, Tensor) and t.is_floating_point() and t.dim() > 0:
                     axes = [d for d in range(t.dim()) if t.shape[d] == rows]
                     if axes:
-                        sink.append((f"the output of `{name}`", t, axes))
+                        sink.append((f"the output of `{name}`", keep(t, axes), axes))
         return hook
 
     handles = [m.register_forward_hook(record(n)) for n, m in probe.model.named_modules() if n]
@@ -132,31 +135,34 @@ def _recorded(probe: Any, rows: int, sink: list[tuple[str, Tensor, list[int]]],
             h.remove()
 
 
-def _batched(seen: list[tuple[str, Tensor, list[int]]],
-             replaced: list[tuple[str, Tensor, list[int]]]) -> list[tuple[str, Tensor, list[int]]]:
+def _batched(seen: list[tuple[str, Any, list[int]]],
+             replaced: list[tuple[str, Any, list[int]]]) -> list[tuple[str, Tensor, list[int]]]:
     """The outputs in ``seen`` (with grad) that depend on the data, for the backward check.
 
     A dimension of size ``B`` alone does not make a tensor batched: a batch-free
     value (a ``(T, T)`` relative-position bias when ``B == T``) takes every
-    example's gradient and would read as mixing. ``replaced`` holds the same
-    outputs of a run with every example replaced by fresh values: one that came
-    out bit-identical does not depend on the data and is left out — unless it is the same
-    along one of its ``B``-sized dimensions, as rows broadcast to the batch
-    are (a parameter expanded to it, whose rows the engine credits to the
-    examples they meet). If that run made other outputs (data-dependent
-    control flow), every one is kept.
+    example's gradient and would read as mixing. ``replaced`` holds the
+    :func:`_digest` of the same outputs in a run with every example replaced by
+    fresh values: one that came out bit-identical does not depend on the data
+    and is left out — unless it is the same along one of its ``B``-sized
+    dimensions, as rows broadcast to the batch are (a parameter expanded to it,
+    whose rows the engine credits to the examples they meet). If that run made
+    other outputs (data-dependent control flow), every one is kept.
     """
     points = [p for p in seen if p[1].requires_grad]
-    if [(w, tuple(t.shape)) for w, t, _ in replaced] != [(w, tuple(t.shape)) for w, t, _ in seen]:
+    if [(w, ax) for w, _, ax in replaced] != [(w, ax) for w, _, ax in seen]:
         return points
-    return [(w, t, axes) for (w, t, axes), (_, b, _) in zip(seen, replaced, strict=True)
-            if t.requires_grad and not (torch.equal(t.detach(), b) and not any(
-                _constant_along(b, ax) for ax in axes))]
+    return [(w, t, axes) for (w, t, axes), (_, d, _) in zip(seen, replaced, strict=True)
+            if t.requires_grad and (d is None or d != _digest(t, axes))]
 
 
-def _constant_along(t: Tensor, ax: int) -> bool:
-    """Whether every slice of ``t`` along ``ax`` is the same (rows broadcast along it)."""
-    return bool((t == t.narrow(ax, 0, 1)).all()) if t.shape[ax] > 1 else True
+def _digest(t: Tensor, axes: list[int]) -> tuple[tuple[int, ...], bytes] | None:
+    """The shape and a hash of ``t``'s bits; ``None`` when it is the same along one of ``axes``."""
+    t = t.detach()
+    if any(t.shape[ax] < 2 or bool((t == t.narrow(ax, 0, 1)).all()) for ax in axes):
+        return None
+    raw = t.contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes()
+    return tuple(t.shape), hashlib.blake2b(raw, digest_size=32).digest()
 
 
 def _check_at_points(probe: Any, outs: list[Tensor], points: list[tuple[str, Tensor, list[int]]],
