@@ -358,13 +358,12 @@ def test_a_flag_deferred_to_a_delivered_steps_context_via_dp_backward():
     _refused_or_bounded(_cross_step_run(base, c, True, "dp_backward"), (x, y), x.shape[0], c)
 
 
-@pytest.mark.parametrize("sync", [True, pytest.param(False, marks=pytest.mark.xfail(
-    strict=True, reason=(
-        "measured: 3.85 C (B = 8, T = 16) on the CPU path (pre-existing, not from "
-        "b48190f): Step.check_traced_loss returns for a root of a step that is not current, "
-        "so the coupled loss is checked by nobody; a second, clean root of step 2 sets its "
-        "loss_checked. Sync-free it is refused since the deferred flag is filed with the "
-        "current step.")))])
+# fixed on the CPU path (was a strict xfail, 3.85 C, B = 8, T = 16: Step.check_traced_loss
+# returns for a root of a step that is not current, so the coupled loss was checked by
+# nobody; a second, clean root of step 2 set its loss_checked): a value of the delivered
+# step's outputs entering the current step's loss is now coupled. Sync-free it is refused
+# since the deferred flag is filed with the current step.
+@pytest.mark.parametrize("sync", [True, False])
 def test_a_coupled_root_of_a_delivered_steps_context_with_an_extra_root(sync):
     base, c, x, y = _pass_setup()
     _refused_or_bounded(_cross_step_run(base, c, sync, "roots"), (x, y), x.shape[0], c)

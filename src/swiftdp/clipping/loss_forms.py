@@ -17,14 +17,17 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
+from swiftdp.clipping import loss_operands as operands
 from swiftdp.clipping.loss_trace import Context, Form, Traced, coupled, unknown
 
 _LOSSES_CE = {"cross_entropy", "nll_loss"}
-_LOSSES = _LOSSES_CE | {
+# losses of an input and a target of the same shape, entry by entry
+_LOSSES_ELEMENTWISE = {
     "mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss", "binary_cross_entropy",
     "binary_cross_entropy_with_logits", "soft_margin_loss", "poisson_nll_loss", "kl_div",
-    "gaussian_nll_loss", "multilabel_soft_margin_loss", "ctc_loss",
+    "gaussian_nll_loss", "multilabel_soft_margin_loss",
 }
+_LOSSES = _LOSSES_CE | _LOSSES_ELEMENTWISE | {"ctc_loss"}
 _REDUCE = {"sum": 0, "mean": -1, "nansum": 0}
 _ADD = {"add", "__add__", "__radd__", "__iadd__", "add_", "sub", "__sub__", "__rsub__",
         "__isub__", "sub_", "subtract"}
@@ -52,6 +55,11 @@ _SOFTMAX = {"softmax", "log_softmax", "_softmax", "_log_softmax", "normalize"}
 _DIMREDUCE = {"logsumexp", "norm", "amax", "amin", "max", "min", "cosine_similarity", "prod",
               "std", "var"}
 _RESHAPE = {"view", "reshape", "flatten", "view_as", "reshape_as", "unflatten"}
+# entry by entry on operands broadcast together (each traced one must line up in the result)
+_ELEMENTWISE = ((_ADD | _MUL | _DIV | _COMPARE | _ROWWISE | _LOSSES_ELEMENTWISE
+                 | {"masked_fill", "masked_fill_", "lerp", "maximum", "minimum", "fmax", "fmin",
+                    "atan2", "hypot", "xlogy", "copysign", "cosine_similarity",
+                    "pairwise_distance"}) - {"one_hot"})
 # ops linear in their traced operand: a factor B**power passes through them
 _LINEAR = (set(_REDUCE) | _ADD | _MUL | _DIV | _SAME | _RESHAPE
            | {"transpose", "permute", "unsqueeze", "squeeze", "__getitem__"})
@@ -69,10 +77,21 @@ def propagate(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
     for f in forms:
         if f.kind == "coupled":
             return f
-    if forms and _requires_grad(out):
-        entering = _detached_entering(name, args, kwargs)
-        if entering is not None:
-            return entering
+    if ctx is not None and ctx.poisoned:
+        return coupled(ctx.poisoned)
+    lined = operands.lined_up(name, args, kwargs, out, _ELEMENTWISE) if forms else None
+    if isinstance(lined, Form):
+        return lined
+    form = _rule(func, name, args, kwargs, out, batch, ctx)
+    if isinstance(lined, int) and form.kind == "rows" and isinstance(out, Tensor) and (
+            out.dim() > lined):
+        return replace(form, axis=lined)  # where the operands' batch landed in the result
+    return form
+
+
+def _rule(func: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any,
+          batch: int, ctx: Context | None) -> Form:
+    """The result's form by the op's own rule (its operands lined up: :func:`propagate`)."""
     if name in _LOSSES:
         return _loss(func, name, args, kwargs, ctx)
     if name in ("cat", "concat", "concatenate", "stack"):
@@ -84,7 +103,12 @@ def propagate(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
     if name == "where":
         return _where(args, kwargs)
     x = args[0] if args else kwargs.get("input")
+    if name in _SCATTER:
+        return _scatter(name, x, args, kwargs)
     if not isinstance(x, Traced):
+        if name == "__getitem__" and len(args) > 1 and isinstance(args[1], Traced) and (
+                args[1].sdp_form.kind == "rows" and isinstance(x, Tensor)):
+            return args[1].sdp_form  # a plain table looked up by each example's own index
         return _reversed(name, args, batch)
     fx = x.sdp_form
     if fx.kind == "unknown":
@@ -98,6 +122,13 @@ def propagate(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
     if name in _COMPARE:  # elementwise, as an addition is
         return _binary("add", x, args[1] if len(args) > 1 else kwargs.get("other"), batch)
     if name == "__get__" and func == _DATA:  # out.data: the values, detached
+        return fx
+    if name in {"roll", "flip"} and fx.kind == "rows":
+        dims = args[2] if name == "roll" and len(args) > 2 else args[1] if (
+            name == "flip" and len(args) > 1) else kwargs.get("dims")
+        dims = [dims] if isinstance(dims, int) else list(dims) if dims is not None else None
+        if dims is None or fx.axis in [d % x.dim() for d in dims]:
+            return unknown(f"{name} along the batch")
         return fx
     if name in _ALONG and fx.kind == "rows":
         pos, default = _ALONG[name]
@@ -163,6 +194,25 @@ def propagate(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
     return unknown(name)
 
 
+_SCATTER = {"scatter", "scatter_", "scatter_add", "scatter_add_", "scatter_reduce",
+            "scatter_reduce_", "index_fill", "index_fill_"}
+
+
+def _scatter(name: str, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Form:
+    """``x.scatter(dim, index, src)`` and friends: rows when ``dim`` is not the batch's axis
+    and every traced operand holds the batch on the same axis (one example's own entries)."""
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    ops = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, Traced)]
+    if not isinstance(x, Tensor) or not isinstance(dim, int) or not ops:
+        return unknown(name)
+    f0 = ops[0].sdp_form
+    same = all(o.sdp_form.kind == "rows" and (o.sdp_form.axis, o.sdp_form.per, o.dim()) == (
+        f0.axis, f0.per, x.dim()) for o in ops)
+    if f0.kind != "rows" or f0.power or not same or dim % x.dim() == f0.axis:
+        return unknown(f"{name} along the batch")
+    return f0
+
+
 def _where(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Form:
     """``torch.where(cond, a, b)``: rows when every traced operand is rows of one layout.
 
@@ -174,54 +224,9 @@ def _where(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Form:
     if not branches:
         return unknown("where")
     f0 = branches[0].sdp_form
-    if f0.kind == "rows" and all(_layout(o.sdp_form) == _layout(f0) for o in ops):
-        return f0
+    if f0.kind == "rows" and not f0.power and all(o.sdp_form.kind == "rows" for o in ops):
+        return f0  # (propagate checked that the operands line up in the result)
     return unknown("where")
-
-
-def _layout(f: Form) -> tuple[str, int, int, int]:
-    return f.kind, f.axis, f.per, f.power
-
-
-def _requires_grad(out: Any) -> bool:
-    return any(isinstance(t, Tensor) and t.requires_grad for t in pytree.tree_leaves(out))
-
-
-def _detached_entering(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Form | None:
-    """The form of a result with gradient that a traced value *without* gradient enters.
-
-    A value computed from the outputs without gradient (``o.detach()``, under
-    ``torch.no_grad()``, an argmax) is a constant to autograd, so no
-    derivative check sees it; if it is one example's own (rows), it is a
-    per-example target, mask or weight, as a label is. Reduced over the
-    batch (``o.detach().mean(0)``, a norm of the whole batch), it makes every
-    example's term depend on the others: coupled (measured 2.6 C for
-    ``cross_entropy(o - o.detach().mean(0), y)`` accepted). One only added to
-    a loss already reduced over the batch leaves the gradients as they are.
-    ``None``: nothing of the kind enters.
-    """
-    leaves = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, Traced)]
-    detached = [a for a in leaves if not a.requires_grad]
-    if not detached:
-        return None
-    with_grad = [a for a in leaves if a.requires_grad]
-    if name in _ADD and with_grad and all(a.sdp_form.kind == "total" for a in with_grad):
-        return None  # a constant added to the reduced loss
-    for a in detached:
-        f = a.sdp_form
-        if f.kind == "rows" and not f.power:
-            continue
-        what = {"total": "reduced over the batch (e.g. o.detach().mean(0), a norm of the "
-                         "whole batch), so each example's term depends on the other examples' "
-                         "outputs",
-                "rows": "scaled by the batch size, which one example's presence changes"}.get(
-            f.kind, f"formed through `{f.why}`, which the check does not model, so it cannot "
-            "tell whether each example's term depends on the other examples' outputs")
-        return coupled(f"a value computed from the outputs without gradient (detached, under "
-                       f"torch.no_grad(), or an argmax) enters the loss through `{name}`; it is "
-                       f"{what}, and no derivative shows it (compute per-example targets, masks "
-                       "and weights from each example's own outputs)")
-    return None
 
 
 def _reversed(name: str, args: tuple[Any, ...], batch: int) -> Form:
@@ -262,6 +267,10 @@ def _loss(func: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
     fp = pred.sdp_form if isinstance(pred, Traced) else None
     reduction = a.get("reduction", "mean")
     target = a.get("target")
+    if isinstance(target, Traced) and target is not pred and name in _LOSSES_CE and fp is not None:
+        ft = target.sdp_form  # (elementwise losses: propagate lined their operands up)
+        if ft.kind != "rows" or (ft.axis, ft.per) != (fp.axis, fp.per):
+            return unknown(f"{name} with a target whose batch is on another axis")
     int_target = isinstance(target, Tensor) and not target.is_floating_point()
     if name in _LOSSES_CE and reduction == "mean":
         if a.get("weight") is not None:
@@ -471,6 +480,11 @@ def _indexed(name: str, fx: Form, x: Tensor, args: tuple[Any, ...], out: Any,
         return unknown(f"{name} along the batch")
     if name == "select" and dim % x.dim() < fx.axis:
         return replace(fx, axis=fx.axis - 1)
+    index = (args[1] if name == "take_along_dim" else args[2]) if len(args) > pos else kwargs.get(
+        "index", kwargs.get("indices"))
+    if name in {"gather", "take_along_dim"} and isinstance(index, Traced) and (
+            index.sdp_form.kind != "rows" or index.sdp_form.axis != fx.axis):
+        return unknown(f"{name} with an index whose batch is on another axis")
     return fx
 
 

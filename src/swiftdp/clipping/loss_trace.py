@@ -106,7 +106,8 @@ def coupled(why: str) -> Form:
 class Context:
     """What the forms of one checked step share: the batch and the step's hook."""
 
-    __slots__ = ("_defer", "_live", "_on_backward", "batch", "handed", "ops")
+    __slots__ = ("_defer", "_live", "_on_backward", "aliased", "batch", "handed", "ops",
+                 "poisoned")
 
     def __init__(self, batch: int, on_backward: Callable[[Tensor, Form], None],
                  defer: Callable[[Tensor, str], bool] | None = None,
@@ -124,6 +125,12 @@ class Context:
         # delivered, instead of reading it now; returns False to have it read now.
         self._defer = None if defer is None else _weak(defer)
         self.handed: list[weakref.ref[Tensor]] = []  # the traced outputs, for retain_grad
+        # Why the outputs themselves were changed across the examples through an alias
+        # without gradient (m = o.detach(); m -= m.mean(0)); "" while they were not.
+        self.poisoned = ""
+        # The memory of traced tensors with gradient that were detached (o.detach(), o.data):
+        # a write into the detached alias changes them too.
+        self.aliased: list[weakref.ref[Tensor]] = []
         # What was done to the outputs with gradient, each distinct op once in first-use
         # order: the loss's fingerprint (a new one is checked at once; see
         # GradClipper._record_outputs).
@@ -198,8 +205,12 @@ class Traced(Tensor):
         if torch.compiler.is_compiling():
             return out
         leaves = pytree.tree_leaves((args, kwargs))
-        ctx = next((a.sdp_ctx for a in leaves if isinstance(a, Traced)), None)
-        if ctx is None:
+        ctxs = list({id(a.sdp_ctx): a.sdp_ctx for a in leaves if isinstance(a, Traced)}.values())
+        if not ctxs:
+            return out
+        ctx = next((c for c in ctxs if c.live()), ctxs[0])
+        if func is _SETITEM:
+            _written(ctx, args)
             return out
         grad = _grad_tensors(out)
         # A value without gradient is traced while the step's loss is still to come:
@@ -210,6 +221,9 @@ class Traced(Tensor):
         live = ctx.live()
         if not grad and (not live or not _tensors(out) or getattr(func, "__name__", "") in _FRESH):
             return out
+        if live and not grad and isinstance(args[0] if args else None, Traced) and (
+                args[0].requires_grad and getattr(func, "__name__", "") in _ALIASES):
+            ctx.aliased.append(weakref.ref(args[0]))
         if grad:
             # Each distinct (op, zeros) once, in first-use order: a per-example loop's
             # fingerprint does not grow with B (a new batch size is not a new loss).
@@ -219,6 +233,12 @@ class Traced(Tensor):
                 form = propagate(func, args, kwargs, out, ctx.batch, ctx)
         except Exception:  # never let the bookkeeping break the user's code
             form = unknown(getattr(func, "__name__", repr(func)))
+        if len(ctxs) > 1 and live and not all(c.live() for c in ctxs):
+            form = coupled("a value computed from an earlier step's outputs (kept, e.g. "
+                           "detached, from another forward: other examples) enters this step's "
+                           "loss")
+        if live and not grad and form.kind != "rows" and args and out is args[0]:
+            _poison_if_output(ctx, out, getattr(func, "__name__", repr(func)))
         return pytree.tree_map(lambda t: _tag(t, form, ctx, every=live), out)
 
     def __reduce_ex__(self, proto: Any) -> Any:
@@ -240,6 +260,47 @@ class Traced(Tensor):
 
 
 _REGISTER_HOOK = Tensor.register_hook
+_ALIASES = frozenset({"detach", "__get__"})  # (__get__: the `.data` property)
+
+
+def _storage(t: Tensor) -> int:
+    """The address of ``t``'s memory (0 where it has none to read)."""
+    try:
+        return int(t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):
+        return 0
+_SETITEM = Tensor.__setitem__
+
+
+def _written(ctx: Context, args: tuple[Any, ...]) -> None:
+    """``target[index] = value`` on a traced tensor: the target's form after the write."""
+    from swiftdp.clipping.loss_forms import propagate
+    from swiftdp.clipping.loss_operands import write_form
+
+    target, index, value = (*args, None, None, None)[:3]
+    if not isinstance(target, Traced) or (not ctx.live() and not target.requires_grad):
+        return
+    try:
+        with torch._C.DisableTorchFunctionSubclass():
+            view = target.as_subclass(Tensor)[index]
+        indexed = propagate(Tensor.__getitem__, (target, index), {}, view, ctx.batch, ctx)
+        form = write_form(target, index, value, indexed)
+    except Exception:  # never let the bookkeeping break the user's code
+        form = unknown("__setitem__")
+    target.sdp_form = form
+    if form.kind != "rows" and not target.requires_grad:
+        _poison_if_output(ctx, target, "__setitem__")
+
+
+def _poison_if_output(ctx: Context, t: Tensor, op: str) -> None:
+    """An in-place op without gradient left ``t`` mixing the examples: if ``t`` is an alias of
+    an output (``o.detach()``, ``o.data``), the output itself changed, unseen by autograd."""
+    from swiftdp.clipping.loss_operands import shares_an_output
+
+    if not ctx.poisoned and shares_an_output(t, ctx):
+        ctx.poisoned = (f"`{op}` in place on an alias of a model output without gradient "
+                        "(o.detach(), o.data) changed the output itself with values across the "
+                        "examples, which autograd does not see")
 # New tensors whose values do not come from their operand's (its shape, dtype and device only)
 _FRESH = frozenset({"zeros_like", "ones_like", "full_like", "empty_like", "rand_like",
                     "randn_like", "randint_like", "new_zeros", "new_ones", "new_full",
