@@ -95,16 +95,16 @@ def _rule(func: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], o
     if name in _LOSSES:
         return _loss(func, name, args, kwargs, ctx)
     if name in ("cat", "concat", "concatenate", "stack"):
-        return _joined(name, args, kwargs)
+        return operands.joined(name, args, kwargs)
     if name == "einsum":
-        return _einsum(args)
+        return operands.einsum(args)
     if name == "nanmean":
         return coupled("nanmean divides by the number of non-NaN entries across the batch")
     if name == "where":
-        return _where(args, kwargs)
+        return operands.where(args, kwargs)
     x = args[0] if args else kwargs.get("input")
-    if name in _SCATTER:
-        return _scatter(name, x, args, kwargs)
+    if name in operands.SCATTER:
+        return operands.scatter(name, x, args, kwargs)
     if not isinstance(x, Traced):
         if name == "__getitem__" and len(args) > 1 and isinstance(args[1], Traced) and (
                 args[1].sdp_form.kind == "rows" and isinstance(x, Tensor)):
@@ -194,41 +194,6 @@ def _rule(func: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], o
     return unknown(name)
 
 
-_SCATTER = {"scatter", "scatter_", "scatter_add", "scatter_add_", "scatter_reduce",
-            "scatter_reduce_", "index_fill", "index_fill_"}
-
-
-def _scatter(name: str, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Form:
-    """``x.scatter(dim, index, src)`` and friends: rows when ``dim`` is not the batch's axis
-    and every traced operand holds the batch on the same axis (one example's own entries)."""
-    dim = args[1] if len(args) > 1 else kwargs.get("dim")
-    ops = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, Traced)]
-    if not isinstance(x, Tensor) or not isinstance(dim, int) or not ops:
-        return unknown(name)
-    f0 = ops[0].sdp_form
-    same = all(o.sdp_form.kind == "rows" and (o.sdp_form.axis, o.sdp_form.per, o.dim()) == (
-        f0.axis, f0.per, x.dim()) for o in ops)
-    if f0.kind != "rows" or f0.power or not same or dim % x.dim() == f0.axis:
-        return unknown(f"{name} along the batch")
-    return f0
-
-
-def _where(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Form:
-    """``torch.where(cond, a, b)``: rows when every traced operand is rows of one layout.
-
-    A traced condition (a mask computed from the outputs, detached) must be
-    rows of that layout too.
-    """
-    ops = [a for a in args[:3] if isinstance(a, Traced)]
-    branches = [a for a in args[1:3] if isinstance(a, Traced)]
-    if not branches:
-        return unknown("where")
-    f0 = branches[0].sdp_form
-    if f0.kind == "rows" and not f0.power and all(o.sdp_form.kind == "rows" for o in ops):
-        return f0  # (propagate checked that the operands line up in the result)
-    return unknown("where")
-
-
 def _reversed(name: str, args: tuple[Any, ...], batch: int) -> Form:
     """``c * traced``, ``plain + traced`` and friends, with the traced operand second."""
     y = args[1] if len(args) > 1 else None
@@ -310,48 +275,6 @@ def _entries(x: Tensor, fx: Form) -> int:
     """Entries of ``x`` per example (``x`` rows of form ``fx``)."""
     b = max(x.shape[fx.axis] // max(fx.per, 1), 1)
     return max(x.numel() // b, 1)
-
-
-def _joined(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Form:
-    seq = args[0] if args else kwargs.get("tensors", ())
-    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-    forms = [t.sdp_form for t in seq if isinstance(t, Traced)]
-    if not forms or len(forms) != len(seq) or not isinstance(dim, int):
-        return unknown(f"{name} with untraced pieces")
-    f0 = forms[0]
-    if f0.kind == "total" and all(f.kind == "total" and f.power == f0.power for f in forms):
-        return replace(f0, relabel=any(f.relabel for f in forms), tokens=False, per=1)
-    if f0.kind == "rows" and all(f == f0 for f in forms):
-        ndim = seq[0].dim() + (1 if name == "stack" else 0)
-        d = dim % ndim
-        if name == "stack":
-            return replace(f0, axis=f0.axis + (d <= f0.axis))
-        if d != f0.axis:
-            return f0
-    return unknown(f"{name} along the batch")
-
-
-def _einsum(args: tuple[Any, ...]) -> Form:
-    eq, ops = args[0], args[1:]
-    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
-        ops = tuple(ops[0])
-    if not isinstance(eq, str) or "..." in eq or "->" not in eq:
-        return unknown("einsum")
-    lhs, rhs = eq.replace(" ", "").split("->")
-    terms = lhs.split(",")
-    letters = set()
-    for term, op in zip(terms, ops, strict=False):
-        if isinstance(op, Traced):
-            f = op.sdp_form
-            if f.kind != "rows" or f.per != 1:
-                return unknown("einsum")
-            letters.add(term[f.axis])
-    if len(letters) != 1:
-        return unknown("einsum over two batch indices")
-    b = letters.pop()
-    if b in rhs:
-        return Form("rows", axis=rhs.index(b))
-    return Form("total", power=0)
 
 
 def _reduce(name: str, fx: Form, x: Tensor, args: tuple[Any, ...],

@@ -16,11 +16,14 @@ first traced operand. Two things need every operand:
   result: each traced operand's batch axis must land on the same axis.
 
 It also watches writes into the outputs through an alias (``m = o.detach();
-m -= m.mean(0)`` changes ``o`` itself without autograd seeing it).
+m -= m.mean(0)`` changes ``o`` itself without autograd seeing it), and holds
+the rules of the ops over several traced operands (``where``, ``scatter``,
+``cat``/``stack``, ``einsum``).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -37,6 +40,83 @@ _TAKES_ROWS = {"cross_entropy", "nll_loss", "cat", "concat", "concatenate", "sta
                "take_along_dim", "scatter", "scatter_add", "scatter_reduce", "index_fill"}
 _FIX = ("compute per-example targets, masks and weights from each example's own outputs, "
         "entry by entry")
+
+
+SCATTER = {"scatter", "scatter_", "scatter_add", "scatter_add_", "scatter_reduce",
+            "scatter_reduce_", "index_fill", "index_fill_"}
+
+
+def scatter(name: str, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Form:
+    """``x.scatter(dim, index, src)`` and friends: rows when ``dim`` is not the batch's axis
+    and every traced operand holds the batch on the same axis (one example's own entries)."""
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    ops = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, Traced)]
+    if not isinstance(x, Tensor) or not isinstance(dim, int) or not ops:
+        return unknown(name)
+    f0 = ops[0].sdp_form
+    same = all(o.sdp_form.kind == "rows" and (o.sdp_form.axis, o.sdp_form.per, o.dim()) == (
+        f0.axis, f0.per, x.dim()) for o in ops)
+    if f0.kind != "rows" or f0.power or not same or dim % x.dim() == f0.axis:
+        return unknown(f"{name} along the batch")
+    return f0
+
+
+def where(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Form:
+    """``torch.where(cond, a, b)``: rows when every traced operand is rows of one layout.
+
+    A traced condition (a mask computed from the outputs, detached) must be
+    rows of that layout too.
+    """
+    ops = [a for a in args[:3] if isinstance(a, Traced)]
+    branches = [a for a in args[1:3] if isinstance(a, Traced)]
+    if not branches:
+        return unknown("where")
+    f0 = branches[0].sdp_form
+    if f0.kind == "rows" and not f0.power and all(o.sdp_form.kind == "rows" for o in ops):
+        return f0  # (propagate checked that the operands line up in the result)
+    return unknown("where")
+
+
+def joined(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Form:
+    seq = args[0] if args else kwargs.get("tensors", ())
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    forms = [t.sdp_form for t in seq if isinstance(t, Traced)]
+    if not forms or len(forms) != len(seq) or not isinstance(dim, int):
+        return unknown(f"{name} with untraced pieces")
+    f0 = forms[0]
+    if f0.kind == "total" and all(f.kind == "total" and f.power == f0.power for f in forms):
+        return replace(f0, relabel=any(f.relabel for f in forms), tokens=False, per=1)
+    if f0.kind == "rows" and all(f == f0 for f in forms):
+        ndim = seq[0].dim() + (1 if name == "stack" else 0)
+        d = dim % ndim
+        if name == "stack":
+            return replace(f0, axis=f0.axis + (d <= f0.axis))
+        if d != f0.axis:
+            return f0
+    return unknown(f"{name} along the batch")
+
+
+def einsum(args: tuple[Any, ...]) -> Form:
+    eq, ops = args[0], args[1:]
+    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+        ops = tuple(ops[0])
+    if not isinstance(eq, str) or "..." in eq or "->" not in eq:
+        return unknown("einsum")
+    lhs, rhs = eq.replace(" ", "").split("->")
+    terms = lhs.split(",")
+    letters = set()
+    for term, op in zip(terms, ops, strict=False):
+        if isinstance(op, Traced):
+            f = op.sdp_form
+            if f.kind != "rows" or f.per != 1:
+                return unknown("einsum")
+            letters.add(term[f.axis])
+    if len(letters) != 1:
+        return unknown("einsum over two batch indices")
+    b = letters.pop()
+    if b in rhs:
+        return Form("rows", axis=rhs.index(b))
+    return Form("total", power=0)
 
 
 def requires_grad(out: Any) -> bool:
