@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from swiftdp.clipping.module_hooks import DroppedOnCopy
 from swiftdp.errors import UnsupportedModuleError
 
 __all__ = ["CompiledHooks", "compiled_parts", "prepare_compiled"]
@@ -174,12 +175,13 @@ class CompiledHooks:
         for path, m, eager in calls:
             root = m is model
             self._handles.append(
-                m.register_forward_pre_hook(self._enter(path, eager, root), prepend=True))
-            self._handles.append(m.register_forward_hook(self._leave(root), always_call=True))
+                m.register_forward_pre_hook(DroppedOnCopy(self._enter(path, eager, root)),
+                                         prepend=True))
+            self._handles.append(m.register_forward_hook(DroppedOnCopy(self._leave(root)), always_call=True))
         for path, m in model.named_modules():
             if m is not model and any(True for _ in m.parameters(recurse=False)):
-                self._handles.append(m.register_forward_pre_hook(self._sentinel(path),
-                                                                 prepend=True))
+                self._handles.append(m.register_forward_pre_hook(
+                    DroppedOnCopy(self._sentinel(path)), prepend=True))
         return self
 
     def remove(self) -> None:

@@ -55,6 +55,7 @@ from swiftdp.clipping.escapes import ParameterGuard
 from swiftdp.clipping.groups import GroupPartition, check_clip_thresholds
 from swiftdp.clipping.hook_check import check_no_backward_hooks
 from swiftdp.clipping.loss_check import OutputRef
+from swiftdp.clipping.module_hooks import DroppedOnCopy
 from swiftdp.clipping.step import BackwardResult, ForwardToken, Sink, Step
 from swiftdp.clipping.tracer import ModuleCall, Tracer
 from swiftdp.errors import InvalidArgumentError, UnsupportedModuleError
@@ -280,10 +281,11 @@ class GradClipper:
 
     def _attach(self) -> None:
         root = self.model
-        self._handles.append(root.register_forward_pre_hook(self._root_pre, with_kwargs=True))
+        # (DroppedOnCopy: a deep copy of the model, an EMA teacher, is a plain model)
         self._handles.append(
-            root.register_forward_hook(self._root_post, with_kwargs=True, always_call=True)
-        )
+            root.register_forward_pre_hook(DroppedOnCopy(self._root_pre), with_kwargs=True))
+        self._handles.append(root.register_forward_hook(
+            DroppedOnCopy(self._root_post), with_kwargs=True, always_call=True))
         self._hooked_modules.add(id(root))
         self._hook_modules()
 
@@ -293,10 +295,10 @@ class GradClipper:
             if id(m) in self._hooked_modules or not any(True for _ in m.parameters(recurse=False)):
                 continue
             self._hooked_modules.add(id(m))
-            self._handles.append(m.register_forward_pre_hook(self._make_pre(path), with_kwargs=True))
-            self._handles.append(
-                m.register_forward_hook(self._make_post(), with_kwargs=True, always_call=True)
-            )
+            self._handles.append(m.register_forward_pre_hook(
+                DroppedOnCopy(self._make_pre(path)), with_kwargs=True))
+            self._handles.append(m.register_forward_hook(
+                DroppedOnCopy(self._make_post()), with_kwargs=True, always_call=True))
 
     def _refresh_params(self) -> dict[int, Tensor]:
         """Enumerate the trainable parameters now (each guarded against escapes)."""

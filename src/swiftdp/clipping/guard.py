@@ -29,6 +29,7 @@ from swiftdp.clipping.backward_probe import FIX as _FIX
 from swiftdp.clipping.backward_probe import check_backward
 from swiftdp.clipping.compare import tree_unchanged, unchanged
 from swiftdp.clipping.hook_check import check_no_backward_hooks
+from swiftdp.clipping.module_hooks import DroppedOnCopy
 from swiftdp.clipping.views import merge_views, split_views
 from swiftdp.errors import ExampleMixingError
 
@@ -110,8 +111,10 @@ class IndependenceCheck:
         self._depth = 0
         self._probing = False
         self._handles = [
-            model.register_forward_pre_hook(self._pre, with_kwargs=True, prepend=True),
-            model.register_forward_hook(self._post, with_kwargs=True, always_call=True),
+            model.register_forward_pre_hook(DroppedOnCopy(self._pre), with_kwargs=True,
+                                            prepend=True),
+            model.register_forward_hook(DroppedOnCopy(self._post), with_kwargs=True,
+                                        always_call=True),
         ]
 
     def remove(self) -> None:

@@ -83,9 +83,15 @@ def propagate(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
     if isinstance(lined, Form):
         return lined
     form = _rule(func, name, args, kwargs, out, batch, ctx)
-    if isinstance(lined, int) and form.kind == "rows" and isinstance(out, Tensor) and (
-            out.dim() > lined):
+    if not isinstance(lined, int) or not isinstance(out, Tensor) or out.dim() <= lined:
+        return form
+    if form.kind == "rows":
         return replace(form, axis=lined)  # where the operands' batch landed in the result
+    if form.kind == "unknown" and name not in _ADD | _MUL | _DIV and all(
+            f.kind == "rows" and not f.power for f in forms):
+        # entry by entry, every traced operand one example's rows on the same axis
+        # (torch.lerp, torch.maximum with a plain or per-example operand)
+        return Form("rows", axis=lined, per=next(f.per for f in forms))
     return form
 
 

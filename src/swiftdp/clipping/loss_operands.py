@@ -220,18 +220,19 @@ def shares_an_output(t: Tensor, ctx: Context) -> bool:
 def write_form(target: Traced, index: Any, value: Any, indexed: Form) -> Form:
     """The form of ``target`` after ``target[index] = value`` (``indexed``: ``target[index]``'s).
 
-    A constant written where the batch is kept whole, or through a mask of
-    the target's own shape, keeps it per-example; so does one example's own
-    value (rows). Anything else written into it — another example's row, a
-    value reduced over the batch — couples it.
+    A constant (a number, a plain tensor) written anywhere keeps it
+    per-example; so does one example's own value (rows) written where the
+    batch is kept whole or through a mask of the target's shape. Anything
+    else written into it — another example's row, a value reduced over the
+    batch — couples it.
     """
     fx = target.sdp_form
-    if fx.kind != "rows":
-        return fx
+    if fx.kind != "rows" or not isinstance(value, Traced):
+        return fx  # a constant written anywhere holds no other example
     mask = isinstance(index, Tensor) and index.dtype == torch.bool and index.shape == target.shape
     kept = mask or indexed.kind == "rows"
-    fv = value.sdp_form if isinstance(value, Traced) else None
-    if kept and (fv is None or (fv.kind == "rows" and not fv.power)):
+    fv = value.sdp_form
+    if kept and fv.kind == "rows" and not fv.power:
         return fx
     return coupled("a value is written into an output (or a tensor computed from one) where "
                    "it mixes the examples: into another example's rows, or one reduced over "

@@ -106,8 +106,8 @@ def coupled(why: str) -> Form:
 class Context:
     """What the forms of one checked step share: the batch and the step's hook."""
 
-    __slots__ = ("_defer", "_live", "_on_backward", "aliased", "batch", "handed", "ops",
-                 "poisoned")
+    __slots__ = ("__weakref__", "_defer", "_live", "_on_backward", "aliased", "batch", "handed",
+                 "ops", "poisoned")
 
     def __init__(self, batch: int, on_backward: Callable[[Tensor, Form], None],
                  defer: Callable[[Tensor, str], bool] | None = None,
@@ -131,6 +131,7 @@ class Context:
         # The memory of traced tensors with gradient that were detached (o.detach(), o.data):
         # a write into the detached alias changes them too.
         self.aliased: list[weakref.ref[Tensor]] = []
+        _LATEST[:] = [weakref.ref(self)]
         # What was done to the outputs with gradient, each distinct op once in first-use
         # order: the loss's fingerprint (a new one is checked at once; see
         # GradClipper._record_outputs).
@@ -208,9 +209,15 @@ class Traced(Tensor):
         ctxs = list({id(a.sdp_ctx): a.sdp_ctx for a in leaves if isinstance(a, Traced)}.values())
         if not ctxs:
             return out
-        ctx = next((c for c in ctxs if c.live()), ctxs[0])
+        live_ctxs = [c for c in ctxs if c.live()]
+        ctx = live_ctxs[0] if live_ctxs else _latest_live() or ctxs[0]
+        live = ctx.live()
+        # A traced value of a finished step (kept, e.g. detached) met while another step's
+        # loss is pending: other examples' outputs, whatever op it goes through.
+        carried = live and len(live_ctxs) < len(ctxs)
+        name = getattr(func, "__name__", repr(func))
         if func is _SETITEM:
-            _written(ctx, args)
+            _written(ctx, args, carried)
             return out
         grad = _grad_tensors(out)
         # A value without gradient is traced while the step's loss is still to come:
@@ -218,27 +225,28 @@ class Traced(Tensor):
         # no_grad, an argmax count) makes every example's term depend on the others
         # when it enters the loss, and no derivative shows it. Afterwards (logging,
         # a state carried into the next forward) it is a plain tensor again.
-        live = ctx.live()
-        if not grad and (not live or not _tensors(out) or getattr(func, "__name__", "") in _FRESH):
+        if not grad and (not live or not _tensors(out) or name in _FRESH):
             return out
-        if live and not grad and isinstance(args[0] if args else None, Traced) and (
-                args[0].requires_grad and getattr(func, "__name__", "") in _ALIASES):
-            ctx.aliased.append(weakref.ref(args[0]))
+        first = args[0] if args else None
+        if live and isinstance(first, Traced) and first.requires_grad and isinstance(
+                out, Tensor) and out is not first and _storage(out) == _storage(first):
+            ctx.aliased.append(weakref.ref(first))  # detach, .data, a view (under no_grad too)
         if grad:
             # Each distinct (op, zeros) once, in first-use order: a per-example loop's
             # fingerprint does not grow with B (a new batch size is not a new loss).
-            ctx.ops.setdefault((getattr(func, "__name__", repr(func)), _zeros(leaves)), None)
+            ctx.ops.setdefault((name, _zeros(leaves)), None)
         try:
             with torch._C.DisableTorchFunctionSubclass():
                 form = propagate(func, args, kwargs, out, ctx.batch, ctx)
         except Exception:  # never let the bookkeeping break the user's code
-            form = unknown(getattr(func, "__name__", repr(func)))
-        if len(ctxs) > 1 and live and not all(c.live() for c in ctxs):
-            form = coupled("a value computed from an earlier step's outputs (kept, e.g. "
-                           "detached, from another forward: other examples) enters this step's "
-                           "loss")
-        if live and not grad and form.kind != "rows" and args and out is args[0]:
-            _poison_if_output(ctx, out, getattr(func, "__name__", repr(func)))
+            form = unknown(name)
+        if carried:
+            form = coupled(_CARRIED)
+        if live:
+            targets = ([first] if first is not None and out is first else []) + [
+                t for t in pytree.tree_leaves(kwargs.get("out")) if isinstance(t, Tensor)]
+            for t in targets:
+                _wrote(ctx, t, form, name)
         return pytree.tree_map(lambda t: _tag(t, form, ctx, every=live), out)
 
     def __reduce_ex__(self, proto: Any) -> Any:
@@ -260,6 +268,32 @@ class Traced(Tensor):
 
 
 _REGISTER_HOOK = Tensor.register_hook
+_CARRIED = ("a value computed from an earlier step's outputs (kept, e.g. detached, from "
+            "another forward: other examples under Poisson sampling) enters this step's loss")
+_LATEST: list[weakref.ref[Context]] = []  # the most recent step's trace context
+
+
+def _latest_live() -> Context | None:
+    """The trace context of the step whose loss is pending, if any."""
+    c = _LATEST[0]() if _LATEST else None
+    return c if c is not None and c.live() else None
+
+
+def _wrote(ctx: Context, t: Tensor, form: Form, op: str) -> None:
+    """An op of a pending step wrote ``form`` into ``t`` (in place, or as ``out=``).
+
+    A plain tensor written from the outputs (``z.add_(o.detach().mean(0))``,
+    ``torch.mean(o.detach(), 0, out=z)``, a class-centroid table) becomes a
+    traced one, so the batch statistic it now holds is seen where it is used;
+    an alias of an output written with values across the examples poisons the
+    step.
+    """
+    if type(t) is Tensor:
+        t.__class__ = Traced  # (the user's own object: a new wrapper would leave it plain)
+    if isinstance(t, Traced):
+        t.sdp_form, t.sdp_ctx = form, ctx
+    if form.kind != "rows":
+        _poison_if_output(ctx, t, op)
 _ALIASES = frozenset({"detach", "__get__"})  # (__get__: the `.data` property)
 
 
@@ -272,35 +306,47 @@ def _storage(t: Tensor) -> int:
 _SETITEM = Tensor.__setitem__
 
 
-def _written(ctx: Context, args: tuple[Any, ...]) -> None:
-    """``target[index] = value`` on a traced tensor: the target's form after the write."""
+def _written(ctx: Context, args: tuple[Any, ...], carried: bool = False) -> None:
+    """``target[index] = value`` with a traced tensor in it: the target's form after the write."""
     from swiftdp.clipping.loss_forms import propagate
     from swiftdp.clipping.loss_operands import write_form
 
     target, index, value = (*args, None, None, None)[:3]
-    if not isinstance(target, Traced) or (not ctx.live() and not target.requires_grad):
+    if not isinstance(target, Tensor) or (not ctx.live() and not target.requires_grad):
         return
     try:
-        with torch._C.DisableTorchFunctionSubclass():
-            view = target.as_subclass(Tensor)[index]
-        indexed = propagate(Tensor.__getitem__, (target, index), {}, view, ctx.batch, ctx)
-        form = write_form(target, index, value, indexed)
+        if carried:
+            form = coupled(_CARRIED)
+        elif not isinstance(target, Traced):  # a plain tensor filled from the outputs
+            whole = index is Ellipsis or index == slice(None)
+            fv = value.sdp_form if isinstance(value, Traced) else None
+            form = fv if whole and fv is not None and fv.kind == "rows" and isinstance(
+                value, Tensor) and value.shape == target.shape else (
+                fv if fv is not None and fv.kind == "coupled" else unknown(
+                    "__setitem__ into a plain tensor"))
+        else:
+            with torch._C.DisableTorchFunctionSubclass():
+                view = target.as_subclass(Tensor)[index]
+            indexed = propagate(Tensor.__getitem__, (target, index), {}, view, ctx.batch, ctx)
+            form = write_form(target, index, value, indexed)
     except Exception:  # never let the bookkeeping break the user's code
         form = unknown("__setitem__")
-    target.sdp_form = form
-    if form.kind != "rows" and not target.requires_grad:
-        _poison_if_output(ctx, target, "__setitem__")
+    if ctx.live():
+        _wrote(ctx, target, form, "__setitem__")
 
 
 def _poison_if_output(ctx: Context, t: Tensor, op: str) -> None:
-    """An in-place op without gradient left ``t`` mixing the examples: if ``t`` is an alias of
-    an output (``o.detach()``, ``o.data``), the output itself changed, unseen by autograd."""
+    """An in-place op left ``t`` mixing the examples: if ``t`` shares memory with an output
+    or a tensor computed from one (``o.detach()``, ``o.data``, a view, under ``no_grad``
+    too), that tensor changed, and neither its form nor autograd may show it."""
     from swiftdp.clipping.loss_operands import shares_an_output
 
     if not ctx.poisoned and shares_an_output(t, ctx):
-        ctx.poisoned = (f"`{op}` in place on an alias of a model output without gradient "
-                        "(o.detach(), o.data) changed the output itself with values across the "
-                        "examples, which autograd does not see")
+        ctx.poisoned = (f"`{op}` in place on an alias of a model output (o.detach(), o.data, "
+                        "a view) changed the output itself with values across the examples, "
+                        "which its trace and autograd do not see")
+
+
 # New tensors whose values do not come from their operand's (its shape, dtype and device only)
 _FRESH = frozenset({"zeros_like", "ones_like", "full_like", "empty_like", "rand_like",
                     "randn_like", "randint_like", "new_zeros", "new_ones", "new_full",
