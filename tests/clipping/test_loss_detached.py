@@ -14,6 +14,7 @@ one-example-at-a-time reference.
 
 from __future__ import annotations
 
+import copy
 import io
 from collections.abc import Callable
 
@@ -211,3 +212,26 @@ def test_a_detached_output_carried_into_the_next_step_is_a_plain_tensor():
     finally:
         clipper.remove()
 
+
+
+def test_a_deep_copy_of_the_model_is_a_plain_model():
+    # an EMA teacher copied between a forward and its backward, and used after it
+    x, y = _data()
+    model = _mlp()
+    clipper = swiftdp.GradClipper(model, C)
+    try:
+        out = model(x)
+        teacher = copy.deepcopy(model)
+        F.cross_entropy(out, y).backward()
+        want, _ = reference_clipped_sum(_mlp(), lambda o, t: F.cross_entropy(o, t), x, y, C)
+        assert max_rel_error([p.grad for p in model.parameters()], want) < 1e-9
+        # the copy trains as plain PyTorch: full-batch gradients, no clipping, no step
+        t_out = teacher(x)
+        assert type(t_out) is Tensor
+        F.cross_entropy(t_out, y).backward()
+        plain = _mlp()
+        F.cross_entropy(plain(x), y).backward()
+        assert max_rel_error([p.grad for p in teacher.parameters()],
+                             [p.grad for p in plain.parameters()]) < 1e-12
+    finally:
+        clipper.remove()
