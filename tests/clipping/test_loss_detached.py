@@ -193,25 +193,33 @@ def test_per_example_detached_targets_masks_and_weights_are_accepted_and_exact(c
     _exact(loss_fn)
 
 
-def test_a_detached_output_carried_into_the_next_step_is_a_plain_tensor():
-    # truncated-BPTT style: the previous step's detached output feeds the next forward
+def test_a_detached_output_carried_into_the_next_step_is_refused():
+    # A state carried across batches (truncated-BPTT style, the previous step's detached
+    # output fed to the next forward, here through an op outside the model) holds other
+    # examples' data under Poisson sampling: refused at the step it enters. Saving it and
+    # logging with it work.
     x, y = _data()
     model = nn.Sequential(nn.Linear(D + K, 8), nn.Tanh(), nn.Linear(8, K)).double()
     clipper = swiftdp.GradClipper(model, C)
     try:
-        carry = torch.zeros(B, K, dtype=F64)
-        for _ in range(3):
-            out = model(torch.cat([x, carry], 1))
-            carry = out.detach()
-            F.cross_entropy(out, y).backward()
-            assert type(carry * 2) is Tensor  # after the backward: plain results
+        out = model(torch.cat([x, torch.zeros(B, K, dtype=F64)], 1))
+        carry = out.detach()
+        F.cross_entropy(out, y).backward()
+        _ = float(carry.norm())  # logging
         buf = io.BytesIO()
         torch.save(carry, buf)  # saves as the plain tensor it holds
         buf.seek(0)
         assert type(torch.load(buf)) is Tensor
+        out = model(torch.cat([x, carry], 1))
+        with pytest.raises(ExampleMixingError, match="earlier step's outputs"):
+            F.cross_entropy(out, y).backward()
+        # started afresh, the next batch trains
+        for p in model.parameters():
+            p.grad = None
+        F.cross_entropy(model(torch.cat([x, torch.zeros(B, K, dtype=F64)], 1)), y).backward()
+        assert all(p.grad is not None for p in model.parameters())
     finally:
         clipper.remove()
-
 
 
 def test_a_deep_copy_of_the_model_is_a_plain_model():

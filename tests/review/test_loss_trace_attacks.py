@@ -529,8 +529,9 @@ def test_ordinary_uses_of_the_traced_outputs_work():
     _acc, value, arr, history, twin = _first_step(fn)
     assert isinstance(value, float) and arr.shape == (B, K) and type(twin) is Tensor
     # a value detached before the backward is traced (a batch statistic of it must not
-    # enter the loss); after the step it computes plain tensors, and saves as one
-    assert isinstance(history[0], Tensor) and type(history[0] + 1) is Tensor
+    # enter the loss), and stays so after the step (a carried value must not enter a later
+    # step's loss or forward); it computes and saves as a tensor
+    assert isinstance(history[0], Tensor) and isinstance(history[0] + 1, Tensor)
     buf = io.BytesIO()
     torch.save(history[0], buf)
     buf.seek(0)

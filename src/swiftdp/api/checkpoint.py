@@ -59,6 +59,7 @@ from swiftdp.api.envelope import corrupt as _corrupt
 from swiftdp.api.envelope import parse_header as _parse_header
 from swiftdp.api.envelope import write_envelope as _write_envelope
 from swiftdp.api.fingerprint import FINGERPRINT_SAMPLE, FULL_FINGERPRINT_LIMIT, dataset_fingerprint
+from swiftdp.clipping.loss_trace import Traced
 from swiftdp.errors import CheckpointError, InvalidArgumentError
 from swiftdp.io import atomic_torch_save, atomic_write
 from swiftdp.optim.noise import is_secure, reseed_from_os_entropy
@@ -417,7 +418,7 @@ def run_dataset_fingerprint(run: Run) -> str:
 def _check_plain(value: Any, where: str) -> None:
     """Refuse values that ``torch.load(weights_only=True)`` would not rebuild."""
     kind = type(value)
-    if kind in _PLAIN_TYPES:
+    if kind in _PLAIN_TYPES or isinstance(value, Traced):  # (Traced pickles as a plain tensor)
         return
     if kind in (dict, OrderedDict):
         for key, item in value.items():

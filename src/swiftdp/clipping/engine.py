@@ -374,6 +374,7 @@ class GradClipper:
         if not active:
             return None
         self._session_root = module
+        loss_trace.forward_begins()
         step = self._step
         if step is None or step.started:  # leftovers of a backward that raised are dropped
             step = self._new_step()
@@ -521,6 +522,7 @@ class GradClipper:
         the view and never reaches the layers' output-gradient hooks: a
         gradient for logging is not a training backward.
         """
+        carried = loss_trace.forward_ends()
         views, originals = loss_trace.plain_views(output)  # one pass on the per-step path
         step.outputs = [OutputRef(t) for t in originals]
         if not step.outputs:
@@ -547,7 +549,7 @@ class GradClipper:
                 return dim if carries else None
 
             return loss_trace.trace_outputs(output, step.batch_size, self.batch_dim, ctx,
-                                            axis_of)
+                                            axis_of, carried)
         return views
 
     # ------------------------------------------------------ per-example loss

@@ -109,6 +109,10 @@ def _rule(func: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], o
     if name == "where":
         return operands.where(args, kwargs)
     x = args[0] if args else kwargs.get("input")
+    src = args[1] if len(args) > 1 else kwargs.get("src")
+    if name == "copy_" and isinstance(src, Traced) and isinstance(x, Tensor) and (
+            src.sdp_form.kind == "rows" and tuple(src.shape) == tuple(x.shape)):
+        return src.sdp_form  # the values of each example's own rows, copied whole
     if name in operands.SCATTER:
         return operands.scatter(name, x, args, kwargs)
     if not isinstance(x, Traced):

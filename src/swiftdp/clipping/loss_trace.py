@@ -107,7 +107,7 @@ class Context:
     """What the forms of one checked step share: the batch and the step's hook."""
 
     __slots__ = ("__weakref__", "_defer", "_live", "_on_backward", "aliased", "batch", "handed",
-                 "ops", "poisoned")
+                 "ops", "poisoned", "written")
 
     def __init__(self, batch: int, on_backward: Callable[[Tensor, Form], None],
                  defer: Callable[[Tensor, str], bool] | None = None,
@@ -131,6 +131,9 @@ class Context:
         # The memory of traced tensors with gradient that were detached (o.detach(), o.data):
         # a write into the detached alias changes them too.
         self.aliased: list[weakref.ref[Tensor]] = []
+        # Plain tensors written from the outputs with a batch statistic (now traced): a
+        # plain tensor sharing their memory (z.data, a view taken before) holds it too.
+        self.written: list[Tensor] = []  # (held: a `z.data` alias is dropped at once)
         _LATEST[:] = [weakref.ref(self)]
         # What was done to the outputs with gradient, each distinct op once in first-use
         # order: the loss's fingerprint (a new one is checked at once; see
@@ -210,6 +213,8 @@ class Traced(Tensor):
         if not ctxs:
             return out
         live_ctxs = [c for c in ctxs if c.live()]
+        if _FORWARD[0] and not live_ctxs:
+            _FORWARD[1] = True  # a finished step's value used inside the model's forward
         ctx = live_ctxs[0] if live_ctxs else _latest_live() or ctxs[0]
         live = ctx.live()
         # A traced value of a finished step (kept, e.g. detached) met while another step's
@@ -223,10 +228,14 @@ class Traced(Tensor):
         # A value without gradient is traced while the step's loss is still to come:
         # a batch statistic of the outputs taken detached (o.detach().mean(0), under
         # no_grad, an argmax count) makes every example's term depend on the others
-        # when it enters the loss, and no derivative shows it. Afterwards (logging,
-        # a state carried into the next forward) it is a plain tensor again.
-        if not grad and (not live or not _tensors(out) or name in _FRESH):
+        # when it enters the loss, and no derivative shows it. Afterwards it stays traced
+        # as a value carried from a finished step (a queue of past outputs, a hidden
+        # state): refused if it enters a later step's loss or the model's forward.
+        if not grad and (not _tensors(out) or name in _FRESH):
             return out
+        if not grad and not live:
+            carried_form = coupled(_CARRIED)
+            return pytree.tree_map(lambda t: _tag(t, carried_form, ctx, every=True), out)
         first = args[0] if args else None
         if live and isinstance(first, Traced) and first.requires_grad and isinstance(
                 out, Tensor) and out is not first and _storage(out) == _storage(first):
@@ -235,6 +244,8 @@ class Traced(Tensor):
             # Each distinct (op, zeros) once, in first-use order: a per-example loop's
             # fingerprint does not grow with B (a new batch size is not a new loss).
             ctx.ops.setdefault((name, _zeros(leaves)), None)
+        if live and ctx.written:
+            _shared_with_written(ctx, leaves)
         try:
             with torch._C.DisableTorchFunctionSubclass():
                 form = propagate(func, args, kwargs, out, ctx.batch, ctx)
@@ -243,10 +254,17 @@ class Traced(Tensor):
         if carried:
             form = coupled(_CARRIED)
         if live:
-            targets = ([first] if first is not None and out is first else []) + [
-                t for t in pytree.tree_leaves(kwargs.get("out")) if isinstance(t, Tensor)]
-            for t in targets:
-                _wrote(ctx, t, form, name)
+            written = (pytree.tree_leaves(first) if first is not None and out is first else []) + (
+                pytree.tree_leaves(kwargs.get("out")))
+            if name in _RUNNING_STATS and kwargs.get("training", len(args) > 5 and args[5]):
+                written += [a for a in args[1:3] if isinstance(a, Tensor)]  # running stats
+            for t in written:
+                if isinstance(t, Tensor):
+                    try:
+                        _wrote(ctx, t, form if name not in _RUNNING_STATS else unknown(name),
+                               name)
+                    except Exception:  # never let the bookkeeping break the user's code
+                        pass
         return pytree.tree_map(lambda t: _tag(t, form, ctx, every=live), out)
 
     def __reduce_ex__(self, proto: Any) -> Any:
@@ -270,7 +288,29 @@ class Traced(Tensor):
 _REGISTER_HOOK = Tensor.register_hook
 _CARRIED = ("a value computed from an earlier step's outputs (kept, e.g. detached, from "
             "another forward: other examples under Poisson sampling) enters this step's loss")
+_CARRIED_FORWARD = (
+    "the model's forward used a value computed from an earlier step's outputs (a hidden state "
+    "or a statistic kept across batches, a module buffer written from them): other examples' "
+    "data under Poisson sampling; start each batch's state afresh")
 _LATEST: list[weakref.ref[Context]] = []  # the most recent step's trace context
+# ops that update their running-statistic arguments in place (training=True)
+_RUNNING_STATS = frozenset({"batch_norm", "instance_norm"})
+
+
+_FORWARD = [False, False]  # in the private model's forward; a finished step's value used in it
+
+
+def forward_begins() -> None:
+    """The engine's root forward starts: watch for values kept from a finished step."""
+    _FORWARD[:] = [True, False]
+
+
+def forward_ends() -> bool:
+    """The root forward ended: whether it used a traced value of a finished step (a hidden
+    state or a statistic kept from an earlier step's outputs: other examples' data)."""
+    used = _FORWARD[1]
+    _FORWARD[:] = [False, False]
+    return used
 
 
 def _latest_live() -> Context | None:
@@ -288,10 +328,17 @@ def _wrote(ctx: Context, t: Tensor, form: Form, op: str) -> None:
     an alias of an output written with values across the examples poisons the
     step.
     """
+    with torch._C.DisableTorchFunctionSubclass():
+        base = t._base  # a view written in place writes its base too (the user's object)
     if type(t) is Tensor:
         t.__class__ = Traced  # (the user's own object: a new wrapper would leave it plain)
+        if form.kind != "rows":
+            ctx.written.append(t)
     if isinstance(t, Traced):
         t.sdp_form, t.sdp_ctx = form, ctx
+    if isinstance(base, Tensor) and form.kind != "rows" and type(base) in (Tensor, Traced):
+        _retag(base, form if form.kind == "coupled" else unknown(
+            f"{op} into a view of it, from the outputs"), ctx)
     if form.kind != "rows":
         _poison_if_output(ctx, t, op)
 _ALIASES = frozenset({"detach", "__get__"})  # (__get__: the `.data` property)
@@ -317,13 +364,16 @@ def _written(ctx: Context, args: tuple[Any, ...], carried: bool = False) -> None
     try:
         if carried:
             form = coupled(_CARRIED)
+        elif not isinstance(target, Traced) and _own_rows(target, index, value):
+            form = Form("rows")  # target[arange(B), per-example index] = a constant
         elif not isinstance(target, Traced):  # a plain tensor filled from the outputs
             whole = index is Ellipsis or index == slice(None)
             fv = value.sdp_form if isinstance(value, Traced) else None
             form = fv if whole and fv is not None and fv.kind == "rows" and isinstance(
                 value, Tensor) and value.shape == target.shape else (
                 fv if fv is not None and fv.kind == "coupled" else unknown(
-                    "__setitem__ into a plain tensor"))
+                    "__setitem__ into a plain tensor (write per-example values with "
+                    "torch.where(mask, value, target) or target[:] = value)"))
         else:
             with torch._C.DisableTorchFunctionSubclass():
                 view = target.as_subclass(Tensor)[index]
@@ -333,6 +383,37 @@ def _written(ctx: Context, args: tuple[Any, ...], carried: bool = False) -> None
         form = unknown("__setitem__")
     if ctx.live():
         _wrote(ctx, target, form, "__setitem__")
+
+
+def _own_rows(target: Tensor, index: Any, value: Any) -> bool:
+    """``target[torch.arange(B), idx] = c``: each example writes a constant into its own row."""
+    if isinstance(value, Traced) or not isinstance(index, tuple) or len(index) < 2:
+        return False
+    rows, rest = index[0], index[1:]
+    n = target.shape[0] if target.dim() else 0
+    if not isinstance(rows, Tensor) or isinstance(rows, Traced) or rows.shape != (n,):
+        return False
+    with torch._C.DisableTorchFunctionSubclass():
+        if not torch.equal(rows.cpu(), torch.arange(n)):
+            return False
+    return all(not isinstance(i, Traced) or (i.sdp_form.kind == "rows" and i.sdp_form.axis == 0
+                                             and i.shape == (n,)) for i in rest)
+
+
+def _shared_with_written(ctx: Context, leaves: list[Any]) -> None:
+    """Plain operands sharing memory with a tensor written from the outputs become traced."""
+    written = {_storage(w) for w in ctx.written}
+    written.discard(0)
+    for a in leaves:
+        if type(a) is Tensor and _storage(a) in written:
+            _retag(a, unknown("a tensor sharing memory with one written from the outputs"), ctx)
+
+
+def _retag(t: Tensor, form: Form, ctx: Context) -> None:
+    """Make the user's own tensor object ``t`` a :class:`Traced` one of ``form``."""
+    t.__class__ = Traced
+    traced: Any = t
+    traced.sdp_form, traced.sdp_ctx = form, ctx
 
 
 def _poison_if_output(ctx: Context, t: Tensor, op: str) -> None:
@@ -366,7 +447,8 @@ def _zeros(leaves: list[Any]) -> tuple[int, ...]:
 
 
 def trace_outputs(output: Any, batch: int, batch_dim: int, ctx: Context,
-                  axis_of: Callable[[Tensor], int | None] = lambda t: None) -> Any:
+                  axis_of: Callable[[Tensor], int | None] = lambda t: None,
+                  carried: bool = False) -> Any:
     """The outputs as :class:`Traced` tensors, each with its batch axis (or ``unknown``).
 
     ``axis_of`` gives the batch dimension the engine tracked to an output
@@ -387,8 +469,9 @@ def trace_outputs(output: Any, batch: int, batch_dim: int, ctx: Context,
             if t.dim() > d and t.shape[d] != batch and len(sized) == 1:
                 d = sized[0]
         rows = t.dim() > d and t.shape[d] == batch
-        out = _tag(t, Form("rows", axis=d) if rows else unknown("a model output without "
-                                                               "the batch dimension"), ctx)
+        form = coupled(_CARRIED_FORWARD) if carried else Form("rows", axis=d) if rows else (
+            unknown("a model output without the batch dimension"))
+        out = _tag(t, form, ctx)
         ctx.handed.append(weakref.ref(out))
         return out
     return map_outputs(wrap, output)
