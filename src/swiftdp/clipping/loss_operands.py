@@ -208,13 +208,13 @@ def _common_axis(tensors: list[Tensor], leaves: list[Traced]) -> int | bool | No
 def shares_an_output(t: Tensor, ctx: Context) -> bool:
     """Whether ``t`` shares memory with an output handed out at ``ctx``'s step, or with a
     traced tensor with gradient that was detached there."""
-    from swiftdp.clipping.loss_trace import _storage
+    from swiftdp.clipping.loss_writes import storage
 
-    ptr = _storage(t)
+    ptr = storage(t)
     if not ptr:
         return False
     alive = (r() for r in [*ctx.handed, *ctx.aliased])
-    return any(o is not None and _storage(o) == ptr for o in alive)
+    return any(o is not None and storage(o) == ptr for o in alive)
 
 
 def write_form(target: Traced, index: Any, value: Any, indexed: Form) -> Form:

@@ -182,6 +182,7 @@ class Traced(Tensor):
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: Any = (),
                            kwargs: Any = None) -> Any:
+        from swiftdp.clipping import loss_writes as writes
         from swiftdp.clipping.loss_forms import propagate
 
         kwargs = kwargs or {}
@@ -222,7 +223,7 @@ class Traced(Tensor):
         carried = live and len(live_ctxs) < len(ctxs)
         name = getattr(func, "__name__", repr(func))
         if func is _SETITEM:
-            _written(ctx, args, carried)
+            writes.written(ctx, args, carried)
             return out
         grad = _grad_tensors(out)
         # A value without gradient is traced while the step's loss is still to come:
@@ -238,14 +239,14 @@ class Traced(Tensor):
             return pytree.tree_map(lambda t: _tag(t, carried_form, ctx, every=True), out)
         first = args[0] if args else None
         if live and isinstance(first, Traced) and first.requires_grad and isinstance(
-                out, Tensor) and out is not first and _storage(out) == _storage(first):
+                out, Tensor) and out is not first and writes.storage(out) == writes.storage(first):
             ctx.aliased.append(weakref.ref(first))  # detach, .data, a view (under no_grad too)
         if grad:
             # Each distinct (op, zeros) once, in first-use order: a per-example loop's
             # fingerprint does not grow with B (a new batch size is not a new loss).
             ctx.ops.setdefault((name, _zeros(leaves)), None)
         if live and ctx.written:
-            _shared_with_written(ctx, leaves)
+            writes.shared_with_written(ctx, leaves)
         try:
             with torch._C.DisableTorchFunctionSubclass():
                 form = propagate(func, args, kwargs, out, ctx.batch, ctx)
@@ -261,8 +262,8 @@ class Traced(Tensor):
             for t in written:
                 if isinstance(t, Tensor):
                     try:
-                        _wrote(ctx, t, form if name not in _RUNNING_STATS else unknown(name),
-                               name)
+                        writes.wrote(ctx, t, form if name not in _RUNNING_STATS else unknown(name),
+                                     name)
                     except Exception:  # never let the bookkeeping break the user's code
                         pass
         return pytree.tree_map(lambda t: _tag(t, form, ctx, every=live), out)
@@ -319,113 +320,8 @@ def _latest_live() -> Context | None:
     return c if c is not None and c.live() else None
 
 
-def _wrote(ctx: Context, t: Tensor, form: Form, op: str) -> None:
-    """An op of a pending step wrote ``form`` into ``t`` (in place, or as ``out=``).
-
-    A plain tensor written from the outputs (``z.add_(o.detach().mean(0))``,
-    ``torch.mean(o.detach(), 0, out=z)``, a class-centroid table) becomes a
-    traced one, so the batch statistic it now holds is seen where it is used;
-    an alias of an output written with values across the examples poisons the
-    step.
-    """
-    with torch._C.DisableTorchFunctionSubclass():
-        base = t._base  # a view written in place writes its base too (the user's object)
-    if type(t) is Tensor:
-        t.__class__ = Traced  # (the user's own object: a new wrapper would leave it plain)
-        if form.kind != "rows":
-            ctx.written.append(t)
-    if isinstance(t, Traced):
-        t.sdp_form, t.sdp_ctx = form, ctx
-    if isinstance(base, Tensor) and form.kind != "rows" and type(base) in (Tensor, Traced):
-        _retag(base, form if form.kind == "coupled" else unknown(
-            f"{op} into a view of it, from the outputs"), ctx)
-    if form.kind != "rows":
-        _poison_if_output(ctx, t, op)
 _ALIASES = frozenset({"detach", "__get__"})  # (__get__: the `.data` property)
-
-
-def _storage(t: Tensor) -> int:
-    """The address of ``t``'s memory (0 where it has none to read)."""
-    try:
-        return int(t.untyped_storage().data_ptr())
-    except (RuntimeError, NotImplementedError):
-        return 0
 _SETITEM = Tensor.__setitem__
-
-
-def _written(ctx: Context, args: tuple[Any, ...], carried: bool = False) -> None:
-    """``target[index] = value`` with a traced tensor in it: the target's form after the write."""
-    from swiftdp.clipping.loss_forms import propagate
-    from swiftdp.clipping.loss_operands import write_form
-
-    target, index, value = (*args, None, None, None)[:3]
-    if not isinstance(target, Tensor) or (not ctx.live() and not target.requires_grad):
-        return
-    try:
-        if carried:
-            form = coupled(_CARRIED)
-        elif not isinstance(target, Traced) and _own_rows(target, index, value):
-            form = Form("rows")  # target[arange(B), per-example index] = a constant
-        elif not isinstance(target, Traced):  # a plain tensor filled from the outputs
-            whole = index is Ellipsis or index == slice(None)
-            fv = value.sdp_form if isinstance(value, Traced) else None
-            form = fv if whole and fv is not None and fv.kind == "rows" and isinstance(
-                value, Tensor) and value.shape == target.shape else (
-                fv if fv is not None and fv.kind == "coupled" else unknown(
-                    "__setitem__ into a plain tensor (write per-example values with "
-                    "torch.where(mask, value, target) or target[:] = value)"))
-        else:
-            with torch._C.DisableTorchFunctionSubclass():
-                view = target.as_subclass(Tensor)[index]
-            indexed = propagate(Tensor.__getitem__, (target, index), {}, view, ctx.batch, ctx)
-            form = write_form(target, index, value, indexed)
-    except Exception:  # never let the bookkeeping break the user's code
-        form = unknown("__setitem__")
-    if ctx.live():
-        _wrote(ctx, target, form, "__setitem__")
-
-
-def _own_rows(target: Tensor, index: Any, value: Any) -> bool:
-    """``target[torch.arange(B), idx] = c``: each example writes a constant into its own row."""
-    if isinstance(value, Traced) or not isinstance(index, tuple) or len(index) < 2:
-        return False
-    rows, rest = index[0], index[1:]
-    n = target.shape[0] if target.dim() else 0
-    if not isinstance(rows, Tensor) or isinstance(rows, Traced) or rows.shape != (n,):
-        return False
-    with torch._C.DisableTorchFunctionSubclass():
-        if not torch.equal(rows.cpu(), torch.arange(n)):
-            return False
-    return all(not isinstance(i, Traced) or (i.sdp_form.kind == "rows" and i.sdp_form.axis == 0
-                                             and i.shape == (n,)) for i in rest)
-
-
-def _shared_with_written(ctx: Context, leaves: list[Any]) -> None:
-    """Plain operands sharing memory with a tensor written from the outputs become traced."""
-    written = {_storage(w) for w in ctx.written}
-    written.discard(0)
-    for a in leaves:
-        if type(a) is Tensor and _storage(a) in written:
-            _retag(a, unknown("a tensor sharing memory with one written from the outputs"), ctx)
-
-
-def _retag(t: Tensor, form: Form, ctx: Context) -> None:
-    """Make the user's own tensor object ``t`` a :class:`Traced` one of ``form``."""
-    t.__class__ = Traced
-    traced: Any = t
-    traced.sdp_form, traced.sdp_ctx = form, ctx
-
-
-def _poison_if_output(ctx: Context, t: Tensor, op: str) -> None:
-    """An in-place op left ``t`` mixing the examples: if ``t`` shares memory with an output
-    or a tensor computed from one (``o.detach()``, ``o.data``, a view, under ``no_grad``
-    too), that tensor changed, and neither its form nor autograd may show it."""
-    from swiftdp.clipping.loss_operands import shares_an_output
-
-    if not ctx.poisoned and shares_an_output(t, ctx):
-        ctx.poisoned = (f"`{op}` in place on an alias of a model output (o.detach(), o.data, "
-                        "a view) changed the output itself with values across the examples, "
-                        "which its trace and autograd do not see")
 
 
 # New tensors whose values do not come from their operand's (its shape, dtype and device only)
