@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import io
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -24,25 +23,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import swiftdp
+from support.loss_cases import F64, B, C, D, K, LossFn, sensitivity
+from support.loss_cases import data as _data
+from support.loss_cases import exact as _exact
+from support.loss_cases import mlp as _mlp
 from support.oracle import max_rel_error, reference_clipped_sum
-from support.sensitivity import neighbour_sensitivity
 from swiftdp.errors import ExampleMixingError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-F64 = torch.float64
-B, D, K = 6, 4, 3
-C = 0.5
-
-
-def _mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, K)).double()
-
-
-def _data() -> tuple[Tensor, Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(B, D, generator=g, dtype=F64), torch.randint(0, K, (B,), generator=g)
 
 
 def _ce_none(o: Tensor, y: Tensor) -> Tensor:
@@ -54,8 +42,6 @@ def _no_grad_centre(o: Tensor, y: Tensor) -> Tensor:
         m = o.mean(0)
     return F.cross_entropy(o - m, y)
 
-
-LossFn = Callable[[Tensor, Tensor], Tensor]
 
 # Each makes example i's term depend on the other examples' outputs through a value
 # autograd treats as a constant (scalar losses, loss.backward()).
@@ -106,12 +92,8 @@ def test_per_example_losses_with_a_detached_batch_statistic_are_refused(case, lo
         clipper.remove()
 
 
-def _outlier() -> tuple[Tensor, Tensor]:
-    """Example 0 points the other way, 100 times larger: it sets the sign of the batch mean."""
-    x = torch.zeros(B, D, dtype=F64)
-    x[:, 0] = 1.0
-    x[0, 0] = -100.0
-    return x, torch.zeros(B, dtype=torch.long)
+def _sensitivity(loss_fn: LossFn, check: bool) -> float:
+    return sensitivity(loss_fn, make=_linear, check=check)  # (batch: support's centre_outlier)
 
 
 def _linear() -> nn.Module:
@@ -120,19 +102,6 @@ def _linear() -> nn.Module:
         m.weight.zero_()
         m.weight[0, 0] = 1.0
     return m
-
-
-def _sensitivity(loss_fn: LossFn, check: bool) -> float:
-    def run(batch: tuple[Tensor, Tensor]) -> list[Tensor]:
-        xs, ys = batch
-        model = _linear()
-        clipper = swiftdp.GradClipper(model, C, check_loss=check, loss_reduction="sum")
-        try:
-            loss_fn(model(xs), ys).backward()
-        finally:
-            clipper.remove()
-        return [p.grad.detach().clone() for p in model.parameters()]
-    return neighbour_sensitivity(run, _outlier(), B)
 
 
 def test_the_detached_batch_mean_leaks_without_the_check():
@@ -150,18 +119,6 @@ def test_the_detached_batch_mean_leaks_without_the_check():
     assert _sensitivity(own, check=True) <= C * (1 + 1e-9)
     with pytest.raises(ExampleMixingError, match="couples the examples"):
         _sensitivity(coupled, check=True)
-
-
-def _exact(loss_fn: LossFn) -> None:
-    x, y = _data()
-    want, _ = reference_clipped_sum(_mlp(), loss_fn, x, y, C)
-    model = _mlp()
-    clipper = swiftdp.GradClipper(model, C)
-    try:
-        loss_fn(model(x), y).backward()
-    finally:
-        clipper.remove()
-    assert max_rel_error([p.grad for p in model.parameters()], want) < 1e-9
 
 
 def _logged_first(o: Tensor, y: Tensor) -> Tensor:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import io
 import warnings
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -27,49 +26,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import swiftdp
-from support.oracle import max_rel_error, reference_clipped_sum
-from support.sensitivity import neighbour_sensitivity
+from support.loss_cases import F64, B, C, D, K, LossFn
+from support.loss_cases import centre_outlier as _centre_outlier
+from support.loss_cases import data as _data
+from support.loss_cases import exact as _exact
+from support.loss_cases import mlp as _mlp
+from support.loss_cases import refused_or_bounded as _refused_or_bounded
 from swiftdp.clipping.guard import IndependenceCheck
-from swiftdp.errors import ExampleMixingError, SwiftDPError
+from swiftdp.errors import ExampleMixingError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-F64 = torch.float64
-B, D, K = 6, 4, 3
-C = 0.5
-BOUND = C * (1 + 1e-6)
-LossFn = Callable[[Tensor, Tensor], Tensor]
-
 
 # ------------------------------------------------------------------ fixtures
-def _mlp(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, K)).double()
-
-
-def _data() -> tuple[Tensor, Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(B, D, generator=g, dtype=F64), torch.randint(0, K, (B,), generator=g)
-
-
-def _linear() -> nn.Module:
-    """o_i = (x_i0, x_i1, 0): the outputs are the inputs' first two coordinates."""
-    m = nn.Linear(D, K, bias=False).double()
-    with torch.no_grad():
-        m.weight.zero_()
-        m.weight[0, 0] = 1.0
-        m.weight[1, 1] = 1.0
-    return m
-
-
-def _centre_outlier() -> tuple[Tensor, Tensor]:
-    """Example 0 points the other way, 100 times larger: it sets the sign of the batch mean."""
-    x = torch.zeros(B, D, dtype=F64)
-    x[:, 0] = 1.0
-    x[0, 0] = -100.0
-    return x, torch.zeros(B, dtype=torch.long)
-
-
 def _key_outlier() -> tuple[Tensor, Tensor]:
     """Example 0's output dominates every other example's similarities, in another direction."""
     x = torch.zeros(B, D, dtype=F64)
@@ -80,42 +49,6 @@ def _key_outlier() -> tuple[Tensor, Tensor]:
 
 def _ce_none(o: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(o, y, reduction="none")
-
-
-def _sensitivity(loss_fn: LossFn, batch: tuple[Tensor, Tensor], *, vector: bool = False,
-                 check: bool = True) -> float:
-    def run(b: tuple[Tensor, Tensor]) -> list[Tensor]:
-        xs, ys = b
-        model = _linear()
-        clipper = swiftdp.GradClipper(model, C, loss_reduction="sum", check_loss=check)
-        try:
-            loss = loss_fn(model(xs), ys)
-            clipper.backward(loss) if vector else loss.backward()
-        finally:
-            clipper.remove()
-        return [p.grad.detach().clone() for p in model.parameters()]
-    return neighbour_sensitivity(run, batch, B)
-
-
-def _refused_or_bounded(loss_fn: LossFn, batch: tuple[Tensor, Tensor], *,
-                        vector: bool = False) -> None:
-    try:
-        s = _sensitivity(loss_fn, batch, vector=vector)
-    except SwiftDPError:
-        return
-    assert s <= BOUND, f"accepted silently, neighbour sensitivity {s / C:.2f} C"
-
-
-def _exact(loss_fn: LossFn) -> None:
-    x, y = _data()
-    want, _ = reference_clipped_sum(_mlp(), loss_fn, x, y, C)
-    model = _mlp()
-    clipper = swiftdp.GradClipper(model, C)
-    try:
-        loss_fn(model(x), y).backward()
-    finally:
-        clipper.remove()
-    assert max_rel_error([p.grad for p in model.parameters()], want) < 1e-9
 
 
 # ============================== 1. leaks: in place through a detached alias of the output

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import io
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -26,27 +25,15 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import swiftdp
-from support.oracle import max_rel_error, reference_clipped_sum
+from support.loss_cases import BOUND, F64, B, C, D, K, LossFn, refused_or_bounded
+from support.loss_cases import centre_outlier as _centre_outlier
+from support.loss_cases import data as _data
+from support.loss_cases import exact as _exact
+from support.loss_cases import mlp as _mlp
 from support.sensitivity import neighbour_sensitivity
 from swiftdp.errors import ExampleMixingError, SwiftDPError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-F64 = torch.float64
-B, D, K = 6, 4, 3
-C = 0.5
-BOUND = C * (1 + 1e-6)
-LossFn = Callable[[Tensor, Tensor], Tensor]
-
-
-def _mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, K)).double()
-
-
-def _data() -> tuple[Tensor, Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(B, D, generator=g, dtype=F64), torch.randint(0, K, (B,), generator=g)
 
 
 class _Linear(nn.Module):
@@ -65,45 +52,12 @@ class _Linear(nn.Module):
         return self.l(x) - self.centre
 
 
-def _centre_outlier() -> tuple[Tensor, Tensor]:
-    """Example 0 points the other way, 100 times larger: it sets the sign of the batch mean."""
-    x = torch.zeros(B, D, dtype=F64)
-    x[:, 0] = 1.0
-    x[0, 0] = -100.0
-    return x, torch.zeros(B, dtype=torch.long)
+def _refused_or_bounded(loss_fn: LossFn) -> None:
+    refused_or_bounded(loss_fn, make=_Linear)
 
 
 def _ce(o: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(o, y, reduction="sum")
-
-
-def _refused_or_bounded(loss_fn: LossFn) -> None:
-    def run(b: tuple[Tensor, Tensor]) -> list[Tensor]:
-        xs, ys = b
-        model = _Linear()
-        clipper = swiftdp.GradClipper(model, C, loss_reduction="sum")
-        try:
-            loss_fn(model(xs), ys).backward()
-        finally:
-            clipper.remove()
-        return [p.grad.detach().clone() for p in model.parameters()]
-    try:
-        s = neighbour_sensitivity(run, _centre_outlier(), B)
-    except SwiftDPError:
-        return
-    assert s <= BOUND, f"accepted silently, neighbour sensitivity {s / C:.2f} C"
-
-
-def _exact(loss_fn: LossFn) -> None:
-    x, y = _data()
-    want, _ = reference_clipped_sum(_mlp(), loss_fn, x, y, C)
-    model = _mlp()
-    clipper = swiftdp.GradClipper(model, C)
-    try:
-        loss_fn(model(x), y).backward()
-    finally:
-        clipper.remove()
-    assert max_rel_error([p.grad for p in model.parameters()], want) < 1e-9
 
 
 def _zeros(o: Tensor) -> Tensor:

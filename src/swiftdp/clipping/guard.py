@@ -215,14 +215,7 @@ class _Probe:
 
     def forward(self, j: int | None) -> Any:
         """Run the model from the saved state on a copy of the inputs, example ``j`` replaced."""
-        self.restore()
-        copies: dict[int, Any] = {}  # by id, so aliased inputs stay aliased
-        for x, ax in zip(self.leaves, self.axes, strict=True):
-            if isinstance(x, Tensor) and id(x) not in copies:
-                copies[id(x)] = x.clone() if j is None or ax is None else _replace(x, ax, j)
-        leaves = [copies.get(id(x), x) if isinstance(x, Tensor) else x for x in self.leaves]
-        args, kwargs = pytree.tree_unflatten(leaves, self.spec)
-        return self.call(args, kwargs)
+        return self._run(lambda x, ax: x.clone() if j is None or ax is None else _replace(x, ax, j))
 
     def forward_fresh(self) -> Any:
         """Run the model from the saved state with every example replaced by fresh values.
@@ -231,11 +224,15 @@ class _Probe:
         backward check leaves such batch-free values out, see
         :mod:`.backward_probe`).
         """
+        return self._run(lambda x, ax: x.clone() if ax is None else _fresh(x))
+
+    def _run(self, copy_of: Callable[[Tensor, int | None], Tensor]) -> Any:
+        """The model from the saved state on ``copy_of(input, batch axis)`` of each input."""
         self.restore()
-        copies: dict[int, Any] = {}
+        copies: dict[int, Any] = {}  # by id, so aliased inputs stay aliased
         for x, ax in zip(self.leaves, self.axes, strict=True):
             if isinstance(x, Tensor) and id(x) not in copies:
-                copies[id(x)] = x.clone() if ax is None else _fresh(x)
+                copies[id(x)] = copy_of(x, ax)
         leaves = [copies.get(id(x), x) if isinstance(x, Tensor) else x for x in self.leaves]
         args, kwargs = pytree.tree_unflatten(leaves, self.spec)
         return self.call(args, kwargs)
@@ -322,12 +319,7 @@ def _replace(x: Tensor, ax: int, j: int) -> Tensor:
     y = x.clone()
     row = y.select(ax, j)
     if y.is_floating_point() or y.is_complex():
-        finite = x[torch.isfinite(x)]
-        scale = 10.0 * float(finite.abs().max()) + 1.0 if finite.numel() else 1.0
-        gen = torch.Generator().manual_seed(7919 + j)  # our own stream, the same on reruns
-        noise = torch.randn(row.shape, generator=gen, dtype=torch.float64) * scale
-        top = torch.finfo(y.dtype).max / 4
-        row.copy_(noise.clamp(-top, top).to(device=y.device))
+        row.copy_(_large_noise(x, row.shape, 7919 + j))  # our own stream, the same on reruns
         return y
     n = y.shape[ax]
     for k in [(j + d) % n for d in range(1, n)]:
@@ -338,15 +330,21 @@ def _replace(x: Tensor, ax: int, j: int) -> Tensor:
     return y
 
 
+def _large_noise(x: Tensor, shape: torch.Size, seed: int) -> Tensor:
+    """Gaussian noise of ``shape``, ten times ``x``'s largest finite entry, in ``x``'s dtype."""
+    finite = x[torch.isfinite(x)]
+    scale = 10.0 * float(finite.abs().max()) + 1.0 if finite.numel() else 1.0
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(shape, generator=gen, dtype=torch.float64) * scale
+    top = torch.finfo(x.dtype).max / 4
+    return noise.clamp(-top, top).to(device=x.device, dtype=x.dtype)
+
+
 def _fresh(x: Tensor) -> Tensor:
     """Values unrelated to ``x``'s, of its shape (floats: large noise; ints: uniform in its range)."""
-    gen = torch.Generator().manual_seed(15485863)  # our own stream, the same on reruns
     if x.is_floating_point() or x.is_complex():
-        finite = x[torch.isfinite(x)]
-        scale = 10.0 * float(finite.abs().max()) + 1.0 if finite.numel() else 1.0
-        top = torch.finfo(x.dtype).max / 4
-        noise = torch.randn(x.shape, generator=gen, dtype=torch.float64) * scale
-        return noise.clamp(-top, top).to(device=x.device, dtype=x.dtype)
+        return _large_noise(x, x.shape, 15485863)
+    gen = torch.Generator().manual_seed(15485863)  # our own stream, the same on reruns
     if x.dtype == torch.bool:
         return (torch.rand(x.shape, generator=gen) < 0.5).to(x.device)
     if not x.numel():

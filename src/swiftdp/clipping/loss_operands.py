@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from swiftdp.clipping.loss_trace import Context, Form, Traced, coupled, unknown
+from swiftdp.clipping.loss_trace import Context, Form, Traced, _grad_tensors, coupled, unknown
 
 _ADDITIVE = {"add", "__add__", "__radd__", "__iadd__", "add_", "sub", "__sub__", "__rsub__",
              "__isub__", "sub_", "subtract"}
@@ -119,11 +119,6 @@ def einsum(args: tuple[Any, ...]) -> Form:
     return Form("total", power=0)
 
 
-def requires_grad(out: Any) -> bool:
-    """Whether any tensor in ``out`` requires grad."""
-    return any(isinstance(t, Tensor) and t.requires_grad for t in pytree.tree_leaves(out))
-
-
 def lined_up(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any,
              elementwise: set[str]) -> Form | int | None:
     """What the operands of ``name`` say together.
@@ -137,7 +132,7 @@ def lined_up(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any,
     """
     leaves = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, Traced)]
     detached = [a for a in leaves if not a.requires_grad]
-    entering = bool(detached) and requires_grad(out)
+    entering = bool(detached) and _grad_tensors(out)
     if entering:
         f = _detached(name, leaves, detached, elementwise)
         if f is not None:

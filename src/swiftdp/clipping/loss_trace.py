@@ -216,8 +216,9 @@ class Traced(Tensor):
         live_ctxs = [c for c in ctxs if c.live()]
         if _FORWARD[0] and not live_ctxs:
             _FORWARD[1] = True  # a finished step's value used inside the model's forward
-        ctx = live_ctxs[0] if live_ctxs else _latest_live() or ctxs[0]
-        live = ctx.live()
+        latest = None if live_ctxs else _latest_live()
+        ctx = live_ctxs[0] if live_ctxs else latest or ctxs[0]
+        live = bool(live_ctxs) or latest is not None
         # A traced value of a finished step (kept, e.g. detached) met while another step's
         # loss is pending: other examples' outputs, whatever op it goes through.
         carried = live and len(live_ctxs) < len(ctxs)
@@ -259,11 +260,11 @@ class Traced(Tensor):
                 pytree.tree_leaves(kwargs.get("out")))
             if name in _RUNNING_STATS and kwargs.get("training", len(args) > 5 and args[5]):
                 written += [a for a in args[1:3] if isinstance(a, Tensor)]  # running stats
+            held = form if name not in _RUNNING_STATS else unknown(name)
             for t in written:
                 if isinstance(t, Tensor):
                     try:
-                        writes.wrote(ctx, t, form if name not in _RUNNING_STATS else unknown(name),
-                                     name)
+                        writes.wrote(ctx, t, held, name)
                     except Exception:  # never let the bookkeeping break the user's code
                         pass
         return pytree.tree_map(lambda t: _tag(t, form, ctx, every=live), out)
@@ -320,7 +321,6 @@ def _latest_live() -> Context | None:
     return c if c is not None and c.live() else None
 
 
-_ALIASES = frozenset({"detach", "__get__"})  # (__get__: the `.data` property)
 _SETITEM = Tensor.__setitem__
 
 
